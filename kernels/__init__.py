@@ -1,0 +1,1 @@
+"""Triton kernels for data2vec 2.0."""

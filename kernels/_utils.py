@@ -1,0 +1,157 @@
+"""Shared helpers for the ops in ``d2v2.kernels``: Triton import guard, implementation choice,
+argument checks and launch settings. Private: nothing here is part of the public API.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from typing import Iterable, Sequence
+
+import torch
+
+try:  # Triton wheels exist for Linux x86-64 only; everything else runs the PyTorch references.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton does not install
+
+    def _no_triton_decorator(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    # Stand-ins so kernel definitions still parse; they are never launched (resolve_impl refuses).
+    triton = types.SimpleNamespace(
+        jit=_no_triton_decorator,
+        autotune=lambda *a, **k: _no_triton_decorator,
+        heuristics=lambda *a, **k: _no_triton_decorator,
+        Config=lambda *a, **k: None,
+        cdiv=lambda a, b: (a + b - 1) // b,
+        next_power_of_2=lambda n: 1 << max(0, int(n) - 1).bit_length(),
+    )
+    tl = types.SimpleNamespace(constexpr=None)
+    HAS_TRITON = False
+
+IMPLS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Index-range checks cost one device-to-host sync per op call; D2V2_CHECK_INDICES=0 skips them
+# once a pipeline is known to produce valid indices (an out-of-range index then faults the kernel).
+CHECK_INDICES = os.environ.get("D2V2_CHECK_INDICES", "1") != "0"
+
+# Row-wise ops load one whole row (or a D-wide slice) per program; past this a row no longer
+# fits comfortably in registers and the op must be tiled differently.
+MAX_FUSED_SIZE = 65536
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (how CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
+    """Turn ``impl`` ("auto" | "triton" | "torch") into "triton" or "torch" for these tensors.
+
+    "auto" picks Triton for CUDA tensors when Triton is importable and the PyTorch reference
+    otherwise; ``D2V2_KERNELS=torch|triton`` overrides "auto". "triton" on CPU tensors runs the
+    kernels in Triton's interpreter when TRITON_INTERPRET=1 (how CI tests them); an explicit
+    "triton" that cannot run raises ValueError saying why.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        forced = os.environ.get("D2V2_KERNELS", "").strip().lower()
+        if forced and forced not in ("torch", "triton"):
+            raise ValueError(f"D2V2_KERNELS must be 'torch' or 'triton', got {forced!r}")
+        impl = forced or "auto"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "auto":
+        return "triton" if HAS_TRITON and on_cuda else "torch"
+    runnable = HAS_TRITON and (on_cuda or triton_interpret())
+    if impl == "triton" and not runnable:
+        if not HAS_TRITON:
+            raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
+        raise ValueError(
+            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on "
+            "CPU); move the inputs to a GPU or use impl='torch'"
+        )
+    return impl
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise ValueError naming ``name`` unless ``t`` is a tensor of the expected rank, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """Raise ValueError unless ``t.shape`` matches ``expected`` (None matches any size)."""
+    shape = tuple(t.shape)
+    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
+
+
+def check_index_range(name: str, idx: torch.Tensor, upper: int) -> None:
+    """Raise ValueError unless every entry of the integer tensor ``idx`` lies in [0, upper).
+
+    Costs one device-to-host sync; skipped when D2V2_CHECK_INDICES=0.
+    """
+    if not CHECK_INDICES or idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} values must lie in [0, {upper}), got range [{lo}, {hi}]")
+
+
+@functools.lru_cache(maxsize=None)
+def block_settings(n: int) -> tuple[int, int]:
+    """Block size (next power of two of ``n``) and warp count for a row-wise op over ``n`` elements."""
+    block = triton.next_power_of_2(max(int(n), 1))
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(
+            f"a row of {n} elements exceeds the fused row-wise limit of {MAX_FUSED_SIZE}; "
+            "split the feature dimension"
+        )
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
+
+
+def ensure_contiguous(fn):
+    """Make every tensor argument of an autograd Function's forward/backward contiguous, once."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args, **kwargs):
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        return fn(ctx, *args, **kwargs)
+
+    return wrapper

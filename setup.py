@@ -1,0 +1,50 @@
+"""d2v2: a fast, faithful data2vec 2.0 pretraining engine on Triton kernels.
+
+The four source folders are mapped into one import namespace, so other projects write
+``from d2v2.kernels import attention`` and nothing named ``kernels`` lands in site-packages.
+"""
+
+from setuptools import setup
+
+# "d2v2" itself is an implicit namespace package: the repository's top level stays exactly
+# setup.py, README.md and the folders below.
+PACKAGES = {
+    "d2v2.kernels": "kernels",
+    "d2v2.models": "models",
+    "d2v2.engine": "engine",
+    "d2v2.bench": "bench",
+}
+
+setup(
+    name="d2v2",
+    version="0.1.0",
+    description="data2vec 2.0 pretraining for images, speech and text on Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"d2v2.engine": ["recipes/*.yaml", "data/*"]},
+    install_requires=[
+        "torch>=2.4",
+        # Triton wheels exist for Linux x86-64 only; elsewhere every op runs its PyTorch reference.
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "pillow",
+        "soundfile",
+        "tokenizers",
+        "safetensors",
+        "scikit-learn",
+        "matplotlib",
+        "espeakng-loader",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
+        "bench": ["pytest-benchmark"],
+        # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
+        "providers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["d2v2 = d2v2.engine.cli:console_main"]},
+)
