@@ -4,16 +4,27 @@ The four source folders are mapped into one import namespace, so other projects 
 ``from d2v2.kernels import attention`` and nothing named ``kernels`` lands in site-packages.
 """
 
+import os
+
 from setuptools import setup
 
 # "d2v2" itself is an implicit namespace package: the repository's top level stays exactly
 # setup.py, README.md and the folders below.
-PACKAGES = {
-    "d2v2.kernels": "kernels",
-    "d2v2.models": "models",
-    "d2v2.engine": "engine",
-    "d2v2.bench": "bench",
-}
+FOLDERS = {"d2v2.kernels": "kernels", "d2v2.models": "models", "d2v2.engine": "engine", "d2v2.bench": "bench"}
+
+
+def _packages(folders: dict[str, str]) -> dict[str, str]:
+    """Every folder with an __init__.py below the mapped folders, as {package name: folder}."""
+    packages = {}
+    for name, root in folders.items():
+        for folder, _, files in os.walk(root):
+            if "__init__.py" in files:
+                rel = os.path.relpath(folder, root)
+                packages[name if rel == "." else name + "." + rel.replace(os.sep, ".")] = folder
+    return packages
+
+
+PACKAGES = _packages(FOLDERS)
 
 setup(
     name="d2v2",
@@ -24,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"d2v2.engine": ["recipes/*.yaml", "data/*"]},
+    package_data={"d2v2.engine": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         # Triton wheels exist for Linux x86-64 only; elsewhere every op runs its PyTorch reference.

@@ -1,0 +1,155 @@
+"""Audio data: the fairseq/wav2vec manifest, read with soundfile, 16 kHz mono.
+
+A manifest is a TSV whose first line is the root folder and every other line
+``relative/path<TAB>num_samples``. ``write_manifest`` builds one from a folder (``d2v2 manifest``).
+Waveforms are normalised per utterance (zero mean, unit variance over the whole file, as
+``normalize: true`` in the reference) and, in the collater, cropped to the shortest clip of the
+batch at a seeded random offset, so batches need no padding.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from .base import CorruptSample
+
+SAMPLE_RATE = 16_000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A parsed manifest: the root folder and (relative path, number of samples) per utterance."""
+
+    root: str
+    paths: list[str]
+    sizes: list[int]
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Parse a fairseq manifest TSV; a folder is read as ``<folder>/train.tsv``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.tsv"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"audio manifest {path} does not exist; write one with `d2v2 manifest AUDIO_DIR --dest DIR`"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"audio manifest {path} is empty; its first line must be the audio root folder")
+    root = lines[0].strip()
+    paths, sizes = [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[1].strip().isdigit():
+            raise ValueError(f"{path}:{lineno}: expected 'relative/path<TAB>num_samples', got {line!r}")
+        paths.append(fields[0])
+        sizes.append(int(fields[1]))
+    if not paths:
+        raise ValueError(f"audio manifest {path} lists no files")
+    return Manifest(root, paths, sizes)
+
+
+def write_manifest(
+    audio_dir: str | os.PathLike,
+    dest: str | os.PathLike,
+    ext: str = "wav,flac",
+    valid_percent: float = 0.0,
+    seed: int = 42,
+) -> tuple[Path, Path | None, int]:
+    """Walk ``audio_dir`` for audio files and write ``dest/train.tsv`` (and ``valid.tsv``).
+
+    Frame counts come from ``soundfile.info``; each file goes to valid with probability
+    ``valid_percent`` from a seeded RNG. Returns (train path, valid path or None, files found).
+    """
+    root = Path(audio_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio folder {audio_dir} does not exist")
+    if not 0.0 <= valid_percent < 1.0:
+        raise ValueError(f"valid_percent must be in [0, 1), got {valid_percent}")
+    exts = tuple("." + e.strip().lstrip(".").lower() for e in ext.split(",") if e.strip())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise ValueError(f"no audio files ({', '.join(exts)}) under {root}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train_path, valid_path = dest / "train.tsv", dest / "valid.tsv" if valid_percent > 0 else None
+    with open(train_path, "w", encoding="utf-8") as train, (
+        open(valid_path, "w", encoding="utf-8") if valid_path else open(os.devnull, "w")
+    ) as valid:
+        print(root, file=train)
+        print(root, file=valid)
+        for f in files:
+            frames = sf.info(str(f)).frames
+            print(f"{f.relative_to(root)}\t{frames}", file=valid if rng.random() < valid_percent else train)
+    return train_path, valid_path, len(files)
+
+
+def read_waveform(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a file as float32 mono at ``sample_rate``; a different rate is a ValueError (no resampling)."""
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
+        raise CorruptSample(path, e) from e
+    if sr != sample_rate:
+        raise ValueError(f"{path} has sample rate {sr} Hz, expected {sample_rate} Hz; resample the data first")
+    if wav.shape[0] == 0:
+        raise CorruptSample(path, "no samples")
+    return wav.mean(axis=1)
+
+
+def normalize_waveform(wav: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the utterance (a parameter-free layer norm, eps 1e-5)."""
+    return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)).astype(np.float32)
+
+
+class AudioManifestDataset(torch.utils.data.Dataset):
+    """Utterances of a manifest; item ``(index, seed)`` -> {"source": float32 [T], "index": int}.
+
+    Files shorter than ``min_samples`` are left out when the manifest is read (their sizes are
+    known without opening them), as the reference does.
+    """
+
+    def __init__(self, manifest: str | os.PathLike, min_samples: int = 32_000, normalize: bool = True):
+        m = read_manifest(manifest)
+        keep = [i for i, n in enumerate(m.sizes) if n >= min_samples]
+        if not keep:
+            raise ValueError(
+                f"every file in {manifest} is shorter than min_samples={min_samples} "
+                f"({min_samples / SAMPLE_RATE:.1f} s); lower it with --set data.min_samples=N"
+            )
+        self.root = m.root
+        self.paths = [m.paths[i] for i in keep]
+        self.sizes = np.array([m.sizes[i] for i in keep], dtype=np.int64)
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, _seed = item
+        wav = read_waveform(os.path.join(self.root, self.paths[index]))
+        if self.normalize:
+            wav = normalize_waveform(wav)
+        return {"source": torch.from_numpy(wav), "index": index}
+
+
+def crop_batch(waves: list[torch.Tensor], max_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """Crop every waveform to the shortest one (at most ``max_samples``) at a random offset -> [B, T]."""
+    length = min(min(w.shape[0] for w in waves), max_samples)
+    out = torch.empty(len(waves), length)
+    for i, w in enumerate(waves):
+        start = int(torch.randint(0, w.shape[0] - length + 1, (1,), generator=generator))
+        out[i] = w[start : start + length]
+    return out

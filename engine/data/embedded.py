@@ -1,0 +1,156 @@
+"""Embedded default data: real data that ships with installed packages, never a download.
+
+- images: scikit-learn's digits, 1,797 real handwritten digits (8x8 grey, UCI Optical
+  Recognition of Handwritten Digits), upsampled and repeated over three channels, with labels
+  for the linear probe;
+- text: English prose that ships with Python itself, the pydoc topic help texts
+  (``pydoc_data.topics``, about 460 kB);
+- speech: utterances synthesised locally from sentences of that same English text with the
+  eSpeak NG library in the ``espeakng-loader`` wheel, in several voices and speaking rates,
+  resampled from 22,050 Hz to 16 kHz. This is synthetic speech, not recordings.
+
+Generated files go to the d2v2 cache folder (``$D2V2_CACHE``, else ``$XDG_CACHE_HOME/d2v2``,
+else ``~/.cache/d2v2``) and are reused by later runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+SPEECH_VOICES = ("en-us", "en", "en-us+f2", "en+m3", "en-us+f4", "en+m7")
+SPEECH_RATES = (140, 165, 190)
+
+
+def cache_dir() -> Path:
+    """The folder for generated data and token caches."""
+    if os.environ.get("D2V2_CACHE"):
+        return Path(os.environ["D2V2_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "d2v2"
+
+
+def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as images [1797, 3, size, size] in [0, 1] and labels [1797]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)  # [M, 1, 8, 8]
+    images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return images.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target.astype(np.int64))
+
+
+def pydoc_text() -> str:
+    """The pydoc topic help texts of this Python, in a stable order, one document per topic."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def pydoc_text_file() -> Path:
+    """The pydoc topics written once as a plain text corpus file; returns its path."""
+    folder = cache_dir() / "text"
+    path = folder / "pydoc-topics.txt"
+    text = pydoc_text()
+    if not path.exists() or path.stat().st_size != len(text.encode("utf-8")):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def prose_sentences(min_words: int = 6, max_words: int = 24) -> list[str]:
+    """Plain English sentences from the pydoc topics (no code, no markup), for speech synthesis."""
+    sentences = []
+    for para in re.split(r"\n\s*\n", pydoc_text()):
+        if para.startswith((" ", "\t")):  # indented blocks are code samples or grammar
+            continue
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(para.split())):
+            words = s.split()
+            if min_words <= len(words) <= max_words and re.fullmatch(r"[A-Za-z][A-Za-z ,;'\-]*[.!?]", s):
+                sentences.append(s)
+    return sentences
+
+
+class _ESpeak:
+    """The eSpeak NG shared library of ``espeakng-loader``, in synchronous mode through ctypes."""
+
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    AUDIO_OUTPUT_SYNCHRONOUS, ESPEAK_RATE = 2, 1
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError as e:
+            raise ValueError("the embedded speech data needs the espeakng-loader package: pip install espeakng-loader") from e
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.lib.espeak_Initialize.restype = ctypes.c_int
+        self.sample_rate = self.lib.espeak_Initialize(
+            self.AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+        )
+        if self.sample_rate <= 0:
+            raise ValueError("eSpeak NG failed to initialise; reinstall espeakng-loader")
+        self._chunks: list[np.ndarray] = []
+        self._callback = self._CALLBACK(self._collect)  # keep a reference: C holds the pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav, n, _events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def speak(self, text: str, voice: str, rate: int) -> np.ndarray:
+        """Synthesise ``text`` -> int16 samples at ``self.sample_rate``."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        self.lib.espeak_SetParameter(self.ESPEAK_RATE, rate, 0)
+        self._chunks = []
+        data = text.encode("utf-8")
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+
+
+def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling by truncating (or zero-padding) the spectrum."""
+    n_out = int(round(wav.shape[0] * sr_out / sr_in))
+    spectrum = np.fft.rfft(wav.astype(np.float64))
+    return (np.fft.irfft(spectrum[: n_out // 2 + 1], n_out) * (n_out / wav.shape[0])).astype(np.float32)
+
+
+def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample_rate: int = 16_000) -> Path:
+    """Synthesise (once) the embedded speech corpus and its manifest; returns the manifest path.
+
+    Utterances join consecutive sentences until ``min_seconds`` is reached, cycling through the
+    voices and rates, so that every clip passes the reference's 2 s minimum.
+    """
+    folder = cache_dir() / f"speech-{num_utterances}"
+    manifest = folder / "train.tsv"
+    if manifest.exists():
+        return manifest
+    wav_dir = folder / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    engine = _ESpeak()
+    sentences = prose_sentences()
+    lines, s = [str(wav_dir.resolve())], 0
+    for u in range(num_utterances):
+        voice, rate = SPEECH_VOICES[u % len(SPEECH_VOICES)], SPEECH_RATES[(u // len(SPEECH_VOICES)) % len(SPEECH_RATES)]
+        pieces: list[np.ndarray] = []
+        while sum(p.shape[0] for p in pieces) < min_seconds * engine.sample_rate:
+            pieces.append(engine.speak(sentences[s % len(sentences)], voice, rate))
+            s += 1
+        wav = resample(np.concatenate(pieces).astype(np.float32) / 32768.0, engine.sample_rate, sample_rate)
+        name = f"utt{u:04d}.wav"
+        sf.write(wav_dir / name, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
+        lines.append(f"{name}\t{wav.shape[0]}")
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest

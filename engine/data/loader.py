@@ -1,0 +1,150 @@
+"""The training data loader: resumable epoch batches, corrupt-file skipping, masks made in workers.
+
+Every random choice is drawn from a seed that is a pure function of (run seed, epoch, batch
+position) — the sample order, each sample's augmentation, the audio crop and the K masks per
+sample — so the data position (epoch, batch) is all a checkpoint needs to resume exactly, with
+any number of workers. Masks are made in the collater, i.e. in the loader workers, so the GPU
+never waits on them (as the reference precomputes them in its data loader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .audio import crop_batch
+from .base import CorruptSample, derive_seed
+
+# make_mask(rows, length, generator) -> bool [rows, length], True = masked, equal counts per row.
+MaskFn = Callable[[int, int, torch.Generator], torch.Tensor]
+
+
+@dataclass(slots=True)
+class DataPosition:
+    """Where the loader stands: the next batch to read is batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of ``(index, sample seed, epoch, batch position)``, epoch after epoch.
+
+    ``sizes`` given (audio): batches are built by total samples — utterances sorted by length
+    (random tie-breaks), grouped so that ``count * min(longest, max_samples) <= max_tokens``, and
+    the batch order shuffled per epoch. Otherwise fixed ``batch_size`` batches of a per-epoch
+    permutation, the last partial batch dropped.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        batch_size: int | None = None,
+        sizes: Sequence[int] | None = None,
+        max_tokens: int | None = None,
+        max_samples: int | None = None,
+        start: DataPosition | None = None,
+    ):
+        if (batch_size is None) == (sizes is None):
+            raise ValueError("give either batch_size (fixed batches) or sizes + max_tokens (batches by total samples)")
+        if batch_size is not None and not 1 <= batch_size <= num_samples:
+            raise ValueError(f"batch size {batch_size} must be between 1 and the {num_samples} samples of the data set")
+        self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
+        self.sizes = None if sizes is None else np.minimum(np.asarray(sizes), max_samples or np.iinfo(np.int64).max)
+        self.max_tokens = max_tokens
+        if self.sizes is not None and (max_tokens is None or max_tokens < self.sizes.min()):
+            raise ValueError(
+                f"max_tokens={max_tokens} is smaller than the shortest utterance ({int(self.sizes.min())} samples); raise it"
+            )
+        self.start = start or DataPosition()
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(derive_seed(self.seed, "order", epoch))
+        if self.sizes is None:
+            order = rng.permutation(self.num_samples)
+            n = self.num_samples // self.batch_size
+            return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n)]
+        order = np.lexsort((rng.random(self.num_samples), self.sizes))  # by length, random ties
+        batches, current = [], []
+        for idx in order:  # ascending length: the newcomer is the batch's longest
+            if current and (len(current) + 1) * self.sizes[idx] > self.max_tokens:
+                batches.append(np.asarray(current))
+                current = []
+            current.append(idx)
+        if current:
+            batches.append(np.asarray(current))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        epoch, position = self.start.epoch, self.start.batch
+        while True:
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise ValueError("the data set yields no batch; lower the batch size")
+            for b in range(position, len(batches)):
+                yield [(int(i), derive_seed(self.seed, "sample", epoch, int(i)), epoch, b) for i in batches[b]]
+            epoch, position = epoch + 1, 0
+
+    def __len__(self) -> int:  # batches per epoch
+        return len(self.epoch_batches(0))
+
+
+class SkipCorrupt(torch.utils.data.Dataset):
+    """Wraps a data set so that an unreadable sample becomes a marker instead of an exception."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed, epoch, batch = item
+        try:
+            sample = self.dataset[(index, seed)]
+        except CorruptSample as e:
+            return {"corrupt": e.path, "reason": str(e), "epoch": epoch, "batch": batch}
+        sample["epoch"], sample["batch"] = epoch, batch
+        return sample
+
+
+class MaskingCollater:
+    """Stack a batch, crop audio to its shortest clip, and make ``clones`` masks per sample.
+
+    Output: {"source": [B, ...], "mask": bool [B*clones, N] (rows i*clones .. i*clones+clones-1
+    belong to sample i), "label"?: [B], "skipped": [paths], "epoch", "batch"}. ``num_positions``
+    maps the (cropped) source to the number of maskable positions N (patches, frames, tokens).
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        clones: int,
+        make_mask: MaskFn | None,
+        num_positions: Callable[[torch.Tensor], int],
+        crop_audio_to: int | None = None,
+    ):
+        self.seed, self.clones, self.make_mask = seed, clones, make_mask
+        self.num_positions, self.crop_audio_to = num_positions, crop_audio_to
+
+    def __call__(self, items: list[dict]) -> dict:
+        good = [it for it in items if "corrupt" not in it]
+        epoch, batch = items[0]["epoch"], items[0]["batch"]
+        out: dict = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": epoch, "batch": batch}
+        if not good:
+            return out
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batch", epoch, batch))
+        if self.crop_audio_to is not None:
+            out["source"] = crop_batch([it["source"] for it in good], self.crop_audio_to, generator)
+        else:
+            out["source"] = torch.stack([it["source"] for it in good])
+        if "label" in good[0]:
+            out["label"] = torch.tensor([it["label"] for it in good])
+        if self.make_mask is not None:
+            rows = len(good) * self.clones
+            out["mask"] = self.make_mask(rows, self.num_positions(out["source"]), generator)
+        return out
