@@ -1,0 +1,246 @@
+"""Mask generators for data2vec 2.0: inverse block masks (images), span masks (audio) and uniform
+random masks (text), plus the conversion from a mask to the kept-token indices the student gathers.
+
+All generators are pure functions of their arguments and a ``torch.Generator``; they run on the CPU
+(in the data-loader workers, as the reference does) and return a bool tensor ``[batch, length]`` with
+True = masked and exactly the same number of masked positions in every row, so the student sequence
+is a dense ``[batch, kept, D]`` tensor. Every row is an independent draw. For ``B`` samples with ``K``
+masks each, call with ``batch = B * K`` (or once per sample with ``batch = K`` and concatenate): rows
+``i * K .. i * K + K - 1`` are then sample ``i``'s masks, the clone-major order the kernels expect.
+
+The algorithms follow the reference (data2vec 2.0, Baevski et al. 2022, arXiv:2212.07525; fairseq
+``data_utils.compute_block_mask_2d`` / ``compute_block_mask_1d`` and ``modalities/base.random_masking``;
+see ``reference/data2vec2.md`` section 1.7):
+
+- ``inverse_block_mask``: pick ``floor(L * (p + adjust) / block**2)`` block centres with replacement
+  (p = 1 - mask_ratio, the kept fraction), select a ``block x block`` square around each, clamped to the
+  grid, equalise the selection to exactly ``floor(L * p)`` cells, and keep the selected cells.
+- ``span_mask``: the same in 1-D with spans of ``span`` frames, ``floor(T * (mask_ratio + adjust) / span)``
+  centres, equalised to exactly ``floor(T * mask_ratio)`` masked frames (not inverted).
+- ``random_mask``: keep a uniformly random ``floor(L * (1 - mask_ratio))``-subset of the positions.
+
+Equalising draws a uniform score per cell, adds 1 to the cells already selected and keeps the top
+``count`` per row: a surplus is trimmed to a uniformly random subset of the selection, a shortfall is
+filled with a uniformly random subset of the unselected cells (single cells, not blocks), as in the
+reference, but with one vectorised ``topk`` instead of a loop over rows.
+
+Limits:
+- CPU only: a CUDA generator is rejected; move the result to the GPU with the batch.
+- Random streams differ from fairseq's, so masks match the reference in distribution, not bit for bit.
+- Counts are floors of ``length * fraction`` taken after rounding to 9 decimals, so binary rounding
+  cannot lose a token (``100 * (1 - 0.29)`` is 70.99999999999999 in floating point; the count is 71).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+__all__ = ["inverse_block_mask", "span_mask", "random_mask", "mask_to_ids"]
+
+
+def inverse_block_mask(
+    batch: int,
+    grid: int | Sequence[int],
+    mask_ratio: float,
+    block: int = 3,
+    adjust: float = 0.07,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Image masks: the visible patches form (clamped) ``block x block`` squares; everything else is masked.
+
+    Args:
+        batch: number of masks (rows) to draw.
+        grid: patch grid ``(H, W)``, or ``d`` for a ``d x d`` grid; L = H * W.
+        mask_ratio: fraction R of patches to mask, in [0, 1); exactly ``L - floor(L * (1 - R))`` are.
+        block: side b of the visible squares.
+        adjust: extra kept fraction A used only to choose how many squares to draw, compensating for
+            overlaps and clamping (base 0.07, large/huge 0.1).
+        generator: CPU generator to draw from; None uses the global one.
+
+    Returns:
+        bool ``[batch, H * W]``, True = masked, row-major over the grid.
+    """
+    batch, (height, width) = _check_count("batch", batch), _check_grid(grid)
+    mask_ratio, block, adjust = _check_ratio(mask_ratio), _check_count("block", block), _check_adjust(adjust)
+    _check_generator(generator)
+    length = height * width
+    keep_fraction = 1.0 - mask_ratio
+    num_keep = _floor_count(length * keep_fraction)
+    if num_keep == 0:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} keeps floor({length} * {keep_fraction:g}) = 0 of {length} patches; "
+            f"use a ratio of at most {1 - 1 / length:g}"
+        )
+    num_blocks = _floor_count(length * (keep_fraction + adjust) / block**2)
+    centres = torch.randint(length, (batch, num_blocks), generator=generator)
+    selected = _block_union(centres, height, width, block)
+    return ~_equalise(selected, num_keep, generator)
+
+
+def span_mask(
+    batch: int,
+    length: int,
+    mask_ratio: float,
+    span: int = 5,
+    adjust: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Audio masks: spans of ``span`` frames, then exactly ``floor(length * mask_ratio)`` masked per row.
+
+    Args:
+        batch: number of masks (rows) to draw.
+        length: number of frames T (of the full utterance the mask is made for).
+        mask_ratio: fraction R of frames to mask, in [0, 1).
+        span: length of each masked span, centred on its centre frame (offsets ``-(span // 2)`` ..
+            ``span - 1 - span // 2``), clamped to the sequence.
+        adjust: extra fraction A used only to choose how many spans to draw (base 0.05, large 0.1).
+        generator: CPU generator to draw from; None uses the global one.
+
+    Returns:
+        bool ``[batch, length]``, True = masked.
+    """
+    batch, length = _check_count("batch", batch), _check_count("length", length)
+    mask_ratio, span, adjust = _check_ratio(mask_ratio), _check_count("span", span), _check_adjust(adjust)
+    _check_generator(generator)
+    num_masked = _floor_count(length * mask_ratio)
+    if num_masked == length:  # only reachable through the rounding in _floor_count
+        raise ValueError(f"mask_ratio={mask_ratio} masks all {length} frames; use a smaller ratio")
+    num_spans = _floor_count(length * (mask_ratio + adjust) / span)
+    centres = torch.randint(length, (batch, num_spans), generator=generator)
+    selected = _block_union(centres, 1, length, span, two_d=False)
+    return _equalise(selected, num_masked, generator)
+
+
+def random_mask(
+    batch: int,
+    length: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Text masks: keep a uniformly random ``floor(length * (1 - mask_ratio))``-subset of the tokens.
+
+    Args:
+        batch: number of masks (rows) to draw.
+        length: number of tokens L.
+        mask_ratio: fraction R of tokens to mask, in [0, 1) (text base 0.48: 266 of 512 kept).
+        generator: CPU generator to draw from; None uses the global one.
+
+    Returns:
+        bool ``[batch, length]``, True = masked.
+    """
+    batch, length = _check_count("batch", batch), _check_count("length", length)
+    mask_ratio = _check_ratio(mask_ratio)
+    _check_generator(generator)
+    keep_fraction = 1.0 - mask_ratio
+    num_keep = _floor_count(length * keep_fraction)
+    if num_keep == 0:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} keeps floor({length} * {keep_fraction:g}) = 0 of {length} tokens; "
+            f"use a ratio of at most {1 - 1 / length:g}"
+        )
+    nothing_selected = torch.zeros(batch, length, dtype=torch.bool)
+    return ~_equalise(nothing_selected, num_keep, generator)
+
+
+def mask_to_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Kept positions of each row, ascending: ``ids_keep`` int64 ``[rows, kept]`` for gather/scatter_tokens.
+
+    Every row must keep the same number of positions (the generators above guarantee it); the check
+    and ``nonzero`` sync with the host, so call this in the data loader, not on the GPU hot path.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(
+            f"mask must be a 2-D bool tensor [rows, length], got {str(mask.dtype).replace('torch.', '')} "
+            f"of shape {list(mask.shape)}"
+        )
+    rows = mask.shape[0]
+    if rows == 0:
+        raise ValueError("mask must have at least one row, got shape [0, ...]")
+    kept = ~mask
+    kept_per_row = kept.sum(dim=1)
+    num_keep = int(kept_per_row[0])
+    unequal = kept_per_row != num_keep
+    if bool(unequal.any()):
+        row = int(unequal.nonzero()[0])
+        raise ValueError(
+            f"mask rows must all keep the same number of positions; row 0 keeps {num_keep}, "
+            f"row {row} keeps {int(kept_per_row[row])}"
+        )
+    # nonzero lists (row, column) pairs in row-major order, so each row's columns come out ascending.
+    return kept.nonzero()[:, 1].reshape(rows, num_keep)
+
+
+def _block_union(
+    centres: torch.Tensor, height: int, width: int, block: int, two_d: bool = True
+) -> torch.Tensor:
+    """bool ``[rows, height * width]``: the union of the ``block x block`` squares (or, when ``two_d`` is
+    False, the ``block``-long spans along each grid row) around each row's ``centres`` (int64
+    ``[rows, n]``, flat indices). Cells past the border are clamped onto it, so edge squares are
+    truncated, not shifted."""
+    num_rows = centres.shape[0]
+    offsets = torch.arange(block) - block // 2  # -(b // 2) .. b - 1 - b // 2: not centred for even b
+    centre_y, centre_x = centres // width, centres % width
+    xs = (centre_x[..., None] + offsets).clamp_(0, width - 1)  # [rows, n, b]
+    if two_d:
+        ys = (centre_y[..., None] + offsets).clamp_(0, height - 1)  # [rows, n, b]
+        cells = ys[..., :, None] * width + xs[..., None, :]  # [rows, n, b, b]
+    else:
+        cells = centre_y[..., None] * width + xs  # [rows, n, b]
+    selected = torch.zeros(num_rows, height * width, dtype=torch.bool)
+    return selected.scatter_(1, cells.reshape(num_rows, -1), True)
+
+
+def _equalise(selected: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Exactly ``count`` True cells per row: a uniformly random ``count``-subset of the row's selected
+    cells when it has that many, otherwise all of them plus a uniformly random subset of the others."""
+    scores = torch.rand(selected.shape, generator=generator)  # [rows, length] in [0, 1)
+    scores += selected  # selected cells score in [1, 2): they all outrank every unselected cell
+    chosen = scores.topk(count, dim=1, sorted=False).indices  # [rows, count]
+    return torch.zeros_like(selected).scatter_(1, chosen, True)
+
+
+def _floor_count(value: float) -> int:
+    """floor(value) for counts, after rounding to 9 decimals so that 70.99999999999999 counts as 71."""
+    return math.floor(round(value, 9))
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_grid(grid: object) -> tuple[int, int]:
+    if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
+        grid = (grid, grid)
+    if not isinstance(grid, Sequence) or isinstance(grid, (str, bytes)) or len(grid) != 2:
+        raise ValueError(f"grid must be an int or a pair (height, width) of positive ints, got {grid!r}")
+    return _check_count("grid height", grid[0]), _check_count("grid width", grid[1])
+
+
+def _check_ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"mask_ratio must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_adjust(value: object) -> float:
+    # The reference only ever adds to the fraction (overlaps and clamping can only lose cells).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
+        raise ValueError(f"adjust must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_generator(generator: object) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU generator got {generator.device}")
