@@ -16,6 +16,12 @@ class UsageError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+try:  # the trainer's own stop signal; imported lazily elsewhere to keep `d2v2 info` light
+    from .trainer import TrainingStopped
+except ImportError:  # pragma: no cover
+    TrainingStopped = RuntimeError
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, devices and which kernel implementation each op uses."""
     import torch
@@ -46,12 +52,65 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain data2vec 2.0 with a recipe, on --data or the recipe's embedded default data."""
+    from .run import pretrain
+
+    pretrain(
+        args.recipe, args.set, data_path=args.data, out=args.out, max_steps=args.max_steps,
+        device=args.device, resume=args.resume, init_from=args.init_from,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    """Write a fairseq manifest (train.tsv, valid.tsv) for a folder of audio files."""
+    from .data.audio import write_manifest
+
+    train, valid, n = write_manifest(args.audio_dir, args.dest or args.audio_dir, args.ext, args.valid_percent, args.seed)
+    print(f"{n} files -> {train}" + (f" and {valid}" if valid else ""))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Hand over to d2v2.bench, imported only here: the engine itself never depends on it."""
+    import importlib
+
+    return importlib.import_module("d2v2.bench.cli").main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2v2", description="data2vec 2.0 pretraining on Triton kernels")
     parser.add_argument("--version", action="version", version=f"d2v2 {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     p = sub.add_parser("info", help="versions, devices and kernel implementations available")
     p.set_defaults(func=cmd_info)
+
+    from .config import recipe_names
+
+    p = sub.add_parser("pretrain", help="pretrain data2vec 2.0 with a recipe")
+    p.add_argument("--recipe", default="image-tiny", help=f"a recipe name ({', '.join(recipe_names())}) or YAML path")
+    p.add_argument("--data", help="data path (default: the recipe's embedded default data)")
+    p.add_argument("--out", help="run folder (default: runs/<recipe>-<time>)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer updates in all (resumed ones included)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--resume", default="auto", help="auto (latest checkpoint of --out, if any), none, or a checkpoint path")
+    p.add_argument("--init-from", help="start from another run's weights (a new run: step 0, fresh optimizer)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("manifest", help="write a fairseq audio manifest (train.tsv) for a folder")
+    p.add_argument("audio_dir", help="folder searched recursively for audio files")
+    p.add_argument("--dest", help="where train.tsv / valid.tsv go (default: the audio folder)")
+    p.add_argument("--ext", default="wav,flac", help="comma-separated extensions (default: wav,flac)")
+    p.add_argument("--valid-percent", type=float, default=0.0, help="fraction of files for valid.tsv")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("bench", help="benchmarks (see `d2v2 bench --help`)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -60,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingStopped as e:
+        print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"d2v2 {args.command}: error: {e}", file=sys.stderr)
+        # Errors raised in a loader worker arrive with the worker's traceback appended.
+        print(f"d2v2 {args.command}: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"d2v2 {args.command}: interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from d2v2.models.masking import mask_to_ids
+
 from .audio import crop_batch
 from .base import CorruptSample, derive_seed
 
@@ -116,7 +118,8 @@ class MaskingCollater:
     """Stack a batch, crop audio to its shortest clip, and make ``clones`` masks per sample.
 
     Output: {"source": [B, ...], "mask": bool [B*clones, N] (rows i*clones .. i*clones+clones-1
-    belong to sample i), "label"?: [B], "skipped": [paths], "epoch", "batch"}. ``num_positions``
+    belong to sample i), "ids_keep": int64 [B*clones, kept] (sorted), "label"?: [B],
+    "skipped": [paths], "epoch", "batch"}. ``num_positions``
     maps the (cropped) source to the number of maskable positions N (patches, frames, tokens).
     """
 
@@ -147,4 +150,5 @@ class MaskingCollater:
         if self.make_mask is not None:
             rows = len(good) * self.clones
             out["mask"] = self.make_mask(rows, self.num_positions(out["source"]), generator)
+            out["ids_keep"] = mask_to_ids(out["mask"])  # here, so the model needs no host sync
         return out

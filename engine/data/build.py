@@ -1,0 +1,101 @@
+"""From a DataConfig to a data set and a resumable, masking DataLoader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from . import audio, embedded, images, text
+from .loader import DataPosition, EpochBatchSampler, MaskFn, MaskingCollater, SkipCorrupt
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the samples come from and how they are batched."""
+
+    path: str | None = None
+    """ImageFolder tree or flat folder (images), manifest TSV or its folder (audio), text file or
+    folder (text). None = the recipe's embedded default data (digits, synthetic speech, pydoc prose)."""
+    batch_size: int = 16
+    """Samples per micro-batch (images, text); audio batches by ``max_tokens`` instead."""
+    crop_size: int = 224
+    """Images: RandomResizedCrop output size (the model's image size)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    max_tokens: int = 1_000_000
+    """Audio: the most samples a micro-batch holds (count x longest clip)."""
+    min_samples: int = 32_000
+    """Audio: utterances shorter than this are left out (2 s at 16 kHz)."""
+    max_samples: int = 320_000
+    """Audio: clips are cropped to at most this many samples (20 s)."""
+    block_size: int = 512
+    """Text: tokens per sample."""
+    vocab_size: int = 50_265
+    """Text: BPE vocabulary size when a tokenizer is trained on the data."""
+    tokenizer: str | None = None
+    """Text: a tokenizer.json to use instead of training one."""
+    num_workers: int = 2
+    embedded_utterances: int = 240
+    """Audio: how many utterances the embedded synthetic speech set has."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "crop_size", "block_size", "max_tokens", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+Modality = Literal["image", "audio", "text"]
+
+
+def build_dataset(modality: Modality, cfg: DataConfig, train: bool = True):
+    """The data set of ``cfg`` (or the embedded default when ``cfg.path`` is None)."""
+    if modality == "image":
+        transform = images.PretrainTransform(cfg.crop_size, cfg.crop_scale) if train else images.EvalTransform(cfg.crop_size)
+        if cfg.path is None:
+            pixels, labels = embedded.digits(size=max(32, cfg.crop_size))
+            return images.TensorImageDataset(pixels, labels, transform, [str(d) for d in range(10)])
+        return images.ImageFolderDataset(cfg.path, transform)
+    if modality == "audio":
+        manifest = cfg.path if cfg.path is not None else embedded.synthetic_speech(cfg.embedded_utterances)
+        return audio.AudioManifestDataset(manifest, min_samples=cfg.min_samples)
+    if modality == "text":
+        files = [embedded.pydoc_text_file()] if cfg.path is None else text.list_text_files(cfg.path)
+        folder = text.build_token_cache(files, embedded.cache_dir() / "tokens", cfg.vocab_size, cfg.tokenizer)
+        return text.TokenBlockDataset(folder, cfg.block_size)
+    raise ValueError(f"modality must be 'image', 'audio' or 'text', got {modality!r}")
+
+
+def build_loader(
+    modality: Modality,
+    dataset,
+    cfg: DataConfig,
+    seed: int,
+    clones: int,
+    make_mask: MaskFn | None,
+    num_positions: Callable[[torch.Tensor], int],
+    start: DataPosition,
+) -> torch.utils.data.DataLoader:
+    """An endless DataLoader from data position ``start``; masks are made in its workers."""
+    if modality == "audio":
+        sampler = EpochBatchSampler(
+            len(dataset), seed, sizes=dataset.sizes, max_tokens=cfg.max_tokens, max_samples=cfg.max_samples, start=start
+        )
+    else:
+        sampler = EpochBatchSampler(len(dataset), seed, batch_size=cfg.batch_size, start=start)
+    collate = MaskingCollater(
+        seed, clones, make_mask, num_positions, crop_audio_to=cfg.max_samples if modality == "audio" else None
+    )
+    return torch.utils.data.DataLoader(
+        SkipCorrupt(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        # The loader's own generator, so creating it never advances the global torch RNG
+        # (whose state the checkpoint restores for the model's dropout and decoder noise).
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,141 @@
+"""A pretraining run: the resolved config, the run folder, and ``pretrain()`` that ties them together.
+
+The run configuration composes each component's own config: the model's (``Data2Vec2Config``,
+filled from the recipe's ``model: {modality, size}`` preset plus any overridden fields), the
+data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
+``--set key=value`` overrides -> validation, one line per error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, data2vec2_config, make_masks
+
+from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
+from .data.build import DataConfig, build_dataset, build_loader
+from .data.loader import DataPosition
+from .trainer import OptimConfig, TrainConfig, Trainer
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSpec:
+    """A released model preset plus field overrides (``d2v2.models.data2vec2_config``)."""
+
+    modality: typing.Literal["image", "audio", "text"]
+    size: str
+    overrides: dict = field(default_factory=dict)
+
+    def build_config(self, **extra) -> Data2Vec2Config:
+        hints = typing.get_type_hints(Data2Vec2Config)
+        known = {f.name for f in dataclasses.fields(Data2Vec2Config)} - {"modality"}
+        values = {}
+        for key, value in {**self.overrides, **extra}.items():
+            if key not in known:
+                raise ValueError(f"unknown config key model.{key}; valid keys in model: size, {', '.join(sorted(known))}")
+            values[key] = convert(value, hints[key], f"model.{key}")
+        return data2vec2_config(self.modality, self.size, **values)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Everything a pretraining run needs; written to ``<run>/config.yaml``."""
+
+    recipe: str
+    model: ModelSpec
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
+    """Recipe + ``key=value`` overrides -> a validated RunConfig."""
+    data = apply_overrides(load_recipe(recipe), list(overrides))
+    model = dict(data.pop("model", {}) or {})
+    if "modality" not in model or "size" not in model:
+        raise ValueError(f"recipe {recipe} must give model.modality and model.size")
+    spec = ModelSpec(
+        modality=convert(model.pop("modality"), typing.Literal["image", "audio", "text"], "model.modality"),
+        size=str(model.pop("size")),
+        overrides=model,
+    )
+    cfg = from_dict(RunConfig, {**data, "model": spec})
+    spec.build_config()  # validates the model section now, not after the data is built
+    return cfg
+
+
+def default_run_dir(recipe: str) -> Path:
+    return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _num_positions(model: Data2Vec2, source: torch.Tensor) -> int:
+    cfg = model.cfg
+    if cfg.modality == "image":
+        return cfg.grid[0] * cfg.grid[1]
+    if cfg.modality == "audio":
+        return int(model.num_frames(source.shape[-1]))
+    return source.shape[-1]
+
+
+def _make_mask(cfg: Data2Vec2Config, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    return make_masks(cfg, rows // cfg.clone_batch, length, generator=generator)
+
+
+def pretrain(
+    recipe: str,
+    overrides: list[str] = (),
+    data_path: str | None = None,
+    out: str | None = None,
+    max_steps: int | None = None,
+    device: str | None = None,
+    resume: str = "auto",
+    init_from: str | None = None,
+    log=print,
+) -> dict:
+    """Run (or continue) a pretraining job; returns the last logged metrics."""
+    cfg = resolve_config(recipe, list(overrides) + ([f"data.path={data_path}"] if data_path else []))
+    if max_steps is not None:
+        cfg.train.max_steps = max_steps
+    if resume not in ("auto", "none") and init_from:
+        raise ValueError("--resume PATH and --init-from PATH exclude each other: resume continues a run, init-from starts a new one")
+    run_dir = Path(out) if out else default_run_dir(cfg.recipe)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+
+    torch.manual_seed(cfg.train.seed)
+    dataset = build_dataset(cfg.model.modality, cfg.data)
+    extra = {}
+    if cfg.model.modality == "text":
+        # The model's vocabulary and padding id follow the tokenizer.
+        extra = {"vocab_size": dataset.vocab_size, "padding_idx": dataset.pad_id, "max_positions": max(cfg.data.block_size, 512)}
+    if cfg.model.modality == "image":
+        extra = {"image_size": cfg.data.crop_size}
+    model_cfg = cfg.model.build_config(**{k: v for k, v in extra.items() if k not in cfg.model.overrides})
+    model = Data2Vec2(model_cfg)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(cfg)
+    resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def loader_fn(position: DataPosition):
+        return build_loader(
+            cfg.model.modality, dataset, cfg.data, cfg.train.seed, model_cfg.clone_batch,
+            partial(_make_mask, model_cfg), partial(_num_positions, model), position,
+        )  # fmt: skip
+
+    samples_hint = cfg.data.batch_size if cfg.model.modality != "audio" else 0
+    trainer = Trainer(model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log)
+    log(f"run folder {run_dir} | {cfg.model.modality} {cfg.model.size} | {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f} M encoder parameters | {dev}")
+    if not trainer.resume(resume) and init_from:
+        trainer.init_from(init_from)
+    return trainer.train()

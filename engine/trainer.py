@@ -1,0 +1,396 @@
+"""The pretraining loop: ``train()`` -> ``train_step()`` -> ``forward_backward()``.
+
+Each step, in order: set the learning rate from a pure function of the step; run the
+micro-batches (loss divided by the accumulation count); unscale and clip; check that loss and
+gradient norm are finite *before* the optimizer step; step; ``method.after_step(step)`` (the EMA
+teacher update); then interval work — a metrics line, a checkpoint. ``.item()`` runs only on
+logging steps (each one is a CPU-GPU sync).
+
+The trainer is stateful: its step, samples seen and data position live in its state dict, which
+the checkpoint stores with the student, teacher, optimizer, grad scaler and RNG states, so that a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .data.loader import DataPosition
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW with a cosine schedule and linear warm-up (fairseq ``cosine``)."""
+
+    lr: float = 1e-3
+    """Peak learning rate at ``ref_batch`` samples per update."""
+    ref_batch: int = 0
+    """The effective batch (samples per update) ``lr`` was tuned for; 0 = use ``lr`` as is.
+    Otherwise the actual peak LR is ``lr * effective_batch / ref_batch`` (linear scaling rule)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the peak LR over this many updates."""
+    total_steps: int = 1000
+    """Length of the schedule (updates); the cosine reaches ``min_lr`` here."""
+    min_lr: float = 0.0
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.total_steps < 1:
+            raise ValueError(f"optim.total_steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"optim.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """What the loop does around the optimizer."""
+
+    seed: int = 1
+    max_steps: int = 0
+    """Stop after this many optimizer updates in all (resumed ones included); 0 = optim.total_steps."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer update (gradient accumulation)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."""
+    compile: bool = False
+    """torch.compile the student's forward."""
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_corrupt: int = 100
+    """Stop when more than this many data files were unreadable."""
+
+    def __post_init__(self):
+        for name in ("accum_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"train.max_steps must be >= 0 (0 = the schedule's total_steps), got {self.max_steps}")
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (non-finite loss, collapse, too many bad files); the message says why."""
+
+
+def lr_at(step: int, cfg: OptimConfig, peak: float) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then half-cosine to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and plain values (``weights_only``-loadable)."""
+    _, py_state, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_gauss": (int(np_has_gauss), float(np_gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Drives one method (``forward(batch) -> dict`` with ``loss``; ``after_step(step)``).
+
+    Args:
+        method: the data2vec 2.0 module (student, teacher and decoders).
+        loader_fn: ``loader_fn(position) -> iterator of batches`` starting at a data position.
+        optim: optimizer and schedule settings.
+        train: loop settings.
+        run_dir: the run folder (metrics.jsonl, checkpoints/).
+        device: where to train.
+        samples_per_batch_hint: for the start-up print of the effective batch.
+        config_dict: the resolved run configuration, stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        method: torch.nn.Module,
+        loader_fn,
+        optim: OptimConfig,
+        train: TrainConfig,
+        run_dir: Path,
+        device: torch.device,
+        samples_per_batch_hint: int,
+        config_dict: dict,
+        log=print,
+    ):
+        self.method, self.loader_fn, self.optim_cfg, self.cfg = method.to(device), loader_fn, optim, train
+        self.run_dir, self.device, self.config_dict, self.log = Path(run_dir), device, config_dict, log
+        self.max_steps = train.max_steps or optim.total_steps
+        if samples_per_batch_hint:
+            effective = samples_per_batch_hint * train.accum_steps
+            batch_line = f"effective batch {effective} samples ({samples_per_batch_hint} x {train.accum_steps} accumulation)"
+            self.peak_lr = optim.lr * effective / optim.ref_batch if optim.ref_batch else optim.lr
+        else:  # batches by total audio samples: no fixed batch to scale the learning rate by
+            batch_line = f"batches by total samples, {train.accum_steps} micro-batch(es) per update"
+            self.peak_lr = optim.lr
+        self.log(
+            f"{batch_line}; base lr {optim.lr:.3g}" + (f" for batch {optim.ref_batch}" if optim.ref_batch else "")
+            + f", actual lr {self.peak_lr:.3g}"
+        )
+        precision = train.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        if precision in ("bf16", "fp16") and device.type != "cuda":
+            raise ValueError(f"train.precision={precision} needs a CUDA device; use fp32 (or auto) on {device.type}")
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.optimizer = torch.optim.AdamW(
+            method.param_groups(optim.weight_decay),
+            lr=self.peak_lr, betas=optim.betas, eps=optim.eps,
+            **({"fused": True} if device.type == "cuda" else {}),
+        )
+        self.forward = torch.compile(method) if train.compile else method
+        # Trainer state (Stateful): what a checkpoint needs beyond the modules.
+        self.step = 0
+        self.samples_seen = 0
+        self.position = DataPosition()
+        self.skipped: list[str] = []
+        self.last_checkpoint: Path | None = None
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "epoch": self.position.epoch,
+                "batch": self.position.batch,
+                "skipped": list(self.skipped),
+            },
+            "rng": rng_state(),
+            "config": self.config_dict,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        t = state["trainer"]
+        self.step, self.samples_seen = int(t["step"]), int(t["samples_seen"])
+        self.position = DataPosition(int(t["epoch"]), int(t["batch"]))
+        self.skipped = list(t.get("skipped", []))
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _next_batch(self, batches: Iterator[dict]) -> dict:
+        """The next batch with samples; unreadable files are counted (too many stops the run)."""
+        while True:
+            batch = next(batches)
+            self.position = DataPosition(batch["epoch"], batch["batch"] + 1)
+            if batch["skipped"]:
+                self.skipped.extend(batch["skipped"])
+                self.log(f"skipped {len(batch['skipped'])} unreadable file(s): {', '.join(batch['skipped'][:3])}")
+                if len(self.skipped) > self.cfg.max_corrupt:
+                    listing = "\n  ".join(self.skipped[:50])
+                    raise TrainingStopped(
+                        f"{len(self.skipped)} data files could not be read (more than train.max_corrupt="
+                        f"{self.cfg.max_corrupt}); fix or remove them:\n  {listing}"
+                    )
+            if "source" in batch:
+                return batch
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict) -> dict:
+        with self._autocast():
+            out = self.forward(batch)
+        self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
+        return out
+
+    def train_step(self, batches: Iterator[dict]) -> dict:
+        lr = lr_at(self.step, self.optim_cfg, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, outs, samples, tokens = [], [], 0, 0
+        for _ in range(self.cfg.accum_steps):
+            batch = self._to_device(self._next_batch(batches))
+            out = self.forward_backward(batch)
+            losses.append(out["loss"].detach())
+            outs.append(out)
+            samples += batch["source"].shape[0]
+            tokens += batch["source"].shape[0] * batch["mask"].shape[1]  # positions per sample
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss = torch.stack(losses).mean()
+        # One sync per step: a non-finite value must never reach the weights. Under fp16 the
+        # GradScaler itself skips steps with overflowed gradients, so only the loss is checked.
+        finite = torch.isfinite(loss) if self.precision == "fp16" else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if not bool(finite):
+            what = "loss" if not bool(torch.isfinite(loss)) else "gradient norm"
+            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise TrainingStopped(
+                f"non-finite {what} at step {self.step + 1}; stopped before the update ({where}). "
+                "Lower optim.lr or use train.precision=fp32"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += samples
+        self.method.after_step(self.step)
+        last = outs[-1]
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "out": last}
+
+    def _check_collapse(self, metrics: dict) -> None:
+        reason = self.method.variance_collapse(self.step, metrics["target_var"], metrics["pred_var"])
+        if reason:
+            raise TrainingStopped(
+                f"{reason}: the representations collapsed (last good checkpoint: {self.last_checkpoint}). "
+                "Lower optim.lr, or raise model.ema_decay"
+            )
+
+    def train(self) -> dict:
+        """Train to ``max_steps`` updates; returns the last logged metrics."""
+        resume_step = self.step
+        batches = iter(self.loader_fn(self.position))
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        use_bar = sys.stderr.isatty()
+        bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        metrics: dict = {}
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.step < self.max_steps:
+                result = self.train_step(batches)
+                out = result["out"]
+                window_samples += result["samples"]
+                window_tokens += result["tokens"]
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics = {  # .item() calls: a sync, on logging steps only
+                        "step": self.step,
+                        "loss": float(result["loss"]),
+                        "lr": result["lr"],
+                        "ema_decay": float(out.get("ema_decay", float("nan"))),
+                        "target_var": float(out.get("target_var", float("nan"))),
+                        "pred_var": float(out.get("pred_var", float("nan"))),
+                        "grad_norm": float(result["grad_norm"]),
+                        "samples_per_s": window_samples / elapsed,
+                        "tokens_per_s": window_tokens / elapsed,
+                        "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else 0.0,
+                        "skipped_files": len(self.skipped),
+                    }
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    line = (f"step {self.step}/{self.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
+                            f"target_var {metrics['target_var']:.3f} pred_var {metrics['pred_var']:.3f} "
+                            f"{metrics['samples_per_s']:.1f} samples/s")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    else:
+                        self.log(line)
+                    self._check_collapse(metrics)
+                    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
+                    self.save()
+            if self.step > resume_step or self.last_checkpoint is None:
+                self.save()
+        finally:
+            metrics_file.close()
+            if bar is not None:
+                bar.close()
+        return metrics
+
+    def init_from(self, path) -> None:
+        """Start a new run from another run's weights (student, teacher, decoder); nothing else."""
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        check_same_model(state["method"], self.method, path)
+        self.method.load_state_dict(state["method"])
+        self.log(f"initialised the weights from {path}")
+
+    def resume(self, mode: str) -> bool:
+        """``auto``: continue from this run's latest checkpoint if there is one; a path: from it."""
+        from .checkpoint import load_checkpoint
+
+        if mode == "none":
+            return False
+        path = latest_checkpoint(self.run_dir) if mode == "auto" else mode
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        check_same_model(state["method"], self.method, path)
+        self.load_state_dict(state)
+        self.last_checkpoint = Path(path)
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+        return True
+
+
+def check_same_model(saved: dict, model: torch.nn.Module, path) -> None:
+    """A checkpoint of another model (modality, size or architecture) is a clear error, not a crash."""
+    current = model.state_dict()
+    for name, tensor in saved.items():
+        if name not in current or (torch.is_tensor(tensor) and tuple(tensor.shape) != tuple(current[name].shape)):
+            there = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+            here = tuple(current[name].shape) if name in current else "absent"
+            raise ValueError(
+                f"checkpoint {path} is of another model ({name}: {there} there, {here} here); "
+                "use the recipe and --set overrides it was trained with, or a new --out folder"
+            )
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise ValueError(f"checkpoint {path} is of another model (it lacks {missing[0]}); use the recipe it was trained with")
