@@ -4,6 +4,7 @@ argument checks and launch settings. Private: nothing here is part of the public
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -112,6 +113,21 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
     if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
+
+
+@contextlib.contextmanager
+def index_checks(enabled: bool):
+    """Turn the ops' index-range checks on or off inside a ``with`` block (restored after).
+
+    Each check is one device-to-host sync; turn them off where the indices are known to be valid
+    (for example, masks made by ``d2v2.models.masking``) and the sync would stall the GPU.
+    """
+    global CHECK_INDICES
+    saved, CHECK_INDICES = CHECK_INDICES, bool(enabled)
+    try:
+        yield
+    finally:
+        CHECK_INDICES = saved
 
 
 def check_index_range(name: str, idx: torch.Tensor, upper: int) -> None:
