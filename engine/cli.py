@@ -63,6 +63,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Linear probe and kNN on a checkpoint's frozen teacher features."""
+    from .probe import probe
+
+    probe(args.checkpoint, data=args.data, out=args.out, device=args.device, test_fraction=args.test_fraction)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     """Write a fairseq manifest (train.tsv, valid.tsv) for a folder of audio files."""
     from .data.audio import write_manifest
@@ -100,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled image set")
+    p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
+    p.add_argument("--data", help="ImageFolder tree with one folder per class (default: the embedded digits)")
+    p.add_argument("--out", help="where to write the JSON result (default: probe.json beside the checkpoint)")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.set_defaults(func=cmd_probe)
+
     p = sub.add_parser("manifest", help="write a fairseq audio manifest (train.tsv) for a folder")
     p.add_argument("audio_dir", help="folder searched recursively for audio files")
     p.add_argument("--dest", help="where train.tsv / valid.tsv go (default: the audio folder)")
@@ -108,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("bench", help="benchmarks (see `d2v2 bench --help`)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # Everything after `bench` (--help included) goes to d2v2.bench.cli unparsed.
+    p = sub.add_parser("bench", help="benchmarks (see `d2v2 bench --help`)", add_help=False, prefix_chars="\0")
+    p.add_argument("bench_args", nargs="*")
     p.set_defaults(func=cmd_bench)
     return parser
 

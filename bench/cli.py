@@ -1,0 +1,94 @@
+"""``d2v2 bench ...``: the benchmark subcommands (``d2v2.engine.cli`` forwards ``d2v2 bench`` here).
+
+This module imports only argparse at load time; torch, Triton and matplotlib are imported when a
+subcommand runs, so ``d2v2 --help`` stays fast. Bad names (an unknown op, provider, mode, shape or
+dtype) raise ValueError naming the option; the engine's command line prints it as a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated names: ``--ops gather_tokens,ema_`` (repeating the option or spaces also work)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _flatten(groups: list[list[str]] | None) -> list[str] | None:
+    return None if groups is None else [name for group in groups for name in group]
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import kernels
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible")
+    dtype = kernels.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    rows, paths = kernels.run(
+        device=device,
+        dtype=dtype,
+        quick=args.quick,
+        ops=_flatten(args.ops),
+        shapes=_flatten(args.shapes),
+        providers=_flatten(args.providers),
+        modes=_flatten(args.modes),
+        out_dir=args.out,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+        argv=["d2v2", "bench", *args.argv],
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} result rows failed; see the notes in {paths['md']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2v2 bench", description="d2v2 benchmarks")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    p = sub.add_parser(
+        "kernels",
+        help="each kernel against PyTorch eager, torch.compile and apex at the reference shapes",
+        description="Time every op of d2v2.kernels against its providers (see d2v2.bench.kernels). "
+        "List options take comma-separated names.",
+    )
+    p.add_argument("--ops", type=_names, action="append", help="ops to run (default: all)")
+    p.add_argument("--shapes", type=_names, action="append", help="shape specs: vit-b, audio-base, text-base")
+    p.add_argument("--providers", type=_names, action="append", help="triton, torch, compile, apex (default: all)")
+    p.add_argument("--modes", type=_names, action="append", help="fwd, bwd, full (default: all)")
+    p.add_argument("--dtype", help="activation dtype: fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
+    p.add_argument("--quick", action="store_true", help="toy shapes of the same structure (seconds on a CPU)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/kernels-<device>-<date>)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget per measurement (do_bench's)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per measurement (do_bench's)")
+    p.set_defaults(func=cmd_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        print(f"d2v2 bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
