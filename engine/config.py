@@ -75,7 +75,7 @@ def load_recipe(name_or_path: str) -> dict:
     base = data.pop("base", None)
     if base is not None:
         data = merge(load_recipe(base), data)
-    data.setdefault("recipe", path.stem)
+    data["recipe"] = path.stem
     return data
 
 

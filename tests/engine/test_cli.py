@@ -1,0 +1,117 @@
+"""The d2v2 command line end to end on the tiny recipes (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from PIL import Image
+
+from d2v2.engine.cli import main
+
+FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    # One cache per test session: the synthetic speech and token caches are built once.
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path_factory.getbasetemp() / "d2v2-cache"))
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("image-tiny", ["--set", "data.batch_size=8"]),
+        ("audio-tiny", ["--set", "data.embedded_utterances=12", "--set", "data.max_tokens=160000"]),
+        ("text-tiny", ["--set", "data.batch_size=4"]),
+    ],
+)
+def test_pretrain_writes_config_metrics_and_checkpoint(tmp_path, recipe, extra):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", recipe, "--out", str(run), "--max-steps", "2", *FAST, *extra]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["recipe"] == recipe and config["model"]["modality"] == recipe.split("-")[0]
+    lines = losses(run)
+    assert len(lines) == 2 and all(np.isfinite(lines))
+    state = torch.load(run / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
+    assert state["trainer"]["step"] == 2 and "teacher.blocks.0.attn.qkv.weight" in state["method"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = ["pretrain", "--recipe", "image-tiny", *FAST, "--set", "data.batch_size=8", "--set", "train.checkpoint_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*args, "--out", str(straight), "--max-steps", "6"]) == 0
+    assert main([*args, "--out", str(resumed), "--max-steps", "3"]) == 0
+    assert main([*args, "--out", str(resumed), "--max-steps", "6"]) == 0  # --resume auto by default
+    assert losses(resumed) == losses(straight)
+    a = torch.load(straight / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    for name, tensor in a["method"].items():
+        assert torch.equal(tensor, b["method"][name]), name
+
+
+def test_probe_beats_chance_after_a_short_pretraining(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "20", *FAST]) == 0
+    assert main(["probe", "--checkpoint", str(run)]) == 0
+    result = json.loads((run / "checkpoints" / "step-00000020" / "probe.json").read_text())
+    assert result["classes"] == 10 and result["linear_accuracy"] > 0.5  # chance is 0.1
+    assert "linear probe" in capsys.readouterr().out
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "r"), "--max-steps", "1", *FAST]
+    assert "does not exist" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "none"), *out])
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "empty"), *out])
+    err = _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lrr=1", *out])
+    assert "unknown config key optim.lrr" in err and "lr" in err
+    assert "must be a number" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lr=fast", *out])
+    assert "mask_ratio must lie in" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "model.mask_ratio=2", *out])
+    assert "unknown recipe" in _error(capsys, ["pretrain", "--recipe", "image-gigantic", *out])
+
+
+def test_wrong_sample_rate_is_a_clear_error(tmp_path, capsys):
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    sf.write(wavs / "a.wav", np.zeros(48_000, np.float32), 8_000)
+    assert main(["manifest", str(wavs), "--dest", str(tmp_path / "m")]) == 0
+    err = _error(capsys, ["pretrain", "--recipe", "audio-tiny", "--data", str(tmp_path / "m"), "--out", str(tmp_path / "r"), *FAST])
+    assert "8000 Hz, expected 16000" in err
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1", *FAST]) == 0
+    err = _error(capsys, ["pretrain", "--recipe", "text-tiny", "--out", str(run), "--max-steps", "2", *FAST])
+    assert "another model" in err
+
+
+def test_corrupt_images_are_skipped_then_stop_the_run(tmp_path, capsys):
+    data = tmp_path / "imgs" / "only"
+    data.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    (data / "zz-bad.png").write_bytes(b"garbage")
+    base = ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "imgs"), *FAST, "--set", "data.batch_size=13"]
+    assert main([*base, "--out", str(tmp_path / "ok"), "--max-steps", "2"]) == 0
+    state = torch.load(tmp_path / "ok" / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
+    assert len(state["trainer"]["skipped"]) == 2  # once per epoch (one batch per epoch)
+    assert main([*base, "--out", str(tmp_path / "stop"), "--max-steps", "5", "--set", "train.max_corrupt=2"]) == 1
+    assert "zz-bad.png" in capsys.readouterr().err
