@@ -1,1 +1,31 @@
-"""Triton kernels for data2vec 2.0."""
+"""d2v2.kernels: the data2vec 2.0 hot path as Triton kernels with PyTorch references.
+
+Every op takes ``impl="auto" | "triton" | "torch"``. ``auto`` runs the Triton kernel for CUDA
+tensors when Triton is importable and the PyTorch reference otherwise; the environment variable
+``D2V2_KERNELS=torch|triton`` overrides ``auto``. With ``TRITON_INTERPRET=1``, ``impl="triton"``
+runs the real kernels on CPU tensors in Triton's interpreter. Every op is differentiable where its
+inputs require grad, validates its arguments (ValueError naming the argument), computes in fp32
+and accepts fp32, bf16 and fp16 inputs. Each op's module also holds its reference, ``<op>_ref``.
+"""
+
+from ._utils import index_checks
+from .attention import attention
+from .conv_block1d import conv_block1d
+from .conv_block2d import conv_block2d
+from .ema import ema_
+from .gather_tokens import gather_tokens
+from .layer_targets import layer_targets
+from .masked_regression_loss import masked_regression_loss
+from .scatter_tokens import scatter_tokens
+
+__all__ = [
+    "attention",
+    "conv_block1d",
+    "conv_block2d",
+    "ema_",
+    "gather_tokens",
+    "index_checks",
+    "layer_targets",
+    "masked_regression_loss",
+    "scatter_tokens",
+]

@@ -1,11 +1,14 @@
 """gather_tokens: Triton (interpreted) against gather_tokens_ref, and the reference against plain loops."""
 
+import importlib
 import pytest
 import torch
 
-import d2v2.kernels.gather_tokens as gather_tokens_module
 from d2v2.kernels.gather_tokens import gather_tokens, gather_tokens_ref
 from tests.helpers import assert_close, lowp_tolerance
+
+# The module itself: the package re-exports the function under the same name.
+gather_tokens_module = importlib.import_module("d2v2.kernels.gather_tokens")
 
 SHAPES = [
     # (B, clones, N, K, D)

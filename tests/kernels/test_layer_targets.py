@@ -1,13 +1,16 @@
 """layer_targets: the Triton kernel (interpreted) against layer_targets_ref, and the reference against
 PyTorch's own instance_norm / layer_norm, forward and gradients, for every per-layer x final order."""
 
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
 
-import d2v2.kernels.layer_targets as layer_targets_module
 from d2v2.kernels.layer_targets import NORMS, layer_targets, layer_targets_ref
 from tests.helpers import assert_close, lowp_tolerance
+
+# The module itself: the package re-exports the function under the same name.
+layer_targets_module = importlib.import_module("d2v2.kernels.layer_targets")
 
 ORDERS = [(per_layer, final) for per_layer in NORMS for final in NORMS]
 RECIPES = [("instance", "layer"), ("instance", None), ("layer", "instance")]  # images, audio/text-base, text-large

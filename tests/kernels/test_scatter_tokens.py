@@ -1,12 +1,15 @@
 """scatter_tokens: Triton (interpreted) against scatter_tokens_ref, the reference against plain loops,
 and the noise fill (whose Triton and torch streams differ) by its statistics and reproducibility."""
 
+import importlib
 import pytest
 import torch
 
-import d2v2.kernels.scatter_tokens as scatter_tokens_module
 from d2v2.kernels.scatter_tokens import scatter_tokens, scatter_tokens_ref
 from tests.helpers import assert_close, lowp_tolerance
+
+# The module itself: the package re-exports the function under the same name.
+scatter_tokens_module = importlib.import_module("d2v2.kernels.scatter_tokens")
 
 SHAPES = [
     # (R, length, K, D)
