@@ -56,8 +56,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Pretrain data2vec 2.0 with a recipe, on --data or the recipe's embedded default data."""
     from .run import pretrain
 
+    overrides = args.set + (["train.compile=true"] if args.compile else [])
     pretrain(
-        args.recipe, args.set, data_path=args.data, out=args.out, max_steps=args.max_steps,
+        args.recipe, overrides, data_path=args.data, out=args.out, max_steps=args.max_steps,
         device=args.device, resume=args.resume, init_from=args.init_from,
     )  # fmt: skip
     return 0
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint of --out, if any), none, or a checkpoint path")
     p.add_argument("--init-from", help="start from another run's weights (a new run: step 0, fresh optimizer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (same as --set train.compile=true)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
 
