@@ -6,6 +6,7 @@ Every subcommand turns bad input into a one-line error and exit code 2 (no trace
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -136,14 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under torchrun every rank fails alike; rank 0 alone says why.
+    speak = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args)
     except TrainingStopped as e:
-        print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
+        if speak:
+            print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, FileNotFoundError) as e:
         # Errors raised in a loader worker arrive with the worker's traceback appended.
-        print(f"d2v2 {args.command}: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        if speak:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"d2v2 {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"d2v2 {args.command}: interrupted", file=sys.stderr)

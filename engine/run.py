@@ -4,6 +4,9 @@ The run configuration composes each component's own config: the model's (``Data2
 filled from the recipe's ``model: {modality, size}`` preset plus any overridden fields), the
 data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
 ``--set key=value`` overrides -> validation, one line per error.
+
+Launched by torchrun, ``pretrain()`` trains data-parallel (see ``distributed``: how to launch, how the
+data is sharded, what rank 0 alone does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import yaml
 
 from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, data2vec2_config, make_masks
 
+from . import distributed
 from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
 from .data.build import DataConfig, build_dataset, build_loader
 from .data.loader import DataPosition
@@ -100,19 +104,37 @@ def pretrain(
     init_from: str | None = None,
     log=print,
 ) -> dict:
-    """Run (or continue) a pretraining job; returns the last logged metrics."""
+    """Run (or continue) a pretraining job; returns the last logged metrics.
+
+    Under torchrun every process calls this; rank 0 alone logs (``log``) and writes files.
+    """
     cfg = resolve_config(recipe, list(overrides) + ([f"data.path={data_path}"] if data_path else []))
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     if resume not in ("auto", "none") and init_from:
         raise ValueError("--resume PATH and --init-from PATH exclude each other: resume continues a run, init-from starts a new one")
-    run_dir = Path(out) if out else default_run_dir(cfg.recipe)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    env = distributed.detect()
+    dev = distributed.setup(env, device)
+    try:
+        return _pretrain(cfg, env, dev, out, resume, init_from, log if env.is_main else _silent)
+    finally:
+        distributed.teardown()
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _pretrain(
+    cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, out: str | None, resume: str, init_from: str | None, log
+) -> dict:
+    run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(cfg.recipe))))
 
     torch.manual_seed(cfg.train.seed)
-    dataset = build_dataset(cfg.model.modality, cfg.data)
+    # Rank 0 fills the data caches before the others read them; forked so that the model's init
+    # stream is the same on every rank whoever built what.
+    with torch.random.fork_rng(devices=[]):
+        dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
     extra = {}
     if cfg.model.modality == "text":
         # The model's vocabulary and padding id follow the tokenizer.
@@ -120,22 +142,31 @@ def pretrain(
     if cfg.model.modality == "image":
         extra = {"image_size": cfg.data.crop_size}
     model_cfg = cfg.model.build_config(**{k: v for k, v in extra.items() if k not in cfg.model.overrides})
-    model = Data2Vec2(model_cfg)
+    model = Data2Vec2(model_cfg)  # the same weights on every rank: same seed, same draws
+    env.offset_rng(cfg.train.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
     resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def loader_fn(position: DataPosition):
         return build_loader(
             cfg.model.modality, dataset, cfg.data, cfg.train.seed, model_cfg.clone_batch,
             partial(_make_mask, model_cfg), partial(_num_positions, model), position,
+            rank=env.rank, world_size=env.world_size,
         )  # fmt: skip
 
     samples_hint = cfg.data.batch_size if cfg.model.modality != "audio" else 0
-    trainer = Trainer(model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log)
-    log(f"run folder {run_dir} | {cfg.model.modality} {cfg.model.size} | {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f} M encoder parameters | {dev}")
+    layerdrop = model_cfg.layerdrop > 0 or model_cfg.prenet_layerdrop > 0
+    trainer = Trainer(
+        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log,
+        dist=env, find_unused_parameters=layerdrop,
+    )  # fmt: skip
+    encoder_millions = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    processes = f" | {env.world_size} processes" if env.distributed else ""
+    log(f"run folder {run_dir} | {cfg.model.modality} {cfg.model.size} | {encoder_millions:.1f} M encoder parameters | {dev}{processes}")
     if not trainer.resume(resume) and init_from:
         trainer.init_from(init_from)
     return trainer.train()

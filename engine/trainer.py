@@ -9,6 +9,10 @@ logging steps (each one is a CPU-GPU sync).
 The trainer is stateful: its step, samples seen and data position live in its state dict, which
 the checkpoint stores with the student, teacher, optimizer, grad scaler and RNG states, so that a
 resumed run continues exactly where the interrupted one stopped.
+
+Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its teacher left out),
+every stop decision is all-reduced so that all ranks take it at the same step, and rank 0 alone
+logs and writes.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, save_checkpoint
-from .data.loader import DataPosition
+from .checkpoint import latest_checkpoint, save_checkpoint, step_folder
+from .data.base import derive_seed
+from .data.loader import DataPosition, position_after
+from .distributed import DistEnv, seed_all
 
 
 @dataclass(kw_only=True, slots=True)
@@ -136,8 +142,11 @@ class Trainer:
         train: loop settings.
         run_dir: the run folder (metrics.jsonl, checkpoints/).
         device: where to train.
-        samples_per_batch_hint: for the start-up print of the effective batch.
+        samples_per_batch_hint: samples per micro-batch and process (0 = varies), for the start-up
+            print of the effective batch and the learning-rate scaling.
         config_dict: the resolved run configuration, stored in every checkpoint.
+        dist: this process's place in a torchrun job (default: a single process).
+        find_unused_parameters: for DDP, when some parameters may get no gradient in a step (LayerDrop).
     """
 
     def __init__(
@@ -151,16 +160,24 @@ class Trainer:
         samples_per_batch_hint: int,
         config_dict: dict,
         log=print,
+        dist: DistEnv | None = None,
+        find_unused_parameters: bool = False,
     ):
         self.method, self.loader_fn, self.optim_cfg, self.cfg = method.to(device), loader_fn, optim, train
         self.run_dir, self.device, self.config_dict, self.log = Path(run_dir), device, config_dict, log
+        self.dist = dist or DistEnv()
         self.max_steps = train.max_steps or optim.total_steps
+        world = self.dist.world_size
         if samples_per_batch_hint:
-            effective = samples_per_batch_hint * train.accum_steps
-            batch_line = f"effective batch {effective} samples ({samples_per_batch_hint} x {train.accum_steps} accumulation)"
+            effective = samples_per_batch_hint * train.accum_steps * world
+            processes = f" x {world} processes" if world > 1 else ""
+            batch_line = (
+                f"effective batch {effective} samples ({samples_per_batch_hint} x {train.accum_steps} accumulation{processes})"
+            )
             self.peak_lr = optim.lr * effective / optim.ref_batch if optim.ref_batch else optim.lr
         else:  # batches by total audio samples: no fixed batch to scale the learning rate by
-            batch_line = f"batches by total samples, {train.accum_steps} micro-batch(es) per update"
+            processes = f" on each of {world} processes" if world > 1 else ""
+            batch_line = f"batches by total samples, {train.accum_steps} micro-batch(es) per update{processes}"
             self.peak_lr = optim.lr
         self.log(
             f"{batch_line}; base lr {optim.lr:.3g}" + (f" for batch {optim.ref_batch}" if optim.ref_batch else "")
@@ -179,7 +196,10 @@ class Trainer:
             lr=self.peak_lr, betas=optim.betas, eps=optim.eps,
             **({"fused": True} if device.type == "cuda" else {}),
         )
-        self.forward = torch.compile(method) if train.compile else method
+        # The optimizer and after_step work on the unwrapped method; only the forward goes through DDP.
+        self.ddp = self.dist.wrap(method, device, find_unused_parameters) if self.dist.distributed else None
+        model = self.ddp if self.ddp is not None else method
+        self.forward = torch.compile(model) if train.compile else model
         # Trainer state (Stateful): what a checkpoint needs beyond the modules.
         self.step = 0
         self.samples_seen = 0
@@ -213,10 +233,22 @@ class Trainer:
         self.step, self.samples_seen = int(t["step"]), int(t["samples_seen"])
         self.position = DataPosition(int(t["epoch"]), int(t["batch"]))
         self.skipped = list(t.get("skipped", []))
-        set_rng_state(state["rng"])
+        saved = state.get("rng_ranks") or [state["rng"]]
+        if self.dist.rank < len(saved):
+            set_rng_state(saved[self.dist.rank])
+        else:  # resumed on more processes than the checkpoint's run had: a fresh stream for this rank
+            seed_all(derive_seed(self.cfg.seed, "rank", self.dist.rank, "step", self.step))
 
     def save(self) -> Path:
-        self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
+        """Write a checkpoint (rank 0); every rank calls this, and returns once it is complete."""
+        rng_ranks = self.dist.gather_object(rng_state())
+        if self.dist.is_main:
+            state = self.state_dict()
+            if self.dist.distributed:
+                state["rng_ranks"] = rng_ranks
+            save_checkpoint(self.run_dir, self.step, state, self.cfg.keep_checkpoints)
+        self.dist.barrier()
+        self.last_checkpoint = step_folder(self.run_dir, self.step)
         return self.last_checkpoint
 
     # ------------------------------------------------------------------------------ loop
@@ -225,40 +257,47 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _next_batch(self, batches: Iterator[dict]) -> dict:
-        """The next batch with samples; unreadable files are counted (too many stops the run)."""
+    def _next_batch(self, batches: Iterator[dict], skipped: list[str]) -> dict:
+        """The next batch with samples; the paths of unreadable files go to ``skipped``."""
         while True:
             batch = next(batches)
-            self.position = DataPosition(batch["epoch"], batch["batch"] + 1)
-            if batch["skipped"]:
-                self.skipped.extend(batch["skipped"])
-                self.log(f"skipped {len(batch['skipped'])} unreadable file(s): {', '.join(batch['skipped'][:3])}")
-                if len(self.skipped) > self.cfg.max_corrupt:
-                    listing = "\n  ".join(self.skipped[:50])
-                    raise TrainingStopped(
-                        f"{len(self.skipped)} data files could not be read (more than train.max_corrupt="
-                        f"{self.cfg.max_corrupt}); fix or remove them:\n  {listing}"
-                    )
+            self.position = position_after(batch["epoch"], batch["batch"], self.dist.rank, self.dist.world_size)
+            skipped.extend(batch["skipped"])
             if "source" in batch:
                 return batch
+
+    def _count_skipped(self, skipped: list[str]) -> None:
+        """Record a step's unreadable files (every rank's); too many in all stops the run."""
+        paths = [p for rank_paths in self.dist.all_gather_object(skipped) for p in rank_paths]
+        self.skipped.extend(paths)
+        self.log(f"skipped {len(paths)} unreadable file(s): {', '.join(paths[:3])}")
+        if len(self.skipped) > self.cfg.max_corrupt:
+            listing = "\n  ".join(self.skipped[:50])
+            raise TrainingStopped(
+                f"{len(self.skipped)} data files could not be read (more than train.max_corrupt="
+                f"{self.cfg.max_corrupt}); fix or remove them:\n  {listing}"
+            )
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict) -> dict:
-        with self._autocast():
-            out = self.forward(batch)
-        self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
+    def forward_backward(self, batch: dict, sync: bool = True) -> dict:
+        """One micro-batch; ``sync=False`` keeps DDP from all-reducing its gradients (accumulation)."""
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with self._autocast():
+                out = self.forward(batch)
+            self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
         return out
 
     def train_step(self, batches: Iterator[dict]) -> dict:
         lr = lr_at(self.step, self.optim_cfg, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses, outs, samples, tokens = [], [], 0, 0
-        for _ in range(self.cfg.accum_steps):
-            batch = self._to_device(self._next_batch(batches))
-            out = self.forward_backward(batch)
+        losses, outs, samples, tokens, skipped = [], [], 0, 0, []
+        for micro in range(self.cfg.accum_steps):
+            batch = self._to_device(self._next_batch(batches, skipped))
+            out = self.forward_backward(batch, sync=micro == self.cfg.accum_steps - 1)
             losses.append(out["loss"].detach())
             outs.append(out)
             samples += batch["source"].shape[0]
@@ -268,11 +307,20 @@ class Trainer:
         max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss = torch.stack(losses).mean()
-        # One sync per step: a non-finite value must never reach the weights. Under fp16 the
-        # GradScaler itself skips steps with overflowed gradients, so only the loss is checked.
-        finite = torch.isfinite(loss) if self.precision == "fp16" else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if not bool(finite):
-            what = "loss" if not bool(torch.isfinite(loss)) else "gradient norm"
+        # One sync per step, all-reduced so that every rank decides alike: a non-finite value must
+        # never reach the weights (under fp16 the GradScaler itself skips steps with overflowed
+        # gradients, so only the loss is checked), and the files skipped, samples and tokens are
+        # the whole job's.
+        bad_grad = torch.zeros_like(loss, dtype=torch.bool) if self.precision == "fp16" else ~torch.isfinite(grad_norm)
+        agreed = torch.cat([
+            torch.stack([~torch.isfinite(loss), bad_grad]).long(),
+            torch.tensor([len(skipped), samples, tokens]).to(loss.device, non_blocking=True),
+        ])  # fmt: skip
+        bad_loss, bad_grad, num_skipped, samples, tokens = self.dist.all_reduce(agreed).tolist()
+        if num_skipped:
+            self._count_skipped(skipped)
+        if bad_loss or bad_grad:
+            what = "loss" if bad_loss else "gradient norm"
             where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise TrainingStopped(
                 f"non-finite {what} at step {self.step + 1}; stopped before the update ({where}). "
@@ -299,8 +347,9 @@ class Trainer:
         """Train to ``max_steps`` updates; returns the last logged metrics."""
         resume_step = self.step
         batches = iter(self.loader_fn(self.position))
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        use_bar = sys.stderr.isatty()
+        main = self.dist.is_main
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        use_bar = main and sys.stderr.isatty()
         bar = None
         if use_bar:
             from tqdm import tqdm
@@ -320,21 +369,23 @@ class Trainer:
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {  # .item() calls: a sync, on logging steps only
+                    loss, target_var, pred_var, peak_memory = self._logged_values(result["loss"], out)
+                    metrics = {
                         "step": self.step,
-                        "loss": float(result["loss"]),
+                        "loss": loss,
                         "lr": result["lr"],
                         "ema_decay": float(out.get("ema_decay", float("nan"))),
-                        "target_var": float(out.get("target_var", float("nan"))),
-                        "pred_var": float(out.get("pred_var", float("nan"))),
-                        "grad_norm": float(result["grad_norm"]),
+                        "target_var": target_var,
+                        "pred_var": pred_var,
+                        "grad_norm": float(result["grad_norm"]),  # the same on every rank
                         "samples_per_s": window_samples / elapsed,
                         "tokens_per_s": window_tokens / elapsed,
-                        "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else 0.0,
+                        "peak_memory_mb": peak_memory,
                         "skipped_files": len(self.skipped),
                     }
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(metrics) + "\n")
+                        metrics_file.flush()
                     line = (f"step {self.step}/{self.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
                             f"target_var {metrics['target_var']:.3f} pred_var {metrics['pred_var']:.3f} "
                             f"{metrics['samples_per_s']:.1f} samples/s")
@@ -349,10 +400,30 @@ class Trainer:
             if self.step > resume_step or self.last_checkpoint is None:
                 self.save()
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             if bar is not None:
                 bar.close()
         return metrics
+
+    def _logged_values(self, loss: torch.Tensor, out: dict) -> tuple[float, float, float, float]:
+        """Loss, target and prediction variance averaged over ranks, and the largest peak memory (MiB).
+
+        The ``.tolist()`` is a CPU-GPU sync (and the all-reduces a collective): logging steps only.
+        """
+        nan = float("nan")
+        values = torch.stack([
+            torch.as_tensor(v, dtype=torch.float32, device=loss.device)
+            for v in (loss, out.get("target_var", nan), out.get("pred_var", nan))
+        ])  # fmt: skip
+        if self.dist.distributed:
+            values = self.dist.all_reduce(values) / self.dist.world_size
+        peak_memory = 0.0
+        if self.device.type == "cuda":
+            memory = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**20], device=self.device)
+            peak_memory = float(self.dist.all_reduce(memory, op="max"))
+        loss, target_var, pred_var = values.tolist()
+        return loss, target_var, pred_var, peak_memory
 
     def init_from(self, path) -> None:
         """Start a new run from another run's weights (student, teacher, decoder); nothing else."""
@@ -370,6 +441,7 @@ class Trainer:
         if mode == "none":
             return False
         path = latest_checkpoint(self.run_dir) if mode == "auto" else mode
+        path = self.dist.broadcast_object(path)  # rank 0 picks: every rank loads the same checkpoint
         if path is None:
             return False
         state = load_checkpoint(path)

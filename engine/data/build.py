@@ -77,14 +77,20 @@ def build_loader(
     make_mask: MaskFn | None,
     num_positions: Callable[[torch.Tensor], int],
     start: DataPosition,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
-    """An endless DataLoader from data position ``start``; masks are made in its workers."""
+    """An endless DataLoader from data position ``start``; masks are made in its workers.
+
+    With ``world_size`` > 1 it yields rank ``rank``'s share of the global batches (``EpochBatchSampler``).
+    """
+    shard = {"start": start, "rank": rank, "world_size": world_size}
     if modality == "audio":
         sampler = EpochBatchSampler(
-            len(dataset), seed, sizes=dataset.sizes, max_tokens=cfg.max_tokens, max_samples=cfg.max_samples, start=start
+            len(dataset), seed, sizes=dataset.sizes, max_tokens=cfg.max_tokens, max_samples=cfg.max_samples, **shard
         )
     else:
-        sampler = EpochBatchSampler(len(dataset), seed, batch_size=cfg.batch_size, start=start)
+        sampler = EpochBatchSampler(len(dataset), seed, batch_size=cfg.batch_size, **shard)
     collate = MaskingCollater(
         seed, clones, make_mask, num_positions, crop_audio_to=cfg.max_samples if modality == "audio" else None
     )

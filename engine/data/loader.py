@@ -5,6 +5,10 @@ position) — the sample order, each sample's augmentation, the audio crop and t
 sample — so the data position (epoch, batch) is all a checkpoint needs to resume exactly, with
 any number of workers. Masks are made in the collater, i.e. in the loader workers, so the GPU
 never waits on them (as the reference precomputes them in its data loader).
+
+Under data parallelism every rank walks the same global batch sequence and reads every W-th batch
+of it (rank r: batches r, r + W, ...), whole batches with their single-process seeds; the position
+stored is that of the next global batch, the same on every rank (``position_after``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ class DataPosition:
     batch: int = 0
 
 
+def position_after(epoch: int, batch: int, rank: int = 0, world_size: int = 1) -> DataPosition:
+    """Where every rank resumes once ``rank`` has read global batch ``batch`` of ``epoch``.
+
+    Ranks read in groups of ``world_size`` consecutive global batches (rank r the r-th of each), so
+    the position after a group is the same on every rank: the group's start plus ``world_size``.
+    """
+    return DataPosition(epoch, batch - rank + world_size)
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Endless batches of ``(index, sample seed, epoch, batch position)``, epoch after epoch.
 
@@ -39,6 +52,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     (random tie-breaks), grouped so that ``count * min(longest, max_samples) <= max_tokens``, and
     the batch order shuffled per epoch. Otherwise fixed ``batch_size`` batches of a per-epoch
     permutation, the last partial batch dropped.
+
+    With ``world_size`` W > 1, rank ``rank`` yields every W-th of those batches: from the start
+    position p of an epoch (0 after the first), batches p + r, p + r + W, ... in groups of W that
+    never span two epochs (the epoch's last (batches - p) mod W batches are left out). The batch
+    positions in the tuples stay global.
     """
 
     def __init__(
@@ -50,7 +68,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         max_tokens: int | None = None,
         max_samples: int | None = None,
         start: DataPosition | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank {rank} of world_size {world_size}")
         if (batch_size is None) == (sizes is None):
             raise ValueError("give either batch_size (fixed batches) or sizes + max_tokens (batches by total samples)")
         if batch_size is not None and not 1 <= batch_size <= num_samples:
@@ -63,6 +85,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
                 f"max_tokens={max_tokens} is smaller than the shortest utterance ({int(self.sizes.min())} samples); raise it"
             )
         self.start = start or DataPosition()
+        self.rank, self.world_size = rank, world_size
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng(derive_seed(self.seed, "order", epoch))
@@ -85,14 +108,19 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         epoch, position = self.start.epoch, self.start.batch
         while True:
             batches = self.epoch_batches(epoch)
-            if not batches:
-                raise ValueError("the data set yields no batch; lower the batch size")
-            for b in range(position, len(batches)):
+            if len(batches) < self.world_size:
+                hint = f", fewer than the {self.world_size} processes" if self.world_size > 1 else ""
+                raise ValueError(
+                    f"the data set yields {len(batches)} batch(es) per epoch{hint}; lower the batch size"
+                    + (" or the number of processes" if self.world_size > 1 else "")
+                )
+            end = position + (len(batches) - position) // self.world_size * self.world_size
+            for b in range(position + self.rank, end, self.world_size):
                 yield [(int(i), derive_seed(self.seed, "sample", epoch, int(i)), epoch, b) for i in batches[b]]
             epoch, position = epoch + 1, 0
 
-    def __len__(self) -> int:  # batches per epoch
-        return len(self.epoch_batches(0))
+    def __len__(self) -> int:  # this rank's batches per (full) epoch
+        return len(self.epoch_batches(0)) // self.world_size
 
 
 class SkipCorrupt(torch.utils.data.Dataset):

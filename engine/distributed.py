@@ -1,0 +1,237 @@
+"""Data-parallel pretraining across processes launched by ``torchrun``: DDP over the student.
+
+Launch one process per GPU; every option of ``d2v2 pretrain`` works as in a single process::
+
+    torchrun --nproc_per_node 8 -m d2v2.engine.cli pretrain --recipe image-base --data /data/imagenet/train
+    torchrun --nproc_per_node 8 $(which d2v2) pretrain --recipe image-base --data /data/imagenet/train
+    torchrun --no-python --nproc_per_node 8 d2v2 pretrain ...   # when `which d2v2` is a shell shim (pyenv)
+    # two nodes (run on each; a shared file system holds the run folder):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m d2v2.engine.cli pretrain --recipe image-large --data ... --out /shared/runs/large
+
+Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) a run is one process, exactly as
+before; so is a world size of 1. With W > 1 processes:
+
+- Process group: NCCL on CUDA (each process on cuda:LOCAL_RANK), gloo on CPU (``--device cpu``).
+- Batch: ``data.batch_size`` is per process, so the effective batch is batch_size x accum_steps x W,
+  and the linear learning-rate scaling by ``optim.ref_batch`` uses that global batch.
+- Data: all ranks walk the one global batch sequence of a single-process run; rank r reads global
+  batches r, r + W, r + 2W, ... (``data.loader.EpochBatchSampler``). An update consumes W x accum_steps
+  consecutive global batches, so a W-rank run trains on exactly the data of a 1-process run with
+  W x accum_steps accumulation, and the checkpointed data position (epoch, next global batch) is the
+  same on every rank. Each epoch's last (batches mod W) batches are left out so no group of W spans
+  two epochs.
+- Model and RNGs: the model is built from the same seed on every rank (identical weights, teacher
+  included), then every rank but 0 reseeds its RNGs from (seed, rank), so dropout, LayerDrop and
+  decoder noise differ between ranks; rank 0 keeps the single-process stream.
+- DDP wraps the whole method but ignores its ``teacher`` (no broadcast, no gradient reduction; it has
+  no trainable parameters). ``after_step`` (the EMA) runs on the unwrapped method after the optimizer
+  step, identically on every rank since the students are identical. LayerDrop needs
+  ``find_unused_parameters`` (a skipped block has no gradient on that rank). With accumulation, the
+  gradients are all-reduced on the last micro-batch only (``no_sync`` on the others).
+- Agreement: whether the loss and gradient norm are finite, the files skipped, and the samples and
+  tokens of a step are all-reduced every step (one small collective, replacing the single process's
+  one sync), and logged metrics are averaged over ranks on logging steps (target_var and pred_var:
+  of each rank's last micro-batch), so every rank stops at the same step and none waits forever in
+  a collective.
+- Files: rank 0 alone logs and writes config.yaml, metrics.jsonl and checkpoints; the others wait at a
+  barrier while it writes. Data caches (tokenizer, token blocks, synthetic speech) are built by rank 0
+  before the other ranks read them (``DistEnv.in_turns``). Every rank resumes from the checkpoint rank 0 picks (loaded to the CPU,
+  then copied to its device). Checkpoints hold every rank's RNG state (``rng_ranks``, besides rank 0's
+  ``rng``), so a resumed run continues exactly on the same world size. Another world size resumes at
+  the same data position, and a rank without a saved state reseeds from (seed, rank, step).
+
+Limits:
+- FSDP2 (``fully_shard``) is not offered: the EMA teacher and the checkpoints would need sharded
+  (DTensor / DCP) counterparts. DDP covers every released size (the huge image model fits on one GPU).
+- Student buffers are not re-broadcast before each forward: Data2Vec2's are constants.
+- A micro-batch whose every file is unreadable makes that rank read on to its next batch, one group
+  ahead of the others (the shards stay disjoint; a resume realigns them at rank 0's position).
+- Multi-node runs need the run folder on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .data.base import derive_seed
+
+# Generous: while rank 0 builds a tokenizer or token cache, or writes a large checkpoint, the other
+# ranks wait in a collective that would otherwise time out.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+T = TypeVar("T")
+
+# No buffer broadcast before every forward (torch 2.13 renames broadcast_buffers to forward_sync_buffers).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device's) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True, slots=True)
+class DistEnv:
+    """This process's place in the job; its collectives are no-ops in a single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.world_size < 1:
+            raise ValueError(f"WORLD_SIZE must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK must lie in [0, WORLD_SIZE={self.world_size}), got {self.rank}")
+        if self.local_rank < 0:
+            raise ValueError(f"LOCAL_RANK must be >= 0, got {self.local_rank}")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # ---------------------------------------------------------------------------- collectives
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over all ranks (``op``: "sum" or "max"); returns ``tensor``."""
+        if self.distributed:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (a picklable value)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj: T) -> list[T] | None:
+        """Every rank's ``obj`` in rank order on rank 0; None on the others."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def in_turns(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 first, then on each other node's local rank 0, then on the rest.
+
+        For work that fills a file cache (tokenizer, token blocks, synthetic speech): the first
+        process on a file system builds it and the later ones read it, so no two write it at once.
+        """
+        if not self.distributed:
+            return fn()
+        turn = 0 if self.is_main else 1 if self.local_rank == 0 else 2
+        result = None
+        for t in range(3):
+            if t == turn:
+                result = fn()
+            dist.barrier()
+        return result
+
+    # -------------------------------------------------------------------------------- setup
+    def offset_rng(self, seed: int) -> None:
+        """After the (identical) model init: give every rank but 0 its own dropout / noise stream."""
+        if self.rank > 0:
+            seed_all(derive_seed(seed, "rank", self.rank))
+
+    def wrap(self, method: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> DistributedDataParallel:
+        """``method`` in DDP, with its ``teacher`` submodule (if any) left out of every sync."""
+        teacher = getattr(method, "teacher", None)
+        if isinstance(teacher, torch.nn.Module):
+            owned = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+            named = (*method.named_parameters(), *method.named_buffers())
+            ignored = [name for name, t in named if id(t) in owned]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignored)
+        return DistributedDataParallel(
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+            **_NO_BUFFER_SYNC,  # the student's buffers are constants (ALiBi slopes)
+        )
+
+
+def detect() -> DistEnv:
+    """The job torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        return DistEnv()
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        raw = os.environ.get(name)
+        if raw is None:
+            raise ValueError(f"{name} is not set while RANK or WORLD_SIZE is; launch with torchrun, which sets all three")
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    return DistEnv(rank=values["RANK"], local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"])
+
+
+def setup(env: DistEnv, device: str | None = None) -> torch.device:
+    """This process's device (cuda:LOCAL_RANK under torchrun), with the process group started if W > 1.
+
+    Args:
+        env: from ``detect()``.
+        device: "cpu", "cuda" (or "cuda:N" in a single process); None = cuda when available.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if env.distributed:
+            if dev.index is not None and dev.index != env.local_rank:
+                raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK (cuda:{env.local_rank}), got device {dev}")
+            if env.local_rank >= torch.cuda.device_count():
+                raise ValueError(
+                    f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                    "lower --nproc_per_node"
+                )
+            dev = torch.device("cuda", env.local_rank)
+            torch.cuda.set_device(dev)  # collectives and pinned memory use the current device
+    if env.distributed and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=PROCESS_GROUP_TIMEOUT,
+            **({"device_id": dev} if dev.type == "cuda" else {}),
+        )
+    return dev
+
+
+def teardown() -> None:
+    """End the process group, if one was started."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
