@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, data2vec2_config, make_masks
+from d2v2.models.encoders import audio_num_frames
 
 from . import distributed
 from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
@@ -80,12 +81,12 @@ def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _num_positions(model: Data2Vec2, source: torch.Tensor) -> int:
-    cfg = model.cfg
+def _num_positions(cfg: Data2Vec2Config, source: torch.Tensor) -> int:
+    """Maskable positions of a collated source: patches, CNN frames or tokens."""
     if cfg.modality == "image":
         return cfg.grid[0] * cfg.grid[1]
     if cfg.modality == "audio":
-        return int(model.num_frames(source.shape[-1]))
+        return int(audio_num_frames(source.shape[-1], cfg.conv_feature_layers))
     return source.shape[-1]
 
 
@@ -154,7 +155,7 @@ def _pretrain(
     def loader_fn(position: DataPosition):
         return build_loader(
             cfg.model.modality, dataset, cfg.data, cfg.train.seed, model_cfg.clone_batch,
-            partial(_make_mask, model_cfg), partial(_num_positions, model), position,
+            partial(_make_mask, model_cfg), partial(_num_positions, model_cfg), position,
             rank=env.rank, world_size=env.world_size,
         )  # fmt: skip
 
