@@ -436,18 +436,16 @@ def test_encoder_parameter_counts_match_the_released_models(modality, size, trai
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_base_model_runs_one_training_step_on_cpu(modality):
-    # The released base architecture end to end at the smallest batch (1 sample, 2 clones) and short
-    # inputs to stay quick on a CPU: 112 x 112 images (7 x 7 patches), 0.5 s of audio, 32 tokens.
+    # The released base architecture at the released input sizes (224 x 224 images, 2 s of audio,
+    # 512 tokens) and the smallest batch: 1 sample, 2 clones (a few seconds each on a CPU).
     overrides = dict(clone_batch=2, layerdrop=0.0, prenet_layerdrop=0.0, impl="torch")  # every block runs
-    if modality == "image":
-        overrides["image_size"] = 112
     model = Data2Vec2(data2vec2_config(modality, "base", **overrides)).train()
     if modality == "image":
-        source, length = torch.randn(1, 3, 112, 112), None
+        source, length = torch.randn(1, 3, 224, 224), None
     elif modality == "audio":
-        source, length = torch.randn(1, 8000), 24
+        source, length = torch.randn(1, 32_000), model.num_frames(32_000)
     else:
-        source, length = torch.randint(2, 50265, (1, 32)), 32
+        source, length = torch.randint(5, 50265, (1, 512)), 512
     out = model({"source": source, "mask": model.make_masks(1, length)})
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
