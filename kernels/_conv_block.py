@@ -145,10 +145,7 @@ def _conv_configs() -> list:
     """Autotune candidates of the conv-like kernels, pruned per call by ``_prune_in_channel_tiles``.
 
     Untuned guesses pending H100 measurements: 64/128-position tiles, 4 or 8 warps, 3 stages.
-    Under TRITON_INTERPRET=1 one config survives pruning, so the interpreter never benchmarks.
     """
-    if triton_interpret():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_C": c}, num_warps=4, num_stages=1) for c in (16, 32, 64, 128)]
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=3)
         for block_m in (64, 128)
@@ -161,16 +158,31 @@ def _prune_in_channel_tiles(widest: int):
     def prune(configs, named_args, **kwargs):
         c_in_per_group = kwargs.get("C_IN_PER_GROUP", named_args.get("C_IN_PER_GROUP"))
         widths = _in_channel_tiles(c_in_per_group, widest)
-        kept = [c for c in configs if c.kwargs["BLOCK_C"] in widths]
-        return kept[:1] if triton_interpret() else kept
+        return [c for c in configs if c.kwargs["BLOCK_C"] in widths]
 
     return {"early_config_prune": prune}
+
+
+def _launch(kernel, grid, widest: int, c_in_per_group: int):
+    """``kernel[grid]`` on a GPU; under TRITON_INTERPRET=1 the bare kernel with one fixed config.
+
+    The interpreter must never benchmark: triton before 3.7 times even a single surviving config,
+    which needs a GPU driver.
+    """
+    if not triton_interpret():
+        return kernel[grid]
+    fixed = {"BLOCK_M": 32, "BLOCK_C": _in_channel_tiles(c_in_per_group, widest)[0], "num_warps": 4, "num_stages": 1}
+    return lambda *args, **kwargs: kernel.fn[grid](*args, **kwargs, **fixed)
+
+
+# The widest in-channel tile each autotuned kernel may use.
+_CONV_WIDEST, _WGRAD_WIDEST = 64, 128
 
 
 @triton.autotune(
     configs=_conv_configs(),
     key=["C_IN_PER_GROUP", "C_OUT_PER_GROUP", "KH", "KW"],
-    prune_configs_by=_prune_in_channel_tiles(widest=64),
+    prune_configs_by=_prune_in_channel_tiles(widest=_CONV_WIDEST),
 )
 @triton.jit
 def _conv_block_conv_kernel(
@@ -324,7 +336,7 @@ def _conv_block_norm_bwd_kernel(
 @triton.autotune(
     configs=_conv_configs(),
     key=["C_IN_PER_GROUP", "C_OUT_PER_GROUP", "KH", "KW"],
-    prune_configs_by=_prune_in_channel_tiles(widest=128),
+    prune_configs_by=_prune_in_channel_tiles(widest=_WGRAD_WIDEST),
 )
 @triton.jit
 def _conv_block_wgrad_kernel(
@@ -453,7 +465,7 @@ def _conv(x2d: torch.Tensor, packed: torch.Tensor, bias, add, grid_hw, kernel_hw
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * groups * num_o_tiles,)
 
-    _conv_block_conv_kernel[grid](
+    _launch(_conv_block_conv_kernel, grid, _CONV_WIDEST, channels // groups)(
         out, out.stride(0), out.stride(1),
         x2d, x2d.stride(0), x2d.stride(1),
         packed, packed.stride(0), packed.stride(1), packed.stride(2),
@@ -539,7 +551,7 @@ def _conv_block_bwd(dout, x, weight, y, mean, rstd, groups, grid_hw, residual, n
         def grid(meta):
             return (kh * kw * triton.cdiv(c_in_per_group, meta["BLOCK_C"]) * num_o_tiles, groups, splits)
 
-        _conv_block_wgrad_kernel[grid](
+        _launch(_conv_block_wgrad_kernel, grid, _WGRAD_WIDEST, c_in_per_group)(
             dw_parts, *dw_parts.stride(), db_parts, db_parts.stride(0),
             x2d, x2d.stride(0), x2d.stride(1), dy, dy.stride(0), dy.stride(1),
             m, grid_hw[0], grid_hw[1], per_split,
