@@ -30,6 +30,8 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from d2v2.kernels import index_checks
+
 from .checkpoint import latest_checkpoint, save_checkpoint, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
@@ -284,7 +286,9 @@ class Trainer:
     def forward_backward(self, batch: dict, sync: bool = True) -> dict:
         """One micro-batch; ``sync=False`` keeps DDP from all-reducing its gradients (accumulation)."""
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        with no_sync:
+        # The loader derives ids_keep from each mask (always in range), so the kernels' index-range
+        # checks, one host sync each, would only stall the GPU here.
+        with no_sync, index_checks(False):
             with self._autocast():
                 out = self.forward(batch)
             self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
