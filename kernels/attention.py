@@ -71,9 +71,12 @@ Limits
       0.5 % relative in bf16), more than the q, k, v gradients.
     - Offsets inside one (batch, head) plane are int32: a view whose plane spans 2**31 elements or
       more is copied to a contiguous tensor first.
-    - Verified under TRITON_INTERPRET=1 (CPU) against the reference, and compiled ahead of time for
-      sm90 with Triton 3.9 (no register spills at Dh 64 in any config; some configs spill at Dh 80 /
-      128, where the autotuner has to choose). Not yet run or timed on a GPU.
+    - Verified under TRITON_INTERPRET=1 (CPU) against the reference with Triton 3.6 and 3.9, and
+      every config compiled ahead of time for sm90 with both. bf16/fp16 at Dh 64: no spills without
+      dropout; with dropout the 64 x 64 and 64 x 128 dk/dv configs spill a little (52-252 B), the
+      32 x 64 / 32 x 128 ones do not. At Dh 80 / 128 most backward configs spill, so the autotuner's
+      timing decides. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is
+      correct but slow; train with bf16 autocast. Not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -226,8 +229,7 @@ _FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 3
 # dk/dv: BLOCK_N keys per program (outer), BLOCK_M queries per step (inner); dq the other way round.
 # The tutorial's 32 x 128 / 128 x 32 shapes, plus smaller ones for short L. 128 x 128 is left out:
 # its fp32 score, probability and dp tiles on top of the accumulators do not fit in registers.
-# Register use checked by compiling for sm90 (cuobjdump): no config spills at Dh 64; at Dh 80 / 128
-# most backward configs spill a little, so there the autotuner's timing decides.
+# Register use checked by compiling for sm90 (Triton 3.6 and 3.9): see the module docstring's Limits.
 _BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)])
 _BWD_DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)])
 # The slope partial buffer has one slot per _MIN_BWD_BLOCK_N keys, whatever BLOCK_N the autotuner picks.
