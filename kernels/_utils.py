@@ -161,6 +161,23 @@ def block_settings(n: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def row_tile_settings(rows: int, dim: int, tile_elements: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps) for a tile of a few token rows of one full D-row each,
+    holding at most ``tile_elements`` values (the token-movement ops' tiling)."""
+    block_d, _ = block_settings(dim)
+    block_rows = max(1, min(triton.next_power_of_2(max(rows, 1)), tile_elements // block_d))
+    _, num_warps = block_settings(block_rows * block_d)
+    return block_rows, block_d, num_warps
+
+
+def inverse_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    """[R, length] int32 map from position to kept slot: inv[r, ids_keep[r, j]] = j, -1 elsewhere."""
+    rows, kept = ids_keep.shape
+    inv = torch.full((rows, length), -1, dtype=torch.int32, device=ids_keep.device)
+    slots = torch.arange(kept, dtype=torch.int32, device=ids_keep.device).expand(rows, kept)
+    return inv.scatter_(1, ids_keep.long(), slots)
+
+
 def ensure_contiguous(fn):
     """Make every tensor argument of an autograd Function's forward/backward contiguous, once."""
 

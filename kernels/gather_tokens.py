@@ -48,12 +48,13 @@ import torch
 
 from ._utils import (
     INDEX_DTYPES,
-    block_settings,
     check_index_range,
     check_shape,
     check_tensor,
     ensure_contiguous,
+    inverse_ids,
     resolve_impl,
+    row_tile_settings,
     tl,
     triton,
 )
@@ -160,19 +161,7 @@ def _gather_tokens_bwd_kernel(
 
 
 def _tile_settings(rows: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps): a few token rows of one full D-row per program."""
-    block_d, _ = block_settings(dim)
-    block_rows = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE_ELEMENTS // block_d))
-    _, num_warps = block_settings(block_rows * block_d)
-    return block_rows, block_d, num_warps
-
-
-def _inverse_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
-    """[R, length] int32 map from position to kept slot: inv[r, ids_keep[r, j]] = j, -1 elsewhere."""
-    rows, kept = ids_keep.shape
-    inv = torch.full((rows, length), -1, dtype=torch.int32, device=ids_keep.device)
-    slots = torch.arange(kept, dtype=torch.int32, device=ids_keep.device).expand(rows, kept)
-    return inv.scatter_(1, ids_keep.long(), slots)
+    return row_tile_settings(rows, dim, TILE_ELEMENTS)  # read at call time: tests shrink the tile
 
 
 def _gather_tokens_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None, clones: int) -> torch.Tensor:
@@ -214,7 +203,7 @@ def _gather_tokens_bwd(
     dx = torch.empty((batch, length, dim), dtype=dx_dtype, device=dy.device)
     if dx.numel() == 0:
         return dx
-    inv = _inverse_ids(ids_keep, length)
+    inv = inverse_ids(ids_keep, length)
     block_n, block_d, num_warps = _tile_settings(length, dim)
     _gather_tokens_bwd_kernel[(batch, triton.cdiv(length, block_n))](
         dx,

@@ -58,12 +58,13 @@ import torch
 
 from ._utils import (
     INDEX_DTYPES,
-    block_settings,
     check_index_range,
     check_shape,
     check_tensor,
     ensure_contiguous,
+    inverse_ids,
     resolve_impl,
+    row_tile_settings,
     tl,
     triton,
 )
@@ -217,19 +218,7 @@ def _scatter_tokens_fill_bwd_kernel(
 
 
 def _tile_settings(rows: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps): a few token rows of one full D-row per program."""
-    block_d, _ = block_settings(dim)
-    block_rows = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE_ELEMENTS // block_d))
-    _, num_warps = block_settings(block_rows * block_d)
-    return block_rows, block_d, num_warps
-
-
-def _inverse_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
-    """[R, length] int32 map from position to kept slot: inv[r, ids_keep[r, j]] = j, -1 elsewhere."""
-    rows, kept = ids_keep.shape
-    inv = torch.full((rows, length), -1, dtype=torch.int32, device=ids_keep.device)
-    slots = torch.arange(kept, dtype=torch.int32, device=ids_keep.device).expand(rows, kept)
-    return inv.scatter_(1, ids_keep.long(), slots)
+    return row_tile_settings(rows, dim, TILE_ELEMENTS)  # read at call time: tests shrink the tile
 
 
 def _scatter_tokens_fwd(
@@ -333,7 +322,7 @@ class ScatterTokensFunction(torch.autograd.Function):
     @staticmethod
     @ensure_contiguous
     def forward(ctx, y, ids_keep, length, fill, noise_std, generator):
-        inv = _inverse_ids(ids_keep, length)
+        inv = inverse_ids(ids_keep, length)
         ctx.save_for_backward(ids_keep, inv)
         ctx.y_dtype = y.dtype
         ctx.fill_dtype = fill.dtype if isinstance(fill, torch.Tensor) else None
