@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, data2vec2_config, make_masks
+from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, count_parameters, data2vec2_config, make_masks
 from d2v2.models.encoders import audio_num_frames
 
 from . import distributed
@@ -165,7 +165,7 @@ def _pretrain(
         model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log,
         dist=env, find_unused_parameters=layerdrop,
     )  # fmt: skip
-    encoder_millions = sum(p.numel() for p in model.encoder.parameters()) / 1e6
+    encoder_millions = count_parameters(model.encoder) / 1e6
     processes = f" | {env.world_size} processes" if env.distributed else ""
     log(f"run folder {run_dir} | {cfg.model.modality} {cfg.model.size} | {encoder_millions:.1f} M encoder parameters | {dev}{processes}")
     if not trainer.resume(resume) and init_from:
