@@ -27,15 +27,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, devices and which kernel implementation each op uses."""
     import torch
 
-    from d2v2.kernels import _utils
+    from d2v2 import kernels
 
     print(f"d2v2 {VERSION}")
     print(f"python {platform.python_version()} ({sys.executable})")
     print(f"torch {torch.__version__}")
-    if _utils.HAS_TRITON:
+    if kernels.HAS_TRITON:
         import triton
 
-        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _utils.triton_interpret() else ""))
+        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if kernels.triton_interpret() else ""))
     else:
         print("triton not installed: every op runs its PyTorch reference")
     if torch.cuda.is_available():
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         devices["cuda"] = torch.empty(0, device="cuda")
     for name, t in devices.items():
-        print(f"kernels on {name}: impl='auto' runs {_utils.resolve_impl('auto', t)}")
+        print(f"kernels on {name}: impl='auto' runs {kernels.resolve_impl('auto', t)}")
     return 0
 
 

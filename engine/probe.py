@@ -16,35 +16,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config
+from d2v2.models import Method, build_method, method_entry
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import from_dict
 from .data import embedded, images
 
 
-def method_from_checkpoint(path: str) -> tuple[Data2Vec2, dict]:
-    """Rebuild the model a checkpoint was trained as, with its weights; returns (model, config dict)."""
+def method_from_checkpoint(path: str) -> tuple[Method, dict]:
+    """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict)."""
     state = load_checkpoint(path)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
+    name = state["config"].get("method", "data2vec2")
     model_cfg = dict(state["config"]["model"])
     model_cfg.pop("size", None)
-    model = Data2Vec2(from_dict(Data2Vec2Config, model_cfg, "model"))
+    model = build_method(name, from_dict(method_entry(name).config, model_cfg, "model"))
     model.load_state_dict(state["method"])
     return model.eval(), state["config"]
 
 
 @torch.no_grad()
-def teacher_features(model: Data2Vec2, pixels: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
-    """Mean-pooled teacher features [M, D] of images [M, 3, H, W] (already normalised)."""
-    if model.cfg.modality != "image":
-        raise ValueError(f"the probe runs on image checkpoints; this one is {model.cfg.modality!r}")
+def teacher_features(model: Method, pixels: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Mean-pooled frozen features [M, D] (``Method.probe_features``: the teacher's where there is
+    one) of images [M, 3, H, W] (already normalised)."""
+    if model.modality.name != "image":
+        raise ValueError(f"the probe runs on image checkpoints; this one is {model.modality.name!r}")
     model = model.to(device)
     out = []
     for start in range(0, pixels.shape[0], batch_size):
-        x = model.teacher(pixels[start : start + batch_size].to(device))  # [b, 1 + N, D]
-        out.append(x[:, model.cfg.num_extra_tokens :].float().mean(dim=1).cpu())
+        x = model.probe_features(pixels[start : start + batch_size].to(device))  # [b, N, D]
+        out.append(x.float().mean(dim=1).cpu())
     return torch.cat(out)
 
 

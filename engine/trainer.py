@@ -30,8 +30,6 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from d2v2.kernels import index_checks
-
 from .checkpoint import latest_checkpoint, save_checkpoint, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
@@ -135,10 +133,11 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Drives one method (``forward(batch) -> dict`` with ``loss``; ``after_step(step)``).
+    """Drives one method through the ``d2v2.models.Method`` protocol only: ``forward(batch) -> dict``
+    with ``loss``, ``after_step(step)``, ``param_groups(weight_decay)`` and ``health(step, metrics)``.
 
     Args:
-        method: the data2vec 2.0 module (student, teacher and decoders).
+        method: a ``d2v2.models.Method`` (e.g. built by ``d2v2.models.build_method``).
         loader_fn: ``loader_fn(position) -> iterator of batches`` starting at a data position.
         optim: optimizer and schedule settings.
         train: loop settings.
@@ -286,9 +285,7 @@ class Trainer:
     def forward_backward(self, batch: dict, sync: bool = True) -> dict:
         """One micro-batch; ``sync=False`` keeps DDP from all-reducing its gradients (accumulation)."""
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        # The loader derives ids_keep from each mask (always in range), so the kernels' index-range
-        # checks, one host sync each, would only stall the GPU here.
-        with no_sync, index_checks(False):
+        with no_sync:
             with self._autocast():
                 out = self.forward(batch)
             self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
@@ -339,13 +336,11 @@ class Trainer:
         last = outs[-1]
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "out": last}
 
-    def _check_collapse(self, metrics: dict) -> None:
-        reason = self.method.variance_collapse(self.step, metrics["target_var"], metrics["pred_var"])
+    def _check_health(self, metrics: dict) -> None:
+        """Stop when the method reports a reason (e.g. collapsed representations), naming the last checkpoint."""
+        reason = self.method.health(self.step, metrics)
         if reason:
-            raise TrainingStopped(
-                f"{reason}: the representations collapsed (last good checkpoint: {self.last_checkpoint}). "
-                "Lower optim.lr, or raise model.ema_decay"
-            )
+            raise TrainingStopped(f"{reason} (last good checkpoint: {self.last_checkpoint})")
 
     def train(self) -> dict:
         """Train to ``max_steps`` updates; returns the last logged metrics."""
@@ -397,7 +392,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     else:
                         self.log(line)
-                    self._check_collapse(metrics)
+                    self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save()

@@ -140,6 +140,10 @@ class TokenBlockDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.tokens.shape[0] // self.block_size
 
+    def model_fields(self) -> dict:
+        """Model config fields this data decides: the vocabulary and padding id follow the tokenizer."""
+        return {"vocab_size": self.vocab_size, "padding_idx": self.pad_id, "max_positions": max(self.block_size, 512)}
+
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, _seed = item
         start = index * self.block_size

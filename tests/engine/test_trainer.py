@@ -32,8 +32,10 @@ class Probe(nn.Module):
     def param_groups(self, weight_decay):
         return [{"params": [self.w], "weight_decay": weight_decay}]
 
-    def variance_collapse(self, step, target_var, pred_var):
-        return f"target variance {target_var} too low at step {step}" if target_var < 0.1 else None
+    def health(self, step, metrics):
+        if metrics["target_var"] < 0.1:
+            return f"target variance {metrics['target_var']} too low at step {step}: the representations collapsed"
+        return None
 
 
 def batches(position):
