@@ -59,6 +59,17 @@ def test_lr_schedule_warms_up_then_follows_the_cosine():
     assert lr_at(14, cfg, 1.0) == pytest.approx(0.0) and lr_at(100, cfg, 1.0) == pytest.approx(0.0)
 
 
+def test_polynomial_and_tri_stage_schedules():
+    linear = OptimConfig(lr=1.0, warmup_steps=2, total_steps=12, schedule="polynomial", power=1.0, min_lr=0.0)
+    assert [lr_at(s, linear, 1.0) for s in (0, 1, 2, 7, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    tri = OptimConfig(lr=1.0, total_steps=100, schedule="tri_stage", phase_ratio=(0.1, 0.5, 0.4))
+    assert lr_at(0, tri, 2.0) == pytest.approx(0.02) and lr_at(5, tri, 2.0) == pytest.approx(0.02 + 1.98 * 0.5)
+    assert lr_at(10, tri, 2.0) == lr_at(59, tri, 2.0) == 2.0
+    assert lr_at(80, tri, 2.0) == pytest.approx(2.0 * 0.05**0.5) and lr_at(100, tri, 2.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.phase_ratio"):
+        OptimConfig(schedule="tri_stage", phase_ratio=(0.5, 0.5, 0.5))
+
+
 def test_non_finite_loss_stops_before_the_update(tmp_path):
     method = Probe(nan_from_call=4)
     trainer = make_trainer(tmp_path, method)
