@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled image set")
+    p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
-    p.add_argument("--data", help="ImageFolder tree with one folder per class (default: the embedded digits)")
+    p.add_argument("--data", help="a folder with one subfolder per class (default: the embedded digits, voices, or pydoc topics)")
     p.add_argument("--out", help="where to write the JSON result (default: probe.json beside the checkpoint)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--test-fraction", type=float, default=0.3)
