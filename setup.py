@@ -26,6 +26,11 @@ def _packages(folders: dict[str, str]) -> dict[str, str]:
 
 PACKAGES = _packages(FOLDERS)
 
+# `pip install d2v2` is what d2v2.kernels and d2v2.models import, and nothing more; the engine
+# (command line, data, trainer), the benchmarks and the tests are extras.
+ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "espeakng-loader"]
+BENCH = ENGINE + ["matplotlib", "pytest-benchmark"]
+
 setup(
     name="d2v2",
     version="0.1.0",
@@ -41,19 +46,11 @@ setup(
         # Triton wheels exist for Linux x86-64 only; elsewhere every op runs its PyTorch reference.
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "numpy",
-        "pyyaml",
-        "tqdm",
-        "pillow",
-        "soundfile",
-        "tokenizers",
-        "safetensors",
-        "scikit-learn",
-        "matplotlib",
-        "espeakng-loader",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
-        "bench": ["pytest-benchmark"],
+        "engine": ENGINE,
+        "bench": BENCH,
+        "test": BENCH + ["pytest", "pytest-xdist"],
         # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
         "providers": ["xformers"],
     },

@@ -13,6 +13,11 @@ import sys
 VERSION = "0.1.0"
 
 
+# Modules of the `engine` and `bench` extras: a lean `pip install d2v2` (kernels and models only) lacks them.
+EXTRA_MODULES = {"numpy", "yaml", "tqdm", "PIL", "soundfile", "tokenizers", "safetensors", "sklearn",
+                 "espeakng_loader", "matplotlib", "pytest_benchmark"}  # fmt: skip
+
+
 class UsageError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
@@ -161,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"d2v2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name not in EXTRA_MODULES:
+            raise
+        if speak:
+            print(f"d2v2 {args.command}: error: the {e.name} package is missing; install the command line's "
+                  "packages with: pip install 'd2v2[engine]' (or '[bench]' for benchmarks)", file=sys.stderr)
+        return 2
 
 
 def console_main() -> None:

@@ -1,0 +1,20 @@
+"""Run in a fresh venv holding only `pip install d2v2` (torch, triton, numpy): every public op and model imports,
+runs its PyTorch reference, and none of the engine's packages came along."""
+
+import importlib.util
+
+import torch
+
+import d2v2.kernels as kernels
+import d2v2.models as models
+
+for name in kernels.__all__:
+    assert hasattr(kernels, name), name
+extras = [m for m in ("yaml", "tqdm", "PIL", "soundfile", "tokenizers", "sklearn", "matplotlib") if importlib.util.find_spec(m)]
+assert not extras, f"the lean install pulled in {extras}"
+
+method = models.build_method("data2vec2", models.method_config("data2vec2", "image", "tiny", impl="torch"))
+source = torch.randn(2, 3, 32, 32)
+out = method({"source": source, "mask": method.modality.make_masks(2, source)})
+out["loss"].backward()
+print(f"lean install: {len(kernels.__all__)} kernel exports, {len(models.__all__)} model exports, one step ran")
