@@ -176,8 +176,7 @@ def wav2vec_span_mask(
     """
     batch, length = _check_count("batch", batch), _check_count("length", length)
     span, min_masks = _check_count("span", span), int(min_masks)
-    if isinstance(mask_prob, bool) or not isinstance(mask_prob, numbers.Real) or not 0.0 < mask_prob < 1.0:
-        raise ValueError(f"mask_prob must be a float in (0, 1), got {mask_prob!r}")
+    mask_prob = _check_prob(mask_prob)
     if min_masks < 0:
         raise ValueError(f"min_masks must be >= 0, got {min_masks}")
     _check_generator(generator)
@@ -191,8 +190,7 @@ def wav2vec_span_mask(
                 f"cannot place {count} spans of {span} in {length} frames; use longer clips (or a smaller mask_prob/span)"
             )
         starts = torch.randperm(length - min_len, generator=generator)[:count]
-        cells = (starts[:, None] + torch.arange(span)).flatten()
-        selected[row, cells[cells < length]] = True
+        _mark_spans(selected[row], starts, span)
     num_masked = int(selected.sum(dim=1).min())
     if num_masked >= length:
         raise ValueError(f"the spans cover all {length} frames; use longer clips (or a smaller mask_prob/span)")
@@ -221,8 +219,7 @@ def mlm_span_mask(
         bool ``[batch, length]``, True = masked.
     """
     batch, length, span = _check_count("batch", batch), _check_count("length", length), _check_count("span", span)
-    if isinstance(mask_prob, bool) or not isinstance(mask_prob, numbers.Real) or not 0.0 < mask_prob < 1.0:
-        raise ValueError(f"mask_prob must be a float in (0, 1), got {mask_prob!r}")
+    mask_prob = _check_prob(mask_prob)
     if length < 2:
         raise ValueError(f"length must be >= 2 to mask some but not all tokens, got {length}")
     _check_generator(generator)
@@ -231,8 +228,7 @@ def mlm_span_mask(
     for row, u in enumerate(rounding):
         count = min(length, max(1, int(mask_prob * length / span + float(u))))
         starts = torch.randperm(length, generator=generator)[:count]
-        cells = (starts[:, None] + torch.arange(span)).flatten()
-        selected[row, cells[cells < length]] = True
+        _mark_spans(selected[row], starts, span)
     num_masked = min(int(selected.sum(dim=1).min()), length - 1)
     return _equalise(selected, num_masked, generator)
 
@@ -366,6 +362,12 @@ def _equalise(selected: torch.Tensor, count: int, generator: torch.Generator | N
     return torch.zeros_like(selected).scatter_(1, chosen, True)
 
 
+def _mark_spans(row: torch.Tensor, starts: torch.Tensor, span: int) -> None:
+    """Set ``span`` cells from each of ``starts`` in the bool row [length], in place; spans are cut at the end."""
+    cells = (starts[:, None] + torch.arange(span)).flatten()
+    row[cells[cells < row.shape[0]]] = True
+
+
 def _floor_count(value: float) -> int:
     """floor(value) for counts, after rounding to 9 decimals so that 70.99999999999999 counts as 71."""
     return math.floor(round(value, 9))
@@ -388,6 +390,12 @@ def _check_grid(grid: object) -> tuple[int, int]:
 def _check_ratio(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"mask_ratio must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_prob(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"mask_prob must be a float in (0, 1), got {value!r}")
     return float(value)
 
 
