@@ -299,5 +299,8 @@ class Data2Vec1(Method):
     def no_weight_decay(self) -> set[str]:
         """Every 1-D student parameter (norms, biases, mask vector, layer-scales), every ``.bias``, and
         the fixed image positions."""
-        return {name for name, p in self.named_parameters()
-                if not name.startswith("teacher.") and (p.dim() <= 1 or name.endswith((".bias", "pos_embed")))}  # fmt: skip
+        return {
+            name
+            for name, p in self.named_parameters()
+            if not name.startswith("teacher.") and (p.dim() <= 1 or name.endswith((".bias", "pos_embed")))
+        }

@@ -262,8 +262,8 @@ def _check_config(cfg: Data2Vec1Config) -> None:
         fail("masking", f"must be {_MASKING_OF[cfg.modality]!r} for {cfg.modality}, got {cfg.masking!r}",
              "use the modality's masking")  # fmt: skip
     if (cfg.mask_fill == "token") != (cfg.modality == "text"):
-        fail("mask_fill", f"{cfg.mask_fill!r} does not fit {cfg.modality} (text masks token ids with "
-             "'token'; audio and vision replace features with 'uniform' or 'normal')", "use the preset's value")  # fmt: skip
+        fail("mask_fill", f"{cfg.mask_fill!r} does not fit {cfg.modality} (text masks token ids with 'token'; "
+             "audio and vision replace features with 'uniform' or 'normal')", "use the preset's value")  # fmt: skip
     if cfg.mask_idx is not None and (isinstance(cfg.mask_idx, bool) or not isinstance(cfg.mask_idx, int)
                                      or not 0 <= cfg.mask_idx < cfg.vocab_size):  # fmt: skip
         fail("mask_idx", f"must be None or an id in [0, vocab_size={cfg.vocab_size}), got {cfg.mask_idx!r}",

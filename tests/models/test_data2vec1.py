@@ -273,7 +273,8 @@ def test_base_model_runs_one_training_step_on_cpu(modality):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_tiny_sizes_equal_data2vec2_tiny(modality):
     d2v1, d2v2 = data2vec1_config(modality, "tiny"), data2vec2_config(modality, "tiny")
-    assert (d2v1.embed_dim, d2v1.num_heads, d2v1.depth) == (d2v2.embed_dim, d2v2.num_heads, d2v2.prenet_depth + d2v2.depth)
+    total_depth = d2v2.prenet_depth + d2v2.depth
+    assert (d2v1.embed_dim, d2v1.num_heads, d2v1.depth) == (d2v2.embed_dim, d2v2.num_heads, total_depth)
 
 
 # -- masks -----------------------------------------------------------------------------------------
