@@ -7,6 +7,8 @@ Every module calls ``d2v2.kernels`` ops and nothing lower. A method is a ``Metho
 """
 
 from .blocks import Attention, DropPath, Mlp, PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
+from .data2vec1 import Data2Vec1, Data2Vec1Encoder
+from .data2vec1_config import DATA2VEC1_RECIPES, Data2Vec1Config, data2vec1_config
 from .data2vec2 import Data2Vec2
 from .data2vec2_config import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_config
 from .data2vec2_encoder import Data2Vec2Encoder
@@ -22,7 +24,15 @@ from .encoders import (
     frame_padding_mask,
     sincos_pos_embed_2d,
 )
-from .masking import inverse_block_mask, mask_to_ids, random_mask, span_mask
+from .masking import (
+    beit_block_mask,
+    inverse_block_mask,
+    mask_to_ids,
+    mlm_span_mask,
+    random_mask,
+    span_mask,
+    wav2vec_span_mask,
+)
 from .method import Method
 from .methods import METHODS, build_method, method_config, method_entry
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
@@ -30,12 +40,13 @@ from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
 from .teacher import ema_decay_schedule, ema_update
 
 __all__ = [
-    "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC2_RECIPES",
-    "Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES",
-    "EncoderSize", "ImageModality", "METHODS", "MODALITIES", "Method", "Mlp", "Modality", "PatchEmbed",
-    "PostNormBlock", "PreNormBlock", "TextModality", "TokenEmbedding", "WAV2VEC2_CONV_LAYERS", "alibi_slopes",
-    "audio_num_frames", "build_method", "count_parameters", "data2vec2_config", "ema_decay_schedule",
-    "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask", "init_bert_params",
-    "inverse_block_mask", "mask_to_ids", "method_config", "method_entry", "modality_for", "random_mask",
-    "sincos_pos_embed_2d", "span_mask",
+    "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_RECIPES",
+    "DATA2VEC2_RECIPES", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2", "Data2Vec2Config",
+    "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize", "ImageModality",
+    "METHODS", "MODALITIES", "Method", "Mlp", "Modality", "PatchEmbed", "PostNormBlock", "PreNormBlock",
+    "TextModality", "TokenEmbedding", "WAV2VEC2_CONV_LAYERS", "alibi_slopes", "audio_num_frames",
+    "beit_block_mask", "build_method", "count_parameters", "data2vec1_config", "data2vec2_config",
+    "ema_decay_schedule", "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask",
+    "init_bert_params", "inverse_block_mask", "mask_to_ids", "method_config", "method_entry", "mlm_span_mask",
+    "modality_for", "random_mask", "sincos_pos_embed_2d", "span_mask", "wav2vec_span_mask",
 ]  # fmt: skip

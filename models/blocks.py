@@ -15,11 +15,13 @@ Post-norm block (fairseq ``examples/data2vec/models/modalities/modules.py: AltBl
     return x, t
 
 Pre-norm block (the ViT/MAE block; the reference's pre-norm branch drops the input residual of the
-FFN, quirk 1.14.1 of ``reference/data2vec2.md``, which we do not copy)::
+FFN, quirk 1.14.1 of ``reference/data2vec2.md``, which we do not copy), optionally with BEiT's
+layer-scale (CaiT; per-channel gammas g1, g2 initialised to ``layer_scale_init``, as data2vec 1.0's
+vision blocks)::
 
-    x   = x + drop_path(attn(norm1(x)))
+    x   = x + drop_path(g1 * attn(norm1(x)))
     t   = mlp(norm2(x))
-    x   = x + drop_path(post_mlp_dropout(t))
+    x   = x + drop_path(g2 * post_mlp_dropout(t))
     return x, t
 
 Attention is ``d2v2.kernels.attention.attention``: q, k, v [B, H, L, Dh] straight from the fused qkv
@@ -197,7 +199,19 @@ class PostNormBlock(_Block):
 
 
 class PreNormBlock(_Block):
-    """The ViT/MAE block (pre-norm, both residuals kept). ``forward`` returns ``(x, ffn_out)``."""
+    """The ViT/MAE block (pre-norm, both residuals kept). ``forward`` returns ``(x, ffn_out)``.
+
+    Takes ``_Block``'s arguments plus ``layer_scale_init``: > 0 adds BEiT's learned per-channel
+    scales ``gamma_1``, ``gamma_2`` [D] of both residual branches, initialised to it; 0 adds none.
+    """
+
+    def __init__(self, *args, layer_scale_init: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        dim = self.norm1.normalized_shape[0]
+        self.gamma_1 = self.gamma_2 = None
+        if layer_scale_init > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
 
     def forward(
         self,
@@ -206,9 +220,11 @@ class PreNormBlock(_Block):
         alibi_slopes: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.drop_path(self.attn(self.norm1(x), positions, alibi_slopes, key_padding_mask))
+        attn = self.attn(self.norm1(x), positions, alibi_slopes, key_padding_mask)
+        x = x + self.drop_path(attn if self.gamma_1 is None else self.gamma_1 * attn)
         ffn_out = self.mlp(self.norm2(x))
-        x = x + self.drop_path(self.post_mlp_drop(ffn_out))
+        branch = self.post_mlp_drop(ffn_out)
+        x = x + self.drop_path(branch if self.gamma_2 is None else self.gamma_2 * branch)
         return x, ffn_out
 
 
@@ -221,8 +237,9 @@ def forward_blocks(
     *,
     layerdrop: float = 0.0,
     collect_from: int | None = None,
+    collect: str = "ffn",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``blocks`` in order, with LayerDrop in training mode, and collect FFN outputs.
+    """Run ``blocks`` in order, with LayerDrop in training mode, and collect FFN (or block) outputs.
 
     Args:
         blocks: the blocks (each ``block(x, positions, alibi_slopes, key_padding_mask) -> (x, ffn_out)``).
@@ -232,9 +249,11 @@ def forward_blocks(
             one draw per block per step for the whole batch, from torch's default CPU generator).
         collect_from: return the ``ffn_out`` of blocks ``collect_from ..`` (index into ``blocks``);
             None collects nothing.
+        collect: "ffn" collects each block's ``ffn_out``, "block" its output ``x`` (data2vec 1.0
+            vision's ``end_of_block_targets``).
 
     Returns:
-        (x, ffn_outs): the output [B, L, D] and the collected FFN outputs, bottom to top.
+        (x, outs): the output [B, L, D] and the collected outputs, bottom to top.
     """
     ffn_outs: list[torch.Tensor] = []
     for index, block in enumerate(blocks):
@@ -243,7 +262,7 @@ def forward_blocks(
             continue
         x, ffn_out = block(x, positions, alibi_slopes, key_padding_mask)
         if collect_from is not None and index >= collect_from:
-            ffn_outs.append(ffn_out)
+            ffn_outs.append(x if collect == "block" else ffn_out)
     return x, ffn_outs
 
 

@@ -1,6 +1,7 @@
 """Mask generators: data2vec 2.0's inverse block masks (images), span masks (audio) and uniform random
-masks (text), wav2vec 2.0's span masks (also data2vec 1.0's for audio), plus the conversion from a
-mask to the kept-token indices the student gathers.
+masks (text), wav2vec 2.0's span masks (also data2vec 1.0's for audio), data2vec 1.0's text spans and
+BEiT's block-wise image masks, plus the conversion from a mask to the kept-token indices the student
+gathers.
 
 All generators are pure functions of their arguments and a ``torch.Generator``; they run on the CPU
 (in the data-loader workers, as the reference does) and return a bool tensor ``[batch, length]`` with
@@ -43,7 +44,10 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["inverse_block_mask", "span_mask", "random_mask", "wav2vec_span_mask", "mask_to_ids"]
+__all__ = [
+    "inverse_block_mask", "span_mask", "random_mask", "wav2vec_span_mask", "mlm_span_mask", "beit_block_mask",
+    "mask_to_ids",
+]  # fmt: skip
 
 
 def inverse_block_mask(
@@ -172,8 +176,7 @@ def wav2vec_span_mask(
     """
     batch, length = _check_count("batch", batch), _check_count("length", length)
     span, min_masks = _check_count("span", span), int(min_masks)
-    if isinstance(mask_prob, bool) or not isinstance(mask_prob, numbers.Real) or not 0.0 < mask_prob < 1.0:
-        raise ValueError(f"mask_prob must be a float in (0, 1), got {mask_prob!r}")
+    mask_prob = _check_prob(mask_prob)
     if min_masks < 0:
         raise ValueError(f"min_masks must be >= 0, got {min_masks}")
     _check_generator(generator)
@@ -187,12 +190,117 @@ def wav2vec_span_mask(
                 f"cannot place {count} spans of {span} in {length} frames; use longer clips (or a smaller mask_prob/span)"
             )
         starts = torch.randperm(length - min_len, generator=generator)[:count]
-        cells = (starts[:, None] + torch.arange(span)).flatten()
-        selected[row, cells[cells < length]] = True
+        _mark_spans(selected[row], starts, span)
     num_masked = int(selected.sum(dim=1).min())
     if num_masked >= length:
         raise ValueError(f"the spans cover all {length} frames; use longer clips (or a smaller mask_prob/span)")
     return _equalise(selected, num_masked, generator)
+
+
+def mlm_span_mask(
+    batch: int,
+    length: int,
+    mask_prob: float = 0.35,
+    span: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """data2vec 1.0 text masks (fairseq ``MaskTokensDataset`` with ``mask_multiple_length``, no random
+    or unchanged replacement): p = 0.35, spans of 4 tokens.
+
+    Per row: ``n = int(mask_prob * length / span + u)`` with u ~ U(0, 1) (probabilistic rounding), n
+    distinct span starts drawn uniformly from all ``length`` positions (the reference's
+    ``np.random.choice(sz, n, replace=False)``), each masking ``span`` tokens cut at the end; overlaps
+    merge (about 30 % of the tokens end up masked at p = 0.35, span 4). Then every row keeps a
+    uniformly random subset of its masked tokens of the size of the smallest row's (at least one),
+    so all rows mask the same number of tokens (the reference's counts vary by row; the student sees
+    every position either way, the equal counts only keep the batch's masks one dense tensor).
+
+    Returns:
+        bool ``[batch, length]``, True = masked.
+    """
+    batch, length, span = _check_count("batch", batch), _check_count("length", length), _check_count("span", span)
+    mask_prob = _check_prob(mask_prob)
+    if length < 2:
+        raise ValueError(f"length must be >= 2 to mask some but not all tokens, got {length}")
+    _check_generator(generator)
+    rounding = torch.rand(batch, generator=generator)
+    selected = torch.zeros(batch, length, dtype=torch.bool)
+    for row, u in enumerate(rounding):
+        count = min(length, max(1, int(mask_prob * length / span + float(u))))
+        starts = torch.randperm(length, generator=generator)[:count]
+        _mark_spans(selected[row], starts, span)
+    num_masked = min(int(selected.sum(dim=1).min()), length - 1)
+    return _equalise(selected, num_masked, generator)
+
+
+def beit_block_mask(
+    batch: int,
+    grid: int | Sequence[int],
+    num_masked: int = 75,
+    min_block: int = 16,
+    min_aspect: float = 0.3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """data2vec 1.0 image masks: BEiT's block-wise masking (``MaskingGenerator``), exactly
+    ``num_masked`` patches per row (75 of 196 in the release, about 38 %).
+
+    Per row, blocks are added while fewer than ``num_masked`` patches are masked: with r the patches
+    still to mask, up to 10 attempts draw an area uniformly between ``min_block`` and r and a log-uniform
+    aspect ratio in [min_aspect, 1 / min_aspect], round the block to h = round(sqrt(area * aspect)),
+    w = round(sqrt(area / aspect)) (both smaller than the grid), place it uniformly, and accept it when
+    it adds between 1 and r new patches. A row stops when no attempt adds anything; BEiT then leaves it
+    short, here it is filled up to exactly ``num_masked`` with uniformly random single patches, so every
+    row masks the same number.
+
+    Args:
+        batch: number of masks (rows) to draw.
+        grid: patch grid ``(H, W)``, or ``d`` for a ``d x d`` grid.
+        num_masked: patches to mask per row, in [1, H * W).
+        min_block: smallest block area (BEiT's ``min_num_patches``, 16).
+        min_aspect: smallest aspect ratio h / w (0.3; the largest is its inverse).
+        generator: CPU generator to draw from; None uses the global one.
+
+    Returns:
+        bool ``[batch, H * W]``, True = masked, row-major over the grid.
+    """
+    batch, (height, width) = _check_count("batch", batch), _check_grid(grid)
+    num_masked, min_block = _check_count("num_masked", num_masked), _check_count("min_block", min_block)
+    if num_masked >= height * width:
+        raise ValueError(f"num_masked must be below the {height * width} patches of the grid, got {num_masked}")
+    if isinstance(min_aspect, bool) or not isinstance(min_aspect, numbers.Real) or not 0.0 < min_aspect <= 1.0:
+        raise ValueError(f"min_aspect must be a float in (0, 1], got {min_aspect!r}")
+    _check_generator(generator)
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    masks = torch.zeros(batch, height, width, dtype=torch.bool)
+    for mask in masks:
+        count = 0
+        while count < num_masked:  # every pass adds >= 1 patch or stops
+            added = _beit_block(mask, num_masked - count, min_block, log_aspect, generator)
+            if added == 0:
+                break
+            count += added
+    return _equalise(masks.view(batch, -1), num_masked, generator)
+
+
+def _beit_block(
+    mask: torch.Tensor, limit: int, min_block: int, log_aspect: tuple[float, float], generator
+) -> int:
+    """Try (at most 10 times) to mask one block adding 1 .. ``limit`` new patches to ``mask`` [H, W]
+    in place; returns how many it added (0: every attempt failed)."""
+    height, width = mask.shape
+    for u_area, u_aspect, u_top, u_left in torch.rand(10, 4, generator=generator).tolist():
+        area = min_block + (limit - min_block) * u_area  # uniform between min_block and limit
+        aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect)
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if not (w < width and h < height):
+            continue
+        top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+        block = mask[top : top + h, left : left + w]
+        new = h * w - int(block.sum())
+        if 0 < new <= limit:
+            block.fill_(True)
+            return new
+    return 0
 
 
 def mask_to_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -254,6 +362,12 @@ def _equalise(selected: torch.Tensor, count: int, generator: torch.Generator | N
     return torch.zeros_like(selected).scatter_(1, chosen, True)
 
 
+def _mark_spans(row: torch.Tensor, starts: torch.Tensor, span: int) -> None:
+    """Set ``span`` cells from each of ``starts`` in the bool row [length], in place; spans are cut at the end."""
+    cells = (starts[:, None] + torch.arange(span)).flatten()
+    row[cells[cells < row.shape[0]]] = True
+
+
 def _floor_count(value: float) -> int:
     """floor(value) for counts, after rounding to 9 decimals so that 70.99999999999999 counts as 71."""
     return math.floor(round(value, 9))
@@ -276,6 +390,12 @@ def _check_grid(grid: object) -> tuple[int, int]:
 def _check_ratio(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"mask_ratio must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_prob(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"mask_prob must be a float in (0, 1), got {value!r}")
     return float(value)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .data2vec1 import Data2Vec1
+from .data2vec1_config import Data2Vec1Config, data2vec1_config
 from .data2vec2 import Data2Vec2
 from .data2vec2_config import Data2Vec2Config, data2vec2_config
 from .method import Method
@@ -33,6 +35,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "data2vec2": MethodEntry(Data2Vec2, Data2Vec2Config, data2vec2_config, "data2vec 2.0 (Baevski et al., 2022)"),
+    "data2vec": MethodEntry(Data2Vec1, Data2Vec1Config, data2vec1_config, "data2vec 1.0 (Baevski et al., 2022)"),
 }
 
 

@@ -221,7 +221,9 @@ class AudioModality(Modality):
     CNN frames, the 1-D decoder.
 
     Config fields: conv_feature_layers, conv_pos_width, conv_pos_depth, conv_pos_groups,
-    alibi_scale_init, num_heads, embed_dim, mask_ratio, mask_length, mask_prob_adjust, clone_batch.
+    alibi_scale_init, num_heads, embed_dim, mask_ratio, mask_length, mask_prob_adjust, clone_batch;
+    optional ``alibi`` (default True): False builds no ALiBi (data2vec 1.0 and wav2vec 2.0 have only
+    the conv positions).
     """
 
     name = "audio"
@@ -241,8 +243,9 @@ class AudioModality(Modality):
         cfg, dim = self.cfg, self.cfg.embed_dim
         encoder.local_encoder = AudioFeatureEncoder(dim, cfg.conv_feature_layers)
         encoder.pos_conv = ConvPositionalEncoder(dim, cfg.conv_pos_width, cfg.conv_pos_depth, cfg.conv_pos_groups, cfg.impl)
-        encoder.alibi_slopes = alibi_slopes(cfg.num_heads)  # fixed [H] buffer; not saved, rebuilt on construction
-        encoder.alibi_scale = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.alibi_scale_init)))
+        if getattr(cfg, "alibi", True):
+            encoder.alibi_slopes = alibi_slopes(cfg.num_heads)  # fixed [H] buffer; not saved, rebuilt on construction
+            encoder.alibi_scale = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.alibi_scale_init)))
 
     def local_features(self, encoder, source, padding_mask=None):
         feats = encoder.local_encoder(source)
@@ -265,7 +268,9 @@ class AudioModality(Modality):
         x = x + gather_tokens(pos, ids_keep, impl=encoder.impl, check_ids=check_ids)
         return x, ids_keep
 
-    def alibi(self, encoder) -> torch.Tensor:
+    def alibi(self, encoder) -> torch.Tensor | None:
+        if encoder.alibi_scale is None:
+            return None
         return encoder.alibi_slopes * encoder.alibi_scale.clamp_min(0)
 
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
@@ -304,7 +309,9 @@ class TextModality(Modality):
     student's embedding output (quirk 1.14.3).
 
     Config fields: vocab_size, max_positions, padding_idx, embed_dim, norm_eps, embed_dropout,
-    prenet_depth, mask_ratio, clone_batch.
+    prenet_depth, mask_ratio, clone_batch; optional ``num_embeddings`` (default vocab_size): rows of
+    the token table, more than vocab_size when a method appends its own tokens (data2vec 1.0's
+    ``<mask>``).
     """
 
     name = "text"
@@ -319,7 +326,7 @@ class TextModality(Modality):
     def build_embedding(self, encoder: nn.Module) -> None:
         cfg = self.cfg
         encoder.local_encoder = TokenEmbedding(
-            cfg.vocab_size, cfg.embed_dim, cfg.max_positions, cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout
+            getattr(cfg, "num_embeddings", cfg.vocab_size), cfg.embed_dim, cfg.max_positions, cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout
         )
 
     def local_features(self, encoder, source, padding_mask=None):

@@ -21,7 +21,8 @@ RELEASED = {
 
 
 def test_every_recipe_is_shipped():
-    assert set(RELEASED) | {"image-tiny", "audio-tiny", "text-tiny"} == set(recipe_names())
+    # Other methods' recipes (d2v1-*) are checked by their own test files.
+    assert set(RELEASED) | {"image-tiny", "audio-tiny", "text-tiny"} == {n for n in recipe_names() if not n.startswith("d2v1-")}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
