@@ -12,6 +12,8 @@ from typing import Callable
 
 from .data2vec2 import Data2Vec2
 from .data2vec2_config import Data2Vec2Config, data2vec2_config
+from .mae import MAE
+from .mae_config import MAEConfig, mae_config
 from .method import Method
 
 __all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
@@ -33,6 +35,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "data2vec2": MethodEntry(Data2Vec2, Data2Vec2Config, data2vec2_config, "data2vec 2.0 (Baevski et al., 2022)"),
+    "mae": MethodEntry(MAE, MAEConfig, mae_config, "MAE, masked autoencoder for images (He et al., 2022)"),
 }
 
 
