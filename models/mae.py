@@ -180,7 +180,7 @@ class MAE(Method):
         (masked patches); no host sync."""
         cfg = self.cfg
         source = batch["source"]
-        feats, _ = self.encoder.modality.local_features(self.encoder, source)  # [B, N, D]
+        feats, _ = self.modality.local_features(self.encoder, source)  # [B, N, D]
         batch_size, num_patches, _ = feats.shape
         # batch_masks validated ids_keep: the kernels skip their range checks (host syncs).
         mask, ids_keep = batch_masks(batch, batch_size, 1, num_patches, feats.device)

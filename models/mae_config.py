@@ -8,11 +8,11 @@ data2vec 2.0 compare at equal size), everything else from ``MAE_RECIPES``. MAE i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from .modalities import MODALITIES
-from .sizes import encoder_size
+from .sizes import plain_preset
 
 __all__ = ["MAEConfig", "MAE_RECIPES", "mae_config"]
 
@@ -142,19 +142,4 @@ def mae_config(modality: str, size: str, **overrides) -> MAEConfig:
 
     The encoder's width, heads and depth (``total_depth``) come from ``sizes.ENCODER_SIZES``.
     """
-    dims = encoder_size(modality, size)
-    if (modality, size) not in MAE_RECIPES:
-        raise ValueError(f"no MAE preset for {modality} {size}; known: {sorted(MAE_RECIPES)}")
-    known = {f.name for f in fields(MAEConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown MAEConfig fields {unknown}; valid fields: {sorted(known)}")
-    values = dict(
-        modality=modality,
-        embed_dim=dims.embed_dim,
-        num_heads=dims.num_heads,
-        depth=dims.total_depth,
-        **MAE_RECIPES[(modality, size)],
-    )
-    values.update(overrides)
-    return MAEConfig(**values)
+    return plain_preset(MAEConfig, MAE_RECIPES, "MAE", modality, size, **overrides)

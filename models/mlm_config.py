@@ -14,11 +14,11 @@ as ``mask_idx`` instead, and the embedding keeps ``vocab_size`` rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from .modalities import MODALITIES
-from .sizes import encoder_size
+from .sizes import plain_preset
 
 __all__ = ["MLMConfig", "MLM_RECIPES", "mlm_config"]
 
@@ -160,19 +160,4 @@ def mlm_config(modality: str, size: str, **overrides) -> MLMConfig:
 
     Width, heads and depth (``total_depth``) come from ``sizes.ENCODER_SIZES``.
     """
-    dims = encoder_size(modality, size)
-    if (modality, size) not in MLM_RECIPES:
-        raise ValueError(f"no masked-LM preset for {modality} {size}; known: {sorted(MLM_RECIPES)}")
-    known = {f.name for f in fields(MLMConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown MLMConfig fields {unknown}; valid fields: {sorted(known)}")
-    values = dict(
-        modality=modality,
-        embed_dim=dims.embed_dim,
-        num_heads=dims.num_heads,
-        depth=dims.total_depth,
-        **MLM_RECIPES[(modality, size)],
-    )
-    values.update(overrides)
-    return MLMConfig(**values)
+    return plain_preset(MLMConfig, MLM_RECIPES, "masked-LM", modality, size, **overrides)

@@ -10,7 +10,7 @@ from tests.helpers import assert_close
 
 
 def tiny_mae(**overrides) -> MAE:
-    return MAE(mae_config("image", "tiny", impl="torch", **overrides))
+    return MAE(mae_config("image", "tiny", **{"impl": "torch", **overrides}))
 
 
 def make_batch(model: MAE, batch_size: int = 3, seed: int = 0) -> dict:
@@ -167,3 +167,18 @@ def test_config_checks_and_presets():
     batch = make_batch(model)
     with pytest.raises(ValueError, match=r"batch\['mask'\] must be bool"):
         model(dict(batch, mask=batch["mask"][:-1]))
+
+
+def test_triton_kernels_match_the_torch_path():
+    micro = dict(image_size=16, embed_dim=32, num_heads=2, depth=1, decoder_dim=32, decoder_heads=2, decoder_depth=1)
+    torch_model = tiny_mae(**micro).eval()
+    triton_model = tiny_mae(**micro, impl="triton").eval()
+    triton_model.load_state_dict(torch_model.state_dict())
+    batch = make_batch(torch_model, batch_size=2)
+    expected, actual = torch_model(batch)["loss"], triton_model(batch)["loss"]
+    assert_close(actual, expected, atol=1e-5, rtol=1e-4, name="loss")
+    expected.backward()
+    actual.backward()
+    for (name, p), q in zip(torch_model.named_parameters(), triton_model.parameters()):
+        if p.grad is not None:
+            assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3, name=name)
