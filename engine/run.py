@@ -42,10 +42,12 @@ class ModelSpec:
     """Config fields that differ from the preset (``--set model.<field>=...``)."""
 
     def build_config(self, **extra):
-        """The method's config: the preset, then ``overrides`` and the data-decided ``extra`` fields."""
+        """The method's config: the preset, then ``overrides`` and the data-decided ``extra`` fields
+        (those the method's config has; a user override of the same field wins)."""
         entry = method_entry(self.method)
         hints = typing.get_type_hints(entry.config)
         known = {f.name for f in dataclasses.fields(entry.config)} - {"modality"}
+        extra = {k: v for k, v in extra.items() if k in known and k not in self.overrides}
         values = {}
         for key, value in {**self.overrides, **extra}.items():
             if key not in known:
@@ -134,8 +136,7 @@ def _pretrain(
     with torch.random.fork_rng(devices=[]):
         dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
     # The data decides some model fields (the text vocabulary and padding id, the image size).
-    extra = {k: v for k, v in dataset.model_fields().items() if k not in cfg.model.overrides}
-    model_cfg = cfg.model.build_config(**extra)
+    model_cfg = cfg.model.build_config(**dataset.model_fields())
     model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
 
