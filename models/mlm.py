@@ -56,7 +56,7 @@ class MLMEncoder(nn.Module):
         super().__init__()
         self.modality = modality
         self.layerdrop = cfg.layerdrop
-        # Built here rather than by the modality: the table has the reserved <mask> row.
+        # Built here rather than by the modality: the table may have the reserved <mask> row.
         self.local_encoder = TokenEmbedding(
             cfg.num_embeddings, cfg.embed_dim, cfg.max_positions, cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout
         )

@@ -4,11 +4,11 @@
 come from ``sizes.ENCODER_SIZES`` (``total_depth`` post-norm blocks: the same text encoder as
 data2vec 2.0's), everything else from ``MLM_RECIPES``. Text only.
 
-The ``<mask>`` token. d2v2's text data (a BPE trained on the corpus, or a given tokenizer.json) has
-no ``<mask>`` symbol, so by default (``mask_idx: None``) the model reserves the id ``vocab_size``,
-which the tokenizer never produces: the token embedding, and so the tied output layer, has
-``vocab_size + 1`` rows (``num_embeddings``). A tokenizer that has its own ``<mask>`` gives its id
-as ``mask_idx`` instead, and the embedding keeps ``vocab_size`` rows.
+The ``<mask>`` token. The text data gives the tokenizer's ``<mask>`` id as ``mask_idx`` (the BPE
+d2v2 trains has RoBERTa's special tokens, ``<mask>`` = 4); the embedding then has ``vocab_size``
+rows. A tokenizer without one (a given tokenizer.json) gives None: the model then reserves the id
+``vocab_size``, which the tokenizer never produces, and the token embedding, and so the tied output
+layer, has ``vocab_size + 1`` rows (``num_embeddings``).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class MLMConfig:
     embed_dropout: float = 0.1
     """Dropout after the embedding LayerNorm."""
     mask_idx: int | None = None
-    """Id of the ``<mask>`` token: None reserves the id vocab_size (one extra embedding row, see the
-    module docstring); otherwise a tokenizer's own ``<mask>`` id in [0, vocab_size)."""
+    """Id of the ``<mask>`` token: the tokenizer's own, in [0, vocab_size) (the data sets it), or None
+    to reserve the id vocab_size (one extra embedding row; see the module docstring)."""
 
     # -- masking (the data loader selects the tokens; the corruption is drawn in the step) -------------
     mask_ratio: float = 0.15
