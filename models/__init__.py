@@ -24,6 +24,8 @@ from .encoders import (
     frame_padding_mask,
     sincos_pos_embed_2d,
 )
+from .mae import MAE, MAEDecoder, MAEEncoder
+from .mae_config import MAE_RECIPES, MAEConfig, mae_config
 from .masking import (
     beit_block_mask,
     inverse_block_mask,
@@ -33,8 +35,10 @@ from .masking import (
     span_mask,
     wav2vec_span_mask,
 )
-from .method import Method
+from .method import Method, batch_masks
 from .methods import METHODS, build_method, method_config, method_entry
+from .mlm import MLM, LMHead, MLMEncoder
+from .mlm_config import MLM_RECIPES, MLMConfig, mlm_config
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
 from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
 from .teacher import ema_decay_schedule, ema_update
@@ -43,10 +47,11 @@ __all__ = [
     "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_RECIPES",
     "DATA2VEC2_RECIPES", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2", "Data2Vec2Config",
     "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize", "ImageModality",
-    "METHODS", "MODALITIES", "Method", "Mlp", "Modality", "PatchEmbed", "PostNormBlock", "PreNormBlock",
-    "TextModality", "TokenEmbedding", "WAV2VEC2_CONV_LAYERS", "alibi_slopes", "audio_num_frames",
-    "beit_block_mask", "build_method", "count_parameters", "data2vec1_config", "data2vec2_config",
-    "ema_decay_schedule", "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask",
-    "init_bert_params", "inverse_block_mask", "mask_to_ids", "method_config", "method_entry", "mlm_span_mask",
-    "modality_for", "random_mask", "sincos_pos_embed_2d", "span_mask", "wav2vec_span_mask",
+    "LMHead", "MAE", "MAEConfig", "MAEDecoder", "MAEEncoder", "MAE_RECIPES", "METHODS", "MLM", "MLMConfig",
+    "MLMEncoder", "MLM_RECIPES", "MODALITIES", "Method", "Mlp", "Modality", "PatchEmbed", "PostNormBlock",
+    "PreNormBlock", "TextModality", "TokenEmbedding", "WAV2VEC2_CONV_LAYERS", "alibi_slopes", "audio_num_frames",
+    "batch_masks", "beit_block_mask", "build_method", "count_parameters", "data2vec1_config", "data2vec2_config",
+    "ema_decay_schedule", "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask", "init_bert_params",
+    "inverse_block_mask", "mae_config", "mask_to_ids", "method_config", "method_entry", "mlm_config",
+    "mlm_span_mask", "modality_for", "random_mask", "sincos_pos_embed_2d", "span_mask", "wav2vec_span_mask",
 ]  # fmt: skip

@@ -64,8 +64,7 @@ from d2v2.kernels.masked_regression_loss import masked_regression_loss
 from .blocks import init_bert_params
 from .data2vec2_config import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_config
 from .data2vec2_encoder import Data2Vec2Encoder
-from .masking import mask_to_ids
-from .method import Method
+from .method import Method, batch_masks
 from .modalities import modality_for
 from .teacher import ema_decay_schedule, ema_update, frozen_copy
 
@@ -154,12 +153,12 @@ class Data2Vec2(Method):
         source = batch["source"]
         feats, padding_mask = self.encoder.local_features(source, batch.get("padding_mask"))
         batch_size, length, dim = feats.shape
-        mask, ids_keep = self._mask_and_ids(batch, batch_size, length, feats.device)
+        mask, ids_keep = batch_masks(batch, batch_size, clones, length, feats.device)
         num_kept = ids_keep.shape[1]
         extra = cfg.num_extra_tokens
 
         # Student: the kept tokens of every clone only.
-        # ids_keep was validated by _mask_and_ids: the kernels skip their range checks (host syncs).
+        # ids_keep was validated by batch_masks: the kernels skip their range checks (host syncs).
         x, context = self.encoder.contextualize(feats, padding_mask, mask, ids_keep, clones, check_ids=False)
         x, _ = self.encoder.run_blocks(x, context)  # [B*K, extra + k, D]
         pred = self.decoder(x[:, extra:], ids_keep, length, check_ids=False)  # [B*K, N, D]
@@ -205,32 +204,6 @@ class Data2Vec2(Method):
         extra = cfg.num_extra_tokens
         layers = [layer[:, extra:] for layer in layers]  # drop CLS: [B, N, D] each
         return layer_targets(layers, per_layer=cfg.target_layer_norm, final=cfg.target_final_norm, impl=cfg.impl)
-
-    def _mask_and_ids(
-        self, batch: dict, batch_size: int, length: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = batch_size * self.cfg.clone_batch
-        mask = batch.get("mask")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, length):
-            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise ValueError(
-                f"batch['mask'] must be bool [B*K, N] = [{batch_size}*{self.cfg.clone_batch}, {length}] "
-                f"(True = masked, clone-major), got {got}; make it with modality.make_masks"
-            )
-        ids_keep = batch.get("ids_keep")
-        if ids_keep is None:
-            ids_keep = mask_to_ids(mask)  # in range by construction
-        elif (
-            not isinstance(ids_keep, torch.Tensor)
-            or ids_keep.dtype not in (torch.int32, torch.int64)
-            or ids_keep.dim() != 2
-            or ids_keep.shape[0] != rows
-        ):
-            got = f"{ids_keep.dtype} {list(ids_keep.shape)}" if isinstance(ids_keep, torch.Tensor) else repr(ids_keep)
-            raise ValueError(f"batch['ids_keep'] must be int [B*K = {rows}, kept], got {got}")
-        else:
-            _check_ids_range(ids_keep, length)
-        return mask.to(device), ids_keep.to(device)
 
     def _loss_scale(self) -> float:
         return 1.0 / math.sqrt(self.cfg.embed_dim) if self.cfg.loss_scale is None else float(self.cfg.loss_scale)
@@ -317,16 +290,3 @@ def _masked_std(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over channels of the per-channel std of pred [R, N, D] over the masked positions [R, N]."""
     masked = pred.detach()[mask].float()  # [M, D]
     return torch.sqrt(masked.var(dim=0) + 1e-6).mean()
-
-
-def _check_ids_range(ids_keep: torch.Tensor, length: int) -> None:
-    """ids_keep must lie in [0, length): checked on the CPU as it comes from the loader, or on the
-    device as an asynchronous assertion (no host sync; a bad id fails the next synchronising call)."""
-    if ids_keep.numel() == 0:
-        return
-    if ids_keep.device.type == "cpu":
-        lo, hi = int(ids_keep.min()), int(ids_keep.max())
-        if lo < 0 or hi >= length:
-            raise ValueError(f"batch['ids_keep'] values must lie in [0, {length}), got range [{lo}, {hi}]")
-    else:
-        torch._assert_async(((ids_keep >= 0) & (ids_keep < length)).all(), "batch['ids_keep'] out of range")

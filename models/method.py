@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .masking import mask_to_ids
 from .modalities import Modality
 
-__all__ = ["Method"]
+__all__ = ["Method", "batch_masks"]
 
 
 class Method(nn.Module):
@@ -78,3 +79,49 @@ class Method(nn.Module):
         The EMA teacher's where a method has one (what data2vec evaluates), else the encoder's.
         """
         return self.forward_features(source, padding_mask)[:, self.modality.num_extra_tokens :]
+
+
+def batch_masks(
+    batch: dict, batch_size: int, clones: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's ``mask`` bool [B*clones, N] and ``ids_keep`` int [B*clones, k] on ``device``, validated.
+
+    ``ids_keep`` is derived from ``mask`` when absent (one host sync: make it in the loader with
+    ``masking.mask_to_ids``). Its range is checked once here (on the CPU, or on the device without a
+    host sync), so the kernels may be told to skip their own checks (``check_ids=False``).
+    """
+    rows = batch_size * clones
+    mask = batch.get("mask")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, length):
+        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
+        raise ValueError(
+            f"batch['mask'] must be bool [B*K, N] = [{batch_size}*{clones}, {length}] "
+            f"(True = masked, clone-major), got {got}; make it with modality.make_masks"
+        )
+    ids_keep = batch.get("ids_keep")
+    if ids_keep is None:
+        ids_keep = mask_to_ids(mask)  # in range by construction
+    elif (
+        not isinstance(ids_keep, torch.Tensor)
+        or ids_keep.dtype not in (torch.int32, torch.int64)
+        or ids_keep.dim() != 2
+        or ids_keep.shape[0] != rows
+    ):
+        got = f"{ids_keep.dtype} {list(ids_keep.shape)}" if isinstance(ids_keep, torch.Tensor) else repr(ids_keep)
+        raise ValueError(f"batch['ids_keep'] must be int [B*K = {rows}, kept], got {got}")
+    else:
+        _check_ids_range(ids_keep, length)
+    return mask.to(device), ids_keep.to(device)
+
+
+def _check_ids_range(ids_keep: torch.Tensor, length: int) -> None:
+    """ids_keep must lie in [0, length): checked on the CPU as it comes from the loader, or on the
+    device as an asynchronous assertion (no host sync; a bad id fails the next synchronising call)."""
+    if ids_keep.numel() == 0:
+        return
+    if ids_keep.device.type == "cpu":
+        lo, hi = int(ids_keep.min()), int(ids_keep.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(f"batch['ids_keep'] values must lie in [0, {length}), got range [{lo}, {hi}]")
+    else:
+        torch._assert_async(((ids_keep >= 0) & (ids_keep < length)).all(), "batch['ids_keep'] out of range")

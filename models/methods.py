@@ -14,7 +14,11 @@ from .data2vec1 import Data2Vec1
 from .data2vec1_config import Data2Vec1Config, data2vec1_config
 from .data2vec2 import Data2Vec2
 from .data2vec2_config import Data2Vec2Config, data2vec2_config
+from .mae import MAE
+from .mae_config import MAEConfig, mae_config
 from .method import Method
+from .mlm import MLM
+from .mlm_config import MLMConfig, mlm_config
 
 __all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
 
@@ -36,6 +40,8 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "data2vec2": MethodEntry(Data2Vec2, Data2Vec2Config, data2vec2_config, "data2vec 2.0 (Baevski et al., 2022)"),
     "data2vec": MethodEntry(Data2Vec1, Data2Vec1Config, data2vec1_config, "data2vec 1.0 (Baevski et al., 2022)"),
+    "mae": MethodEntry(MAE, MAEConfig, mae_config, "MAE, masked autoencoder for images (He et al., 2022)"),
+    "mlm": MethodEntry(MLM, MLMConfig, mlm_config, "RoBERTa-style masked language model (Liu et al., 2019)"),
 }
 
 
