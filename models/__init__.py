@@ -17,6 +17,7 @@ from .encoders import (
     ConvPositionalEncoder,
     PatchEmbed,
     TokenEmbedding,
+    WeightNormConvPositions,
     alibi_slopes,
     audio_num_frames,
     frame_padding_mask,
@@ -26,8 +27,11 @@ from .masking import inverse_block_mask, mask_to_ids, random_mask, span_mask
 from .method import Method
 from .methods import METHODS, build_method, method_config, method_entry
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
+from .quantizer import GumbelVectorQuantizer
 from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
 from .teacher import ema_decay_schedule, ema_update
+from .wav2vec2 import Wav2Vec2, Wav2Vec2Encoder
+from .wav2vec2_config import WAV2VEC2_RECIPES, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
     "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC2_RECIPES",
@@ -38,4 +42,6 @@ __all__ = [
     "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask", "init_bert_params",
     "inverse_block_mask", "mask_to_ids", "method_config", "method_entry", "modality_for", "random_mask",
     "sincos_pos_embed_2d", "span_mask",
+    "GumbelVectorQuantizer", "WAV2VEC2_RECIPES", "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder",
+    "WeightNormConvPositions", "wav2vec2_config",
 ]  # fmt: skip

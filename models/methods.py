@@ -13,6 +13,8 @@ from typing import Callable
 from .data2vec2 import Data2Vec2
 from .data2vec2_config import Data2Vec2Config, data2vec2_config
 from .method import Method
+from .wav2vec2 import Wav2Vec2
+from .wav2vec2_config import Wav2Vec2Config, wav2vec2_config
 
 __all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
 
@@ -33,6 +35,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "data2vec2": MethodEntry(Data2Vec2, Data2Vec2Config, data2vec2_config, "data2vec 2.0 (Baevski et al., 2022)"),
+    "wav2vec2": MethodEntry(Wav2Vec2, Wav2Vec2Config, wav2vec2_config, "wav2vec 2.0, speech (Baevski et al., 2020)"),
 }
 
 
