@@ -21,7 +21,8 @@ RELEASED = {
 
 
 def test_every_recipe_is_shipped():
-    assert set(RELEASED) | {"image-tiny", "audio-tiny", "text-tiny"} == set(recipe_names())
+    data2vec2 = {name for name in recipe_names() if resolve_config(name).method == "data2vec2"}
+    assert set(RELEASED) | {"image-tiny", "audio-tiny", "text-tiny"} == data2vec2
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
