@@ -154,6 +154,9 @@ class Wav2Vec2(Method):
         cfg: the model config (``wav2vec2_config("audio", size)`` for a preset).
     """
 
+    log_keys = ("loss_contrastive", "loss_diversity", "loss_features", "prob_perplexity", "code_perplexity",
+                "temperature", "accuracy")  # fmt: skip
+
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.cfg = cfg

@@ -9,10 +9,10 @@ fairseq's ``examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from .config_checks import ConfigChecker
 from .encoders import WAV2VEC2_CONV_LAYERS
 from .modalities import AudioModality
 from .sizes import encoder_size
@@ -115,61 +115,36 @@ class Wav2Vec2Config:
 
 def _check_config(cfg: Wav2Vec2Config) -> None:
     """Raise ValueError naming the field and the fix for every bad value or combination."""
-
-    def fail(field: str, problem: str, fix: str) -> None:
-        raise ValueError(f"Wav2Vec2Config.{field} {problem}; {fix}")
-
-    def check_choice(field: str, choices: tuple) -> None:
-        value = getattr(cfg, field)
-        if value not in choices:
-            fail(field, f"must be one of {choices}, got {value!r}", "pick one of those")
-
-    def check_int(field: str, minimum: int) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            fail(field, f"must be an int >= {minimum}, got {value!r}", f"set it to an int >= {minimum}")
-
-    def check_number(field: str, low: float, high: float, closed_high: bool = False) -> None:
-        value = getattr(cfg, field)
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        ok = ok and low <= value and (value <= high if closed_high else value < high)
-        if not ok:
-            interval = f"[{low}, {high}]" if closed_high else f"[{low}, {high})"
-            fail(field, f"must be a number in {interval}, got {value!r}", f"use a value in {interval}")
-
+    check = ConfigChecker(cfg)
     if cfg.modality != "audio":
-        fail("modality", f"must be 'audio' (wav2vec 2.0 is a speech method), got {cfg.modality!r}",
-             "use model.modality=audio")  # fmt: skip
-    check_choice("extractor_mode", ("default", "layer_norm"))
-    check_choice("impl", ("auto", "triton", "torch"))
+        check.fail("modality", f"must be 'audio' (wav2vec 2.0 is a speech method), got {cfg.modality!r}",
+                   "use model.modality=audio")  # fmt: skip
+    check.choice("extractor_mode", ("default", "layer_norm"))
+    check.choice("impl", ("auto", "triton", "torch"))
     for name in ("embed_dim", "num_heads", "depth", "conv_pos_kernel", "conv_pos_groups", "mask_length",
                  "latent_vars", "latent_groups", "latent_dim", "final_dim", "num_negatives"):  # fmt: skip
-        check_int(name, 1)
-    check_int("mask_min_spans", 0)
+        check.int(name, 1)
+    check.int("mask_min_spans", 0)
     for name in ("encoder_dropout", "attention_dropout", "activation_dropout", "layerdrop", "dropout_input",
-                 "dropout_features"):  # fmt: skip
-        check_number(name, 0.0, 1.0)
-    check_number("mask_prob", 0.0, 1.0)
-    if cfg.mask_prob == 0:
-        fail("mask_prob", "must be > 0 (the loss is computed on masked frames), got 0", "use e.g. 0.65")
-    check_number("temp_decay", 0.0, 1.0, closed_high=True)
-    for name in ("mlp_ratio", "norm_eps", "logit_temp", "max_temp", "min_temp"):
-        check_number(name, 0.0, math.inf)
-        if getattr(cfg, name) == 0:
-            fail(name, "must be > 0, got 0", "use a positive value")
+                 "dropout_features", "mask_prob"):  # fmt: skip
+        check.fraction(name)
+    for name in ("mlp_ratio", "norm_eps", "logit_temp", "max_temp", "min_temp", "mask_prob", "temp_decay"):
+        check.positive(name)
     for name in ("feature_grad_mult", "feature_penalty", "diversity_weight"):
-        check_number(name, 0.0, math.inf)
+        check.nonnegative(name)
+    if cfg.temp_decay > 1:
+        check.fail("temp_decay", f"must be at most 1 (1 keeps max_temp), got {cfg.temp_decay}", "use e.g. 0.999995")
     if cfg.min_temp > cfg.max_temp:
-        fail("min_temp", f"({cfg.min_temp}) cannot exceed max_temp ({cfg.max_temp})", "swap them")
+        check.fail("min_temp", f"({cfg.min_temp}) cannot exceed max_temp ({cfg.max_temp})", "swap them")
     if cfg.embed_dim % cfg.num_heads != 0:
-        fail("embed_dim", f"({cfg.embed_dim}) must be divisible by num_heads ({cfg.num_heads})", "change either")
+        check.fail("embed_dim", f"({cfg.embed_dim}) must be divisible by num_heads ({cfg.num_heads})", "change either")
     if cfg.embed_dim % cfg.conv_pos_groups != 0:
-        fail("conv_pos_groups", f"({cfg.conv_pos_groups}) must divide embed_dim ({cfg.embed_dim})",
-             "change conv_pos_groups")  # fmt: skip
+        check.fail("conv_pos_groups", f"({cfg.conv_pos_groups}) must divide embed_dim ({cfg.embed_dim})",
+                   "change conv_pos_groups")  # fmt: skip
     if cfg.latent_dim % cfg.latent_groups != 0:
-        fail("latent_dim", f"({cfg.latent_dim}) must be divisible by latent_groups ({cfg.latent_groups})",
-             "change either")  # fmt: skip
-    AudioModality.check_conv_feature_layers(cfg, fail)
+        check.fail("latent_dim", f"({cfg.latent_dim}) must be divisible by latent_groups ({cfg.latent_groups})",
+                   "change either")  # fmt: skip
+    AudioModality.check_conv_feature_layers(cfg, check.fail)
 
 
 # ---------------------------------------------------------------------------------------------------

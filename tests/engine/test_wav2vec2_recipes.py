@@ -51,6 +51,7 @@ def test_tiny_recipe_trains_and_resumes_from_the_command_line(tmp_path):
     assert config["method"] == "wav2vec2" and config["model"]["num_negatives"] == 10
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)
+    assert lines[0]["temperature"] == 2.0 and 0 < lines[0]["prob_perplexity"] <= 64  # the method's log_keys
     assert main(["pretrain", "--recipe", "wav2vec2-audio-tiny", "--out", str(run), "--max-steps", "3", *data]) == 0
     state = torch.load(run / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     assert state["trainer"]["step"] == 3
