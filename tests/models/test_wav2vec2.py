@@ -237,3 +237,14 @@ def test_base_model_runs_one_training_step_on_cpu():
     assert torch.isfinite(out["loss"]) and out["sample_size"] == int(batch["mask"].sum())
     assert all(p.grad is not None for p in model.parameters())
     assert 0 < float(out["code_perplexity"]) <= 640 and float(out["temperature"]) == 2.0
+
+
+def test_padded_frames_change_nothing_after_the_cnn():
+    encoder = tiny().encoder.eval()
+    x = torch.randn(1, 30, 64)
+    padded = torch.cat([x, 100 * torch.randn(1, 9, 64)], dim=1)  # garbage in 9 padded frames
+    padding = torch.arange(39)[None] >= 30
+    # Zeroed before the positional conv (as its own zero padding) and masked as keys in attention.
+    assert_close(encoder.contextualize(padded, padding)[:, :30], encoder.contextualize(x), atol=1e-5, rtol=1e-5)
+    features = encoder(torch.randn(2, 16_000), torch.arange(16_000)[None].repeat(2, 1) >= 12_000)
+    assert features.shape == (2, 49, 64) and torch.isfinite(features).all()
