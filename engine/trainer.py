@@ -425,6 +425,7 @@ class Trainer:
                         "tokens_per_s": window_tokens / elapsed,
                         "peak_memory_mb": peak_memory,
                         "skipped_files": len(self.skipped),
+                        **{k: float(out[k]) for k in getattr(self.method, "log_keys", ()) if k in out},  # rank 0's
                     }
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(metrics) + "\n")

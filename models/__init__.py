@@ -19,6 +19,7 @@ from .encoders import (
     ConvPositionalEncoder,
     PatchEmbed,
     TokenEmbedding,
+    WeightNormConvPositions,
     alibi_slopes,
     audio_num_frames,
     frame_padding_mask,
@@ -40,18 +41,23 @@ from .methods import METHODS, build_method, method_config, method_entry
 from .mlm import MLM, LMHead, MLMEncoder
 from .mlm_config import MLM_RECIPES, MLMConfig, mlm_config
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
+from .quantizer import GumbelVectorQuantizer
 from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
 from .teacher import ema_decay_schedule, ema_update
+from .wav2vec2 import Wav2Vec2, Wav2Vec2Encoder
+from .wav2vec2_config import WAV2VEC2_RECIPES, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
     "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_RECIPES",
     "DATA2VEC2_RECIPES", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2", "Data2Vec2Config",
-    "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize", "ImageModality",
-    "LMHead", "MAE", "MAEConfig", "MAEDecoder", "MAEEncoder", "MAE_RECIPES", "METHODS", "MLM", "MLMConfig",
-    "MLMEncoder", "MLM_RECIPES", "MODALITIES", "Method", "Mlp", "Modality", "PatchEmbed", "PostNormBlock",
-    "PreNormBlock", "TextModality", "TokenEmbedding", "WAV2VEC2_CONV_LAYERS", "alibi_slopes", "audio_num_frames",
-    "batch_masks", "beit_block_mask", "build_method", "count_parameters", "data2vec1_config", "data2vec2_config",
-    "ema_decay_schedule", "ema_update", "encoder_size", "forward_blocks", "frame_padding_mask", "init_bert_params",
-    "inverse_block_mask", "mae_config", "mask_to_ids", "method_config", "method_entry", "mlm_config",
-    "mlm_span_mask", "modality_for", "random_mask", "sincos_pos_embed_2d", "span_mask", "wav2vec_span_mask",
+    "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize",
+    "GumbelVectorQuantizer", "ImageModality", "LMHead", "MAE", "MAEConfig", "MAEDecoder", "MAEEncoder",
+    "MAE_RECIPES", "METHODS", "MLM", "MLMConfig", "MLMEncoder", "MLM_RECIPES", "MODALITIES", "Method", "Mlp",
+    "Modality", "PatchEmbed", "PostNormBlock", "PreNormBlock", "TextModality", "TokenEmbedding",
+    "WAV2VEC2_CONV_LAYERS", "WAV2VEC2_RECIPES", "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder",
+    "WeightNormConvPositions", "alibi_slopes", "audio_num_frames", "batch_masks", "beit_block_mask", "build_method",
+    "count_parameters", "data2vec1_config", "data2vec2_config", "ema_decay_schedule", "ema_update", "encoder_size",
+    "forward_blocks", "frame_padding_mask", "init_bert_params", "inverse_block_mask", "mae_config", "mask_to_ids",
+    "method_config", "method_entry", "mlm_config", "mlm_span_mask", "modality_for", "random_mask",
+    "sincos_pos_embed_2d", "span_mask", "wav2vec2_config", "wav2vec_span_mask",
 ]  # fmt: skip

@@ -8,10 +8,10 @@ fields only they use.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from .config_checks import ConfigChecker
 from .encoders import WAV2VEC2_CONV_LAYERS
 from .modalities import MODALITIES
 from .sizes import encoder_size
@@ -178,28 +178,9 @@ class Data2Vec2Config:
 def _check_config(cfg: Data2Vec2Config) -> None:
     """Raise ValueError naming the field and the fix for every bad value or combination."""
 
-    def fail(field: str, problem: str, fix: str) -> None:
-        raise ValueError(f"Data2Vec2Config.{field} {problem}; {fix}")
-
-    def check_choice(field: str, choices: tuple) -> None:
-        value = getattr(cfg, field)
-        if value not in choices:
-            fail(field, f"must be one of {choices}, got {value!r}", "pick one of those")
-
-    def check_int(field: str, minimum: int) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            fail(field, f"must be an int >= {minimum}, got {value!r}", f"set it to an int >= {minimum}")
-
-    def check_fraction(field: str) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            fail(field, f"must be a probability in [0, 1), got {value!r}", "use a value in [0, 1)")
-
-    def check_nonnegative(field: str) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            fail(field, f"must be a finite number >= 0, got {value!r}", "use a value >= 0")
+    check = ConfigChecker(cfg)
+    fail, check_choice, check_int = check.fail, check.choice, check.int
+    check_fraction, check_nonnegative = check.fraction, check.nonnegative
 
     check_choice("modality", ("image", "audio", "text"))
     check_choice("impl", ("auto", "triton", "torch"))

@@ -3,9 +3,10 @@
 - Images: ``PatchEmbed`` (a stride-p convolution, p = 16 or 14) and the fixed, non-trainable 2-D
   sin-cos table ``sincos_pos_embed_2d`` (added before masking; the CLS token gets no position).
 - Audio: ``AudioFeatureEncoder``, the wav2vec 2.0 CNN in "layer_norm" mode (7 convolutions, 512
-  channels, total stride 320 = 20 ms at 16 kHz) followed by LayerNorm(512) -> Linear(512 -> D);
-  ``ConvPositionalEncoder``, the 5-layer grouped conv positional encoder; ``alibi_slopes``, the
-  geometric ALiBi head slopes that a learned per-head scale multiplies.
+  channels, total stride 320 = 20 ms at 16 kHz; wav2vec 2.0 base's "default" mode on request)
+  followed by LayerNorm(512) -> Linear(512 -> D); ``ConvPositionalEncoder``, the 5-layer grouped conv
+  positional encoder; ``alibi_slopes``, the geometric ALiBi head slopes that a learned per-head
+  scale multiplies; ``WeightNormConvPositions``, wav2vec 2.0's single weight-normalised conv.
 - Text: ``TokenEmbedding``, token embedding + learned absolute positions + LayerNorm + dropout.
 
 References: data2vec 2.0 (Baevski et al., ICML 2023, arXiv:2212.07525), fairseq
@@ -18,7 +19,7 @@ See ``reference/data2vec2.md`` sections 1.8 and 1.9.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ __all__ = [
     "audio_num_frames",
     "frame_padding_mask",
     "ConvPositionalEncoder",
+    "WeightNormConvPositions",
     "alibi_slopes",
     "TokenEmbedding",
 ]
@@ -133,40 +135,64 @@ def frame_padding_mask(
 
 
 class _ConvLayer(nn.Module):
-    """One CNN layer: Conv1d without bias -> LayerNorm over channels (affine, in fp32) -> GELU."""
+    """One CNN layer: Conv1d without bias -> optional norm (in fp32) -> GELU.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+    ``norm`` is "layer" (LayerNorm over channels, affine: every layer in "layer_norm" mode), "group"
+    (GroupNorm with one group per channel, affine, i.e. each channel normalised over time: the first
+    layer in "default" mode) or None.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, norm: str | None = "layer"):
         super().__init__()
         self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=False)
         nn.init.kaiming_normal_(self.conv.weight)
-        self.layer_norm = nn.LayerNorm(out_channels)
+        self.layer_norm = nn.LayerNorm(out_channels) if norm == "layer" else None
+        self.group_norm = nn.GroupNorm(out_channels, out_channels) if norm == "group" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x).transpose(1, 2)  # [B, C, T'] -> [B, T', C]
-        # fp32 LayerNorm as the reference's Fp32LayerNorm: the statistics of raw audio features
-        # overflow fp16 and lose precision in bf16.
-        ln = self.layer_norm
-        x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).type_as(x)
-        return F.gelu(x).transpose(1, 2)  # [B, C, T']
+        x = self.conv(x)  # [B, C, T']
+        # fp32 norms as the reference's Fp32LayerNorm / Fp32GroupNorm: the statistics of raw audio
+        # features overflow fp16 and lose precision in bf16.
+        if self.layer_norm is not None:
+            ln = self.layer_norm
+            x = x.transpose(1, 2)  # [B, T', C]
+            x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).type_as(x)
+            x = x.transpose(1, 2)  # [B, C, T']
+        if self.group_norm is not None:
+            gn = self.group_norm
+            x = F.group_norm(x.float(), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps).type_as(x)
+        return F.gelu(x)
 
 
 class AudioFeatureEncoder(nn.Module):
-    """The wav2vec 2.0 CNN ("layer_norm" mode) and the projection LayerNorm(C) -> Linear(C -> D).
+    """The wav2vec 2.0 CNN and the projection LayerNorm(C) -> Linear(C -> D).
 
     Args:
         embed_dim: output width D.
         conv_layers: (channels, kernel, stride) per layer; default the wav2vec 2.0 spec.
+        mode: "layer_norm" (an fp32 LayerNorm in every layer: data2vec 2.0) or "default" (one fp32
+            GroupNorm with a group per channel on the first layer only: wav2vec 2.0 base).
 
     The convolutions are kaiming-normal initialised (as the reference); the projection Linear is
     reset to PyTorch's default init after the model-wide BERT init (``reset_projection``).
     """
 
-    def __init__(self, embed_dim: int, conv_layers: Sequence[Sequence[int]] = WAV2VEC2_CONV_LAYERS):
+    def __init__(
+        self,
+        embed_dim: int,
+        conv_layers: Sequence[Sequence[int]] = WAV2VEC2_CONV_LAYERS,
+        mode: Literal["layer_norm", "default"] = "layer_norm",
+    ):
         super().__init__()
+        if mode not in ("layer_norm", "default"):
+            raise ValueError(f"mode must be 'layer_norm' or 'default', got {mode!r}")
+        self.mode = mode
         self.conv_spec = tuple(tuple(int(v) for v in layer) for layer in conv_layers)
         channels = [1] + [layer[0] for layer in self.conv_spec]
+        norms = ["layer"] * len(self.conv_spec) if mode == "layer_norm" else ["group"] + [None] * (len(self.conv_spec) - 1)
         self.conv_layers = nn.ModuleList(
-            _ConvLayer(channels[i], out, kernel, stride) for i, (out, kernel, stride) in enumerate(self.conv_spec)
+            _ConvLayer(channels[i], out, kernel, stride, norms[i])
+            for i, (out, kernel, stride) in enumerate(self.conv_spec)
         )
         self.project_norm = nn.LayerNorm(channels[-1])
         self.project = nn.Linear(channels[-1], embed_dim)
@@ -176,6 +202,11 @@ class AudioFeatureEncoder(nn.Module):
         return audio_num_frames(num_samples, self.conv_spec)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """waveforms [B, T] -> projected features [B, N, D]."""
+        return self.project(self.project_norm(self.features(waveforms)))
+
+    def features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """waveforms [B, T] -> the CNN's output [B, N, C], before the projection's LayerNorm."""
         if waveforms.dim() != 2:
             raise ValueError(f"source must be waveforms [B, T], got shape {list(waveforms.shape)}")
         if self.num_frames(waveforms.shape[1]) < 1:
@@ -186,8 +217,7 @@ class AudioFeatureEncoder(nn.Module):
         x = waveforms[:, None, :]  # [B, 1, T]
         for layer in self.conv_layers:
             x = layer(x)
-        x = x.transpose(1, 2)  # [B, C, N] -> [B, N, C]
-        return self.project(self.project_norm(x))  # [B, N, D]
+        return x.transpose(1, 2)  # [B, C, N] -> [B, N, C]
 
     def reset_projection(self) -> None:
         """PyTorch default init for the projection Linear (the reference's AudioEncoder.reset_parameters)."""
@@ -228,6 +258,36 @@ class ConvPositionalEncoder(nn.Module):
         for conv in self.convs:
             x = conv_block1d(x, conv.weight, conv.bias, self.groups, residual=False, impl=self.impl)
         return x
+
+
+class WeightNormConvPositions(nn.Module):
+    """wav2vec 2.0's relative positional embedding: ONE grouped Conv1d(D -> D, kernel k, ``groups``,
+    padding k // 2) under weight normalisation over the kernel axis (one norm scale per kernel tap,
+    ``dim=2``), the extra frame an even kernel makes removed, then GELU. The caller adds the output
+    to its input. The weight starts N(0, sqrt(4 / (k * D))) with a zero bias, as the reference's
+    ``make_conv_pos`` (fairseq ``wav2vec2.py``).
+
+    Args:
+        dim: width D (a multiple of groups).
+        kernel: the kernel k (128 in wav2vec 2.0 base and large).
+        groups: convolution groups (16).
+    """
+
+    def __init__(self, dim: int, kernel: int = 128, groups: int = 16):
+        super().__init__()
+        if dim % groups != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by the positional conv groups ({groups})")
+        conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel * dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.trim = 1 - kernel % 2  # padding k // 2 on both sides makes N + 1 frames for an even k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, N, D] channels-last -> positional features [R, N, D]."""
+        length = x.shape[1]
+        y = self.conv(x.transpose(1, 2))[..., :length]  # [R, D, N + trim] -> [R, D, N]
+        return F.gelu(y).transpose(1, 2)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

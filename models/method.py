@@ -29,6 +29,8 @@ class Method(nn.Module):
 
     modality: Modality
     encoder: nn.Module
+    log_keys: tuple[str, ...] = ()
+    """Further ``forward`` outputs the trainer writes to metrics.jsonl on logging steps (rank 0's values)."""
 
     def forward(self, batch: dict) -> dict:
         """One training step's loss on ``batch`` (``source``, optional ``padding_mask``, ``mask`` and

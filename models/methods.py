@@ -19,6 +19,8 @@ from .mae_config import MAEConfig, mae_config
 from .method import Method
 from .mlm import MLM
 from .mlm_config import MLMConfig, mlm_config
+from .wav2vec2 import Wav2Vec2
+from .wav2vec2_config import Wav2Vec2Config, wav2vec2_config
 
 __all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
 
@@ -42,6 +44,7 @@ METHODS: dict[str, MethodEntry] = {
     "data2vec": MethodEntry(Data2Vec1, Data2Vec1Config, data2vec1_config, "data2vec 1.0 (Baevski et al., 2022)"),
     "mae": MethodEntry(MAE, MAEConfig, mae_config, "MAE, masked autoencoder for images (He et al., 2022)"),
     "mlm": MethodEntry(MLM, MLMConfig, mlm_config, "RoBERTa-style masked language model (Liu et al., 2019)"),
+    "wav2vec2": MethodEntry(Wav2Vec2, Wav2Vec2Config, wav2vec2_config, "wav2vec 2.0, speech (Baevski et al., 2020)"),
 }
 
 

@@ -285,6 +285,18 @@ class AudioModality(Modality):
     @classmethod
     def check_config(cls, cfg, fail) -> None:
         super().check_config(cfg, fail)
+        cls.check_conv_feature_layers(cfg, fail)
+        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
+        if kernel % 2 == 0:
+            fail("conv_pos_width", f"gives an even positional kernel max(3, {cfg.conv_pos_width} // "
+                 f"{cfg.conv_pos_depth}) = {kernel}", "choose a width that gives an odd kernel (95 -> 19)")  # fmt: skip
+        if cfg.embed_dim % cfg.conv_pos_groups != 0:
+            fail("conv_pos_groups", f"({cfg.conv_pos_groups}) must divide embed_dim ({cfg.embed_dim})",
+                 "change conv_pos_groups")  # fmt: skip
+
+    @staticmethod
+    def check_conv_feature_layers(cfg, fail) -> None:
+        """The CNN spec check every audio method shares; stores ``cfg.conv_feature_layers`` as tuples."""
         layers = cfg.conv_feature_layers
         try:
             layers = tuple(tuple(int(v) for v in layer) for layer in layers)
@@ -294,13 +306,6 @@ class AudioModality(Modality):
             fail("conv_feature_layers", f"must be a non-empty list of (channels, kernel, stride) positive "
                  f"ints, got {cfg.conv_feature_layers!r}", "use e.g. [[512, 10, 5], [512, 3, 2]]")  # fmt: skip
         cfg.conv_feature_layers = layers  # YAML gives lists of lists; keep tuples
-        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
-        if kernel % 2 == 0:
-            fail("conv_pos_width", f"gives an even positional kernel max(3, {cfg.conv_pos_width} // "
-                 f"{cfg.conv_pos_depth}) = {kernel}", "choose a width that gives an odd kernel (95 -> 19)")  # fmt: skip
-        if cfg.embed_dim % cfg.conv_pos_groups != 0:
-            fail("conv_pos_groups", f"({cfg.conv_pos_groups}) must divide embed_dim ({cfg.embed_dim})",
-                 "change conv_pos_groups")  # fmt: skip
 
 
 class TextModality(Modality):

@@ -1,5 +1,7 @@
 """Local and positional encoders: patch embedding + sin-cos table, wav2vec 2.0 CNN, conv positions,
-ALiBi slopes, token embedding."""
+ALiBi slopes, token embedding, wav2vec 2.0's weight-normalised conv positions."""
+
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from d2v2.models.encoders import (
     ConvPositionalEncoder,
     PatchEmbed,
     TokenEmbedding,
+    WeightNormConvPositions,
     alibi_slopes,
     audio_num_frames,
     frame_padding_mask,
@@ -152,3 +155,34 @@ def test_token_embedding_positions_norm_dropout():
         embed(torch.randint(0, 50, (1, 17)))
     with pytest.raises(ValueError, match="token ids"):
         embed(torch.randn(1, 4))
+
+
+# -- wav2vec 2.0 -------------------------------------------------------------------------------------
+
+
+def test_weight_norm_conv_positions_equal_a_plain_conv_with_the_effective_weight():
+    for kernel in (8, 7):  # even: the extra frame is removed; odd: nothing to remove
+        module = WeightNormConvPositions(dim=32, kernel=kernel, groups=4)
+        x = torch.randn(2, 11, 32)
+        conv = module.conv
+        g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+        assert g.shape == (1, 1, kernel)  # one norm scale per kernel tap (weight_norm dim=2)
+        weight = g * v / v.norm(dim=(0, 1), keepdim=True)
+        y = F.conv1d(x.transpose(1, 2), weight, conv.bias, padding=kernel // 2, groups=4)[..., :11]
+        assert_close(module(x), F.gelu(y).transpose(1, 2), atol=1e-5, rtol=1e-5, name=f"kernel {kernel}")
+    module = WeightNormConvPositions(dim=768, kernel=128, groups=16)
+    std = module.conv.weight.std().item()
+    assert abs(std - math.sqrt(4 / (128 * 768))) < 0.05 * std and module.conv.bias.abs().sum() == 0
+
+
+def test_audio_cnn_default_mode_is_one_fp32_group_norm_on_the_first_layer():
+    layers = ((8, 10, 5), (8, 3, 2))
+    cnn = AudioFeatureEncoder(16, layers, mode="default")
+    x = torch.randn(2, 400)
+    first, second = cnn.conv_layers
+    h = F.gelu(F.group_norm(first.conv(x[:, None]), 8, first.group_norm.weight, first.group_norm.bias))
+    expected = F.gelu(second.conv(h)).transpose(1, 2)
+    assert_close(cnn.features(x), expected, atol=1e-5, rtol=1e-5)
+    assert_close(cnn(x), cnn.project(cnn.project_norm(expected)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        AudioFeatureEncoder(16, layers, mode="group_norm")
