@@ -287,6 +287,12 @@ def _target_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_std(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over channels of the per-channel std of pred [R, N, D] over the masked positions [R, N]."""
-    masked = pred.detach()[mask].float()  # [M, D]
-    return torch.sqrt(masked.var(dim=0) + 1e-6).mean()
+    """Mean over channels of the per-channel std of pred [R, N, D] over the masked positions [R, N].
+
+    The mask weights the positions (a boolean index would size its output with a host sync)."""
+    weights = mask.to(torch.float32)  # [R, N]
+    pred = pred.detach().float()
+    count = weights.sum()
+    mean = torch.einsum("rn,rnd->d", weights, pred) / count
+    var = torch.einsum("rn,rnd->d", weights, (pred - mean).square()) / (count - 1)
+    return torch.sqrt(var + 1e-6).mean()
