@@ -350,7 +350,7 @@ class Trainer:
         self.scaler.update()  # fp16: lowers the scale after an overflow (its found_inf from unscale_)
         self.optimizer.zero_grad(set_to_none=True)
         if self.precision == "fp16":
-            bad = bad * torch.tensor([1, 0], dtype=bad.dtype, device=bad.device)  # overflows are the scaler's to skip
+            bad = torch.stack([bad[0], torch.zeros_like(bad[1])])  # overflows are the scaler's to skip
         if self._first_bad is None:
             self._first_bad = torch.zeros(2, dtype=torch.int64, device=bad.device)
         self._first_bad = torch.where((self._first_bad == 0) & (bad > 0), self.step + 1, self._first_bad)

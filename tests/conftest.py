@@ -7,8 +7,8 @@
 - ``cuda``: the compiled kernels on CUDA tensors (TRITON_INTERPRET must be unset). What runs: the kernel
   tests (``tests/kernels``, less the CPU-specific ones in ``CPU_ONLY``), the models' kernel-path tests
   (``CUDA_MODEL_TESTS``) and the tests marked ``cuda`` (reference shapes, fp16, the engine's bf16 steps);
-  every other test is skipped, saying why. Inside each of them torch's default device is the GPU, so the
-  tests' own ``torch.randn(...)`` make CUDA tensors with no edit to the tests. Without a visible GPU
+  every other test is skipped, saying why. Inside the kernel and model tests torch's default device is
+  the GPU, so their own ``torch.randn(...)`` make CUDA tensors with no edit to the tests. Without a visible GPU
   every test is skipped: the mode collects and skips cleanly on a CPU machine.
 """
 
@@ -70,9 +70,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def default_device():
-    """The test device as torch's default device for the test's own tensor factories."""
-    if TEST_DEVICE == "cuda":
+def default_device(request):
+    """The test device as torch's default device for the kernel and model tests' own tensor factories.
+    (Engine tests name their devices: the data pipeline must keep making CPU tensors to pin.)"""
+    if TEST_DEVICE == "cuda" and not request.node.nodeid.startswith("tests/engine/"):
         with torch.device("cuda"):
             yield torch.device("cuda")
     else:
