@@ -71,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         modalities=_flatten(args.modalities) or train.MODALITIES,
         methods=_flatten(args.methods) or ("data2vec2",),
         variants=_flatten(args.variants) or train.VARIANTS,
+        batch=args.batch,
         warmup=1 if args.quick else args.warmup,
         steps=2 if args.quick else args.steps,
         out_dir=args.out,
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=_names, action="append", help="kernels, torch, compile (default: all)")
     p.add_argument("--warmup", type=int, default=3, help="steps per variant discarded before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--batch", type=int, help="samples (audio: clips) per step (default: the recipe's per-GPU batch)")
     p.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/train-<device>-<date>)")

@@ -46,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository (tests/ lives there
 OUTPUTS = ("check.json", "summary.md", "tests.xml", "kernels.json", "kernels.png", "train.json", "train.png", "pretrain.json")
 BUDGET_S = 510.0  # inside a 9-minute call, with the install before it
 DRY_BUDGET_S = 900.0
-KERNEL_OPS = ("gather_tokens", "scatter_tokens", "masked_regression_loss", "layer_targets", "ema_",
-              "conv_block1d", "conv_block2d", "attention")  # fmt: skip  - cheap first, autotuned last
+# (op, share of the stage's time): cheap first, the autotuned and compute-bound ones last and larger.
+KERNEL_OPS = (("gather_tokens", 1), ("scatter_tokens", 1), ("masked_regression_loss", 1), ("layer_targets", 1),
+              ("ema_", 1), ("conv_block1d", 1.5), ("conv_block2d", 1.5), ("attention", 2))  # fmt: skip
 GRACE_S = 15.0  # after SIGINT (pytest still writes its junit), before SIGKILL
 
 
@@ -179,75 +180,71 @@ def junit_summary(path: Path) -> dict:
     return {"written": True, **counts, "failing": failing}
 
 
-def stage_kernels(ctx: Context, limit_s: float) -> dict:
-    from . import kernels
-
+def bench_processes(ctx: Context, jobs: Sequence[tuple[list[str], float]], limit_s: float) -> tuple[list, list, dict | None]:
+    """Run ``d2v2 bench`` jobs (arguments, share) one after another within ``limit_s``; each gets its
+    share of the time still left. Returns the command records, every job's result rows, the first meta."""
     deadline = time.monotonic() + limit_s
     records, rows, meta = [], [], None
-    for i, op in enumerate(KERNEL_OPS):
+    for i, (args, share) in enumerate(jobs):
+        folder = ctx.scratch / f"job-{i}"
+        cmd = _cli(ctx, "d2v2.bench.cli", *args, "--out", str(folder))
         left = deadline - time.monotonic()
         if left < 3:
-            records.append({"cmd": f"kernels --ops {op}", "status": "timeout", "returncode": None, "seconds": 0,
-                            "log_tail": "no time left in the stage"})  # fmt: skip
+            records.append({"cmd": " ".join(cmd), "status": "timeout", "returncode": None, "seconds": 0,
+                            "log_tail": "not started: no time left in the stage"})  # fmt: skip
             continue
-        folder = ctx.scratch / f"kernels-{op}"
-        args = ["kernels", "--ops", op, "--out", str(folder), "--warmup-ms", "10", "--rep-ms", "40"]
-        # (dry run: torch.compile on a CPU builds C++ for minutes; the other providers show the plumbing)
-        args += ["--quick", "--device", "cpu", "--providers", "triton,torch"] if ctx.dry_run else []
-        records.append(run_command(_cli(ctx, "d2v2.bench.cli", *args), left / (len(KERNEL_OPS) - i) * 1.5, ctx.env()))
+        # (less the grace an interrupted job gets, so that the stage ends within its limit)
+        limit = max(1.0, left * share / sum(s for _, s in jobs[i:]) - GRACE_S)
+        records.append(run_command(cmd, limit, ctx.env()))
         if (folder / "results.json").exists():
             report = json.loads((folder / "results.json").read_text())
             meta = meta or report["meta"]
             rows += report["rows"]
+    return records, rows, meta
+
+
+def publish(ctx: Context, name: str, write_report, meta: dict, rows: list) -> str:
+    """A merged bench report: <name>.json and <name>.png into the output, its markdown returned."""
+    paths = write_report(ctx.scratch / name, meta, rows)
+    shutil.copy(paths["json"], ctx.out / f"{name}.json")
+    shutil.copy(paths["png"], ctx.out / f"{name}.png")
+    return _body(paths["md"])
+
+
+def stage_kernels(ctx: Context, limit_s: float) -> dict:
+    from . import kernels
+
+    # (dry run: torch.compile on a CPU builds C++ for minutes; the other providers show the plumbing)
+    extra = ["--quick", "--device", "cpu", "--providers", "triton,torch"] if ctx.dry_run else []
+    jobs = [(["kernels", "--ops", op, "--warmup-ms", "10", "--rep-ms", "40", *extra], share) for op, share in KERNEL_OPS]
+    records, rows, meta = bench_processes(ctx, jobs, limit_s)
     result = {"commands": records}
     if meta is not None:  # each op's rows carry their own speedups and targets; meta is the first process's
         meta["command"] = "d2v2 bench kernels, one process per op (bench/gpu_check.py)"
-        paths = kernels.write_report(ctx.scratch / "kernels", meta, rows)
-        shutil.copy(paths["json"], ctx.out / "kernels.json")
-        shutil.copy(paths["png"], ctx.out / "kernels.png")
-        result["markdown"] = _body(paths["md"])
+        result["markdown"] = publish(ctx, "kernels", kernels.write_report, meta, rows)
     return result
 
 
 def stage_train(ctx: Context, limit_s: float) -> dict:
     from . import harness, train
 
+    size = ["--size", "tiny", "--quick", "--device", "cpu"] if ctx.dry_run else ["--size", "base", "--warmup", "2", "--steps", "6"]
     modalities = ("image", "text") if ctx.dry_run else train.MODALITIES
     # kernels vs torch alternated (the comparison that matters), then compile alone: its first step
-    # compiles the whole step and may run past its share without costing the other two.
-    runs = [(m, "kernels,torch", 0.45) for m in modalities] + [(m, "compile", 0.55) for m in modalities]
-    if ctx.dry_run:  # torch.compile on a CPU builds C++ for minutes: the flag's plumbing is the same
-        runs = [r for r in runs if r[1] != "compile"]
-    shares = sum(share for _, _, share in runs)
-    deadline = time.monotonic() + limit_s
-    records, rows, meta = [], [], None
-    for i, (modality, variants, share) in enumerate(runs):
-        left = deadline - time.monotonic()
-        rest = sum(s for _, _, s in runs[i:])
-        folder = ctx.scratch / f"train-{modality}-{variants.replace(',', '-')}"
-        args = ["train", "--modalities", modality, "--variants", variants, "--out", str(folder)]
-        args += ["--size", "tiny", "--quick", "--device", "cpu"] if ctx.dry_run else ["--size", "base", "--warmup", "2", "--steps", "6"]
-        if left < 3:
-            records.append({"cmd": " ".join(args), "status": "timeout", "returncode": None, "seconds": 0,
-                            "log_tail": "no time left in the stage"})  # fmt: skip
-            continue
-        records.append(run_command(_cli(ctx, "d2v2.bench.cli", *args), left * share / rest, ctx.env()))
-        if (folder / "results.json").exists():
-            report = json.loads((folder / "results.json").read_text())
-            meta = meta or report["meta"]
-            rows += report["rows"]
+    # compiles the whole step and may run past its share without costing the other two. (Dry run:
+    # torch.compile on a CPU builds C++ for minutes; the flag's plumbing is the same.)
+    jobs = [(["train", "--modalities", m, "--variants", "kernels,torch", *size], 0.45) for m in modalities]
+    jobs += [] if ctx.dry_run else [(["train", "--modalities", m, "--variants", "compile", *size], 0.55) for m in modalities]
+    records, rows, meta = bench_processes(ctx, jobs, limit_s)
     result = {"commands": records}
     if meta is not None:
-        for row in rows:
+        for row in rows:  # compile ran in processes of its own: its speedups over the merged rows
             for key in [k for k in row if k.startswith("speedup_vs_")]:
                 del row[key]
         for baseline in ("torch", "compile"):
             harness.speedups(rows, group_keys=("method", "modality"), label_key="variant", baseline=baseline)
         meta["command"] = "d2v2 bench train per modality: kernels,torch alternated, then compile alone (bench/gpu_check.py)"
-        paths = train.write_report(ctx.scratch / "train", meta, rows)
-        shutil.copy(paths["json"], ctx.out / "train.json")
-        shutil.copy(paths["png"], ctx.out / "train.png")
-        result["markdown"] = _body(paths["md"])
+        result["markdown"] = publish(ctx, "train", train.write_report, meta, rows)
     return result
 
 
@@ -266,12 +263,14 @@ def stage_pretrain(ctx: Context, limit_s: float) -> dict:
     return {"commands": [record], "metrics": metrics}
 
 
+# GPU limits sum to 490 s of the 510 s budget: compilation (torch.compile providers, Triton autotuning
+# at new shapes) is most of the kernels' and train stages' time.
 STAGES = (
-    Stage("machine", 25, 60, stage_machine),
-    Stage("tests", 120, 120, stage_tests),
-    Stage("kernels", 110, 300, stage_kernels),
-    Stage("train", 190, 240, stage_train),
-    Stage("pretrain", 55, 120, stage_pretrain),
+    Stage("machine", 20, 60, stage_machine),
+    Stage("tests", 100, 120, stage_tests),
+    Stage("kernels", 150, 300, stage_kernels),
+    Stage("train", 170, 240, stage_train),
+    Stage("pretrain", 50, 120, stage_pretrain),
 )
 
 

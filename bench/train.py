@@ -63,25 +63,26 @@ def build_data2vec2(modality: str, size: str):
 METHODS: dict[str, Callable[[str, str], tuple[torch.nn.Module, Any]]] = {"data2vec2": build_data2vec2}
 
 
-def synthetic_batches(method, cfg, seed: int = 0) -> Iterator[dict]:
-    """Endless batches of the recipe's per-GPU size, made as the loader makes them (CPU masks, pinned)."""
+def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> Iterator[dict]:
+    """Endless batches of the recipe's per-GPU size (or ``batch`` samples), made as the loader makes
+    them (CPU masks and kept ids, pinned)."""
     from d2v2.models.masking import mask_to_ids
 
     gen = torch.Generator().manual_seed(seed)
     data, modality = cfg.data, cfg.model.modality
+    size = batch or (max(1, data.max_tokens // data.max_samples) if modality == "audio" else data.batch_size)
     pin = torch.cuda.is_available()
     index = 0
     while True:
         if modality == "image":
-            source = torch.randn(data.batch_size, 3, data.crop_size, data.crop_size, generator=gen)
-            mask = method.make_masks(data.batch_size, generator=gen)
-        elif modality == "audio":
-            clips = max(1, data.max_tokens // data.max_samples)  # the loader's batch of longest clips
-            source = torch.randn(clips, data.max_samples, generator=gen)
-            mask = method.make_masks(clips, int(method.num_frames(data.max_samples)), generator=gen)
+            source = torch.randn(size, 3, data.crop_size, data.crop_size, generator=gen)
+            mask = method.make_masks(size, generator=gen)
+        elif modality == "audio":  # the loader's batch of longest clips
+            source = torch.randn(size, data.max_samples, generator=gen)
+            mask = method.make_masks(size, int(method.num_frames(data.max_samples)), generator=gen)
         else:
-            source = torch.randint(4, method.cfg.vocab_size, (data.batch_size, data.block_size), generator=gen)
-            mask = method.make_masks(data.batch_size, data.block_size, generator=gen)
+            source = torch.randint(4, method.cfg.vocab_size, (size, data.block_size), generator=gen)
+            mask = method.make_masks(size, data.block_size, generator=gen)
         batch = {"source": source, "mask": mask, "ids_keep": mask_to_ids(mask)}
         if pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
@@ -109,7 +110,10 @@ def kernels_env(value: str | None):
 class Contestant:
     """One (method, modality, variant): its own model, trainer and batch stream."""
 
-    def __init__(self, method: str, modality: str, size: str, variant: str, device: torch.device, run_dir: Path):
+    def __init__(
+        self, method: str, modality: str, size: str, variant: str, device: torch.device, run_dir: Path,
+        batch: int | None = None,
+    ):
         from d2v2.engine.trainer import Trainer
 
         self.method, self.modality, self.variant, self.device = method, modality, variant, device
@@ -119,7 +123,7 @@ class Contestant:
         cfg.train.log_every = cfg.train.checkpoint_every = 10**9
         cfg.train.accum_steps = 1
         self.env = "torch" if variant == "torch" else None
-        self.batches = synthetic_batches(model, cfg)
+        self.batches = synthetic_batches(model, cfg, batch)
         first = next(self.batches)
         self.samples = first["source"].shape[0]
         self.tokens = self.samples * first["mask"].shape[1]
@@ -182,6 +186,7 @@ def run(
     variants: Sequence[str] = VARIANTS,
     warmup: int = 3,
     steps: int = 10,
+    batch: int | None = None,
     out_dir: Path | None = None,
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
@@ -192,8 +197,8 @@ def run(
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise ValueError(f"{name}: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(known)}")
-    if warmup < 0 or steps < 1:
-        raise ValueError(f"need warmup >= 0 and steps >= 1, got {warmup} and {steps}")
+    if warmup < 0 or steps < 1 or (batch is not None and batch < 1):
+        raise ValueError(f"need warmup >= 0, steps >= 1 and batch >= 1, got {warmup}, {steps} and {batch}")
     stamp = harness.environment_stamp(device)
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceiling = harness.matmul_tflops(device, gemm_dtype)
@@ -202,11 +207,11 @@ def run(
     with tempfile.TemporaryDirectory(prefix="d2v2-bench-train-") as scratch:
         for method in methods:
             for modality in modalities:
-                rows += _race(method, modality, size, variants, device, warmup, steps, ceiling, stamp, Path(scratch), log)
+                rows += _race(method, modality, size, batch, variants, device, warmup, steps, ceiling, stamp, Path(scratch), log)
     harness.speedups(rows, group_keys=("method", "modality"), label_key="variant", baseline="torch")
     harness.speedups(rows, group_keys=("method", "modality"), label_key="variant", baseline="compile")
     meta = {
-        **stamp, "benchmark": "train", "size": size, "warmup_steps": warmup, "timed_steps": steps,
+        **stamp, "benchmark": "train", "size": size, "batch": batch or "recipe", "warmup_steps": warmup, "timed_steps": steps,
         "matmul_tflops": ceiling, "matmul_dtype": str(gemm_dtype).removeprefix("torch."),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
@@ -215,7 +220,7 @@ def run(
     return rows, write_report(out_dir, meta, rows)
 
 
-def _race(method, modality, size, variants, device, warmup, steps, ceiling, stamp, scratch, log) -> list[dict]:
+def _race(method, modality, size, batch, variants, device, warmup, steps, ceiling, stamp, scratch, log) -> list[dict]:
     """One (method, modality): build each variant, count FLOPs once, then alternate their steps."""
     contestants: list[Contestant] = []
     rows = []
@@ -223,14 +228,15 @@ def _race(method, modality, size, variants, device, warmup, steps, ceiling, stam
         row = {"method": method, "modality": modality, "size": size, "variant": variant, "status": "ok", "note": ""}
         rows.append(row)
         try:
-            contestants.append(Contestant(method, modality, size, variant, device, scratch))
+            contestants.append(Contestant(method, modality, size, variant, device, scratch, batch))
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
             row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     alive = {c.variant: c for c in contestants}
     flops = None
     if alive:
-        try:
-            flops = next(iter(alive.values())).flops()
+        try:  # on an eager model (a compiled one runs code the counter cannot see)
+            eager = [c for c in alive.values() if c.variant != "compile"]
+            flops = (eager[0] if eager else Contestant(method, modality, size, "torch", device, scratch, batch)).flops()
         except Exception as e:  # noqa: BLE001 - the times still mean something without it
             log(f"{method} {modality}: FLOP count failed: {type(e).__name__}: {e}")
     for i in range(warmup + steps):
@@ -296,7 +302,7 @@ def _display(row: Mapping[str, Any]) -> dict[str, Any]:
 def write_report(out_dir: Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
     """results.json (meta + rows), results.md (table, failures) and results.png (step time per variant)."""
     paths = {"json": harness.write_json(out_dir / "results.json", meta, rows)}
-    header = {k: meta[k] for k in ("device", "torch", "triton", "cuda", "date", "size", "precision")}
+    header = {k: meta.get(k) for k in ("device", "torch", "triton", "cuda", "date", "size", "batch", "precision")}
     header["steps"] = f"{meta['warmup_steps']} warm-up (discarded) + {meta['timed_steps']} timed per variant, round robin"
     header["matmul ceiling"] = f"{meta['matmul_tflops']:.2f} TFLOP/s ({meta['matmul_dtype']})"
     header["command"] = meta.get("command")
