@@ -74,15 +74,20 @@ def test_kernel_matches_reference(case):
     check_case(case, torch.device(TEST_DEVICE))
 
 
+# (dim, depth, patch) of ViT-B and ViT-H: the launch over ~0.6 G parameters is a known risk.
+VIT_SIZES = {"vit-b": (768, 12, 16), "vit-h": (1280, 32, 14)}
+
+
+@pytest.mark.parametrize("size", VIT_SIZES)
 @pytest.mark.parametrize("student_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_ema_at_vit_scale(student_dtype):
-    # Every ViT-B parameter in one call (the real multi-tensor launch), fp32 teacher.
-    spec = bench.REFERENCE_SHAPES["vit-b"]
-    shapes = bench.vit_parameter_shapes(spec.dim, spec.depth, spec.patch)
+def test_ema_at_vit_scale(student_dtype, size):
+    # Every parameter of the ViT in one call (the real multi-tensor launch), fp32 teacher.
+    shapes = bench.vit_parameter_shapes(*VIT_SIZES[size])
     teacher = [torch.randn(s) * 0.02 for s in shapes]
     student = [(torch.randn(s) * 0.02).to(student_dtype) for s in shapes]
     expected = [t.clone() for t in teacher]
     ema_(teacher, student, 0.9998, impl="triton")
     ema_ref(expected, student, 0.9998)
     for i, (got, want) in enumerate(zip(teacher, expected)):
-        assert_close(got, want, atol=1e-7, rtol=1e-6, name=f"teacher[{i}] {tuple(got.shape)}")
+        if not torch.allclose(got, want, atol=1e-7, rtol=1e-6):  # on the device; the report copies to the host
+            assert_close(got, want, atol=1e-7, rtol=1e-6, name=f"teacher[{i}] {tuple(got.shape)}")
