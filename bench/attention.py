@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from d2v2.kernels import _utils
+from d2v2 import kernels as _kernels
 from d2v2.kernels.attention import attention, attention_ref
 
 from .kernels import Case, Unavailable, Workload
@@ -185,9 +185,9 @@ def setup_attention(
     alibi = dict(positions=positions, alibi_slopes=slopes) if shape.alibi else {}
 
     if provider == "triton":
-        if not _utils.HAS_TRITON:
+        if not _kernels.HAS_TRITON:
             raise Unavailable("triton is not installed")
-        if device.type != "cuda" and not _utils.triton_interpret():
+        if device.type != "cuda" and not _kernels.triton_interpret():
             raise Unavailable("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to interpret them on CPU")
         fn = functools.partial(attention, q, k, v, impl="triton", **alibi)
     elif provider == "torch":

@@ -21,9 +21,8 @@ runs only aten ops; the same count for every variant, since the math is the same
 a bf16 matmul ceiling measured in the same run, and the speedups over the torch variant.
 
 Methods
-    ``METHODS`` maps a name to the one function that builds it for a modality and size (today
-    data2vec 2.0 alone; the baselines register here, one line each), and ``run(methods=...)`` takes
-    the list to compare.
+    Any method registered in ``d2v2.models.METHODS`` (today data2vec 2.0; the baselines join there,
+    one entry each), built by ``build`` alone; ``run(methods=...)`` / ``--methods`` take the list.
 """
 
 from __future__ import annotations
@@ -45,27 +44,27 @@ MODALITIES = ("image", "audio", "text")
 SIZES = ("tiny", "base")
 
 
-def build_data2vec2(modality: str, size: str):
-    """data2vec 2.0 as ``d2v2 pretrain --recipe <modality>-<size>`` builds it: (method, run config)."""
+def build(method: str, modality: str, size: str):
+    """The one place a benchmarked method is built: ``method`` (a name in ``d2v2.models.METHODS``) for
+    the recipe ``<modality>-<size>``, as ``d2v2 pretrain`` builds it, with the fields its data would
+    decide taken from the recipe (synthetic data has no tokenizer: RoBERTa's special ids, ``<pad>`` 1
+    and ``<mask>`` 4, as the engine's BPE lays them out). Returns (method, resolved run config)."""
     from d2v2.engine.run import resolve_config
-    from d2v2.models.data2vec2 import Data2Vec2
+    from d2v2.models import build_method
 
     cfg = resolve_config(f"{modality}-{size}")
-    # The data-dependent fields engine/run.py sets from the data set (tokenizer, crop size).
-    extra = {
-        "image": {"image_size": cfg.data.crop_size},
-        "text": {"vocab_size": cfg.data.vocab_size, "padding_idx": 1, "max_positions": max(cfg.data.block_size, 512)},
+    cfg.method = cfg.model.method = method
+    data = cfg.data
+    fields = {
+        "image": {"image_size": data.crop_size},
+        "text": {"vocab_size": data.vocab_size, "padding_idx": 1, "mask_idx": 4, "max_positions": max(data.block_size, 512)},
     }.get(modality, {})
-    return Data2Vec2(cfg.model.build_config(**{k: v for k, v in extra.items() if k not in cfg.model.overrides})), cfg
-
-
-# name -> build(modality, size) -> (method following the method protocol, resolved run config)
-METHODS: dict[str, Callable[[str, str], tuple[torch.nn.Module, Any]]] = {"data2vec2": build_data2vec2}
+    return build_method(method, cfg.model.build_config(**fields)), cfg
 
 
 def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> Iterator[dict]:
     """Endless batches of the recipe's per-GPU size (or ``batch`` samples), made as the loader makes
-    them (CPU masks and kept ids, pinned)."""
+    them: the method's modality draws the masks on the CPU, kept ids beside them, pinned."""
     from d2v2.models.masking import mask_to_ids
 
     gen = torch.Generator().manual_seed(seed)
@@ -76,17 +75,15 @@ def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> I
     while True:
         if modality == "image":
             source = torch.randn(size, 3, data.crop_size, data.crop_size, generator=gen)
-            mask = method.make_masks(size, generator=gen)
         elif modality == "audio":  # the loader's batch of longest clips
             source = torch.randn(size, data.max_samples, generator=gen)
-            mask = method.make_masks(size, int(method.num_frames(data.max_samples)), generator=gen)
-        else:
-            source = torch.randint(4, method.cfg.vocab_size, (size, data.block_size), generator=gen)
-            mask = method.make_masks(size, data.block_size, generator=gen)
-        batch = {"source": source, "mask": mask, "ids_keep": mask_to_ids(mask)}
+        else:  # ids past the special tokens
+            source = torch.randint(5, data.vocab_size, (size, data.block_size), generator=gen)
+        mask = method.modality.make_masks(size, source, gen)
+        tensors = {"source": source, "mask": mask, "ids_keep": mask_to_ids(mask)}
         if pin:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        yield {**batch, "skipped": [], "epoch": 0, "batch": index}
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        yield {**tensors, "skipped": [], "epoch": 0, "batch": index}
         index += 1
 
 
@@ -118,7 +115,7 @@ class Contestant:
 
         self.method, self.modality, self.variant, self.device = method, modality, variant, device
         torch.manual_seed(0)  # the same weights for every variant
-        model, cfg = METHODS[method](modality, size)
+        model, cfg = build(method, modality, size)
         cfg.train.compile = variant == "compile"
         cfg.train.log_every = cfg.train.checkpoint_every = 10**9
         cfg.train.accum_steps = 1
@@ -192,6 +189,8 @@ def run(
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Time every (method, modality, variant); write results.json, results.md and results.png."""
+    from d2v2.models import METHODS
+
     for name, chosen, known in (("size", [size], SIZES), ("modalities", modalities, MODALITIES),
                                 ("methods", methods, tuple(METHODS)), ("variants", variants, VARIANTS)):  # fmt: skip
         unknown = [c for c in chosen if c not in known]

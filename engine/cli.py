@@ -27,15 +27,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, devices and which kernel implementation each op uses."""
     import torch
 
-    from d2v2.kernels import _utils
+    from d2v2 import kernels
 
     print(f"d2v2 {VERSION}")
     print(f"python {platform.python_version()} ({sys.executable})")
     print(f"torch {torch.__version__}")
-    if _utils.HAS_TRITON:
+    if kernels.HAS_TRITON:
         import triton
 
-        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _utils.triton_interpret() else ""))
+        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if kernels.triton_interpret() else ""))
     else:
         print("triton not installed: every op runs its PyTorch reference")
     if torch.cuda.is_available():
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         devices["cuda"] = torch.empty(0, device="cuda")
     for name, t in devices.items():
-        print(f"kernels on {name}: impl='auto' runs {_utils.resolve_impl('auto', t)}")
+        print(f"kernels on {name}: impl='auto' runs {kernels.resolve_impl('auto', t)}")
     return 0
 
 
@@ -82,11 +82,17 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Hand over to d2v2.bench, imported only here: the engine itself never depends on it."""
-    import importlib
+def plugin_commands() -> dict:
+    """Subcommands other packages register under the ``d2v2.commands`` entry-point group (``bench``
+    comes from d2v2.bench through setup.py): the engine never imports them itself."""
+    from importlib.metadata import entry_points
 
-    return importlib.import_module("d2v2.bench.cli").main(args.bench_args)
+    return {ep.name: ep for ep in entry_points(group="d2v2.commands")}
+
+
+def cmd_plugin(args: argparse.Namespace) -> int:
+    """Hand the unparsed arguments to a registered subcommand's ``main(argv)``."""
+    return args.plugin.load()(args.plugin_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled image set")
+    p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
-    p.add_argument("--data", help="ImageFolder tree with one folder per class (default: the embedded digits)")
+    p.add_argument("--data", help="a folder with one subfolder per class (default: the embedded digits, voices, or pydoc topics)")
     p.add_argument("--out", help="where to write the JSON result (default: probe.json beside the checkpoint)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--test-fraction", type=float, default=0.3)
@@ -127,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_manifest)
 
-    # Everything after `bench` (--help included) goes to d2v2.bench.cli unparsed.
-    p = sub.add_parser("bench", help="benchmarks (see `d2v2 bench --help`)", add_help=False, prefix_chars="\0")
-    p.add_argument("bench_args", nargs="*")
-    p.set_defaults(func=cmd_bench)
+    # Everything after a registered subcommand (--help included) goes to it unparsed.
+    for name, entry in sorted(plugin_commands().items()):
+        p = sub.add_parser(name, help=f"{name} (see `d2v2 {name} --help`)", add_help=False, prefix_chars="\0")
+        p.add_argument("plugin_args", nargs="*")
+        p.set_defaults(func=cmd_plugin, plugin=entry)
     return parser
 
 

@@ -1,11 +1,12 @@
-"""Linear probe and kNN on the frozen teacher features of a pretrained checkpoint.
+"""Linear probe and kNN on the frozen features of a pretrained checkpoint, for every modality.
 
-Features are the teacher encoder's final outputs, averaged over the patch tokens (the CLS token
-left out), computed once for the whole labelled set. The linear probe is an L2-regularised
+Features are ``Method.probe_features`` (the EMA teacher's final outputs where the method has a
+teacher, else its encoder's), averaged over the positions (the CLS token left out), computed once
+for the whole labelled set (``probe_sets``: digits, voices and rates of the synthetic speech, pydoc
+topics of text blocks, or a folder with one subfolder per class). The linear probe is an L2-regularised
 multinomial logistic regression (scikit-learn, on standardised features); the kNN classifier votes
 among the k nearest training samples by cosine similarity, weighted by exp(similarity / 0.07).
-The labelled set is the embedded digits by default, or an ImageFolder tree (one folder per class),
-split once into train and test with a fixed seed.
+Each task's set is split once into train and test with a fixed seed.
 """
 
 from __future__ import annotations
@@ -16,48 +17,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config
+from d2v2.models import Method, build_method, method_entry
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import from_dict
-from .data import embedded, images
+from .probe_sets import labelled_set
 
 
-def method_from_checkpoint(path: str) -> tuple[Data2Vec2, dict]:
-    """Rebuild the model a checkpoint was trained as, with its weights; returns (model, config dict)."""
+def method_from_checkpoint(path: str) -> tuple[Method, dict]:
+    """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict)."""
     state = load_checkpoint(path)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
+    name = state["config"].get("method", "data2vec2")
     model_cfg = dict(state["config"]["model"])
     model_cfg.pop("size", None)
-    model = Data2Vec2(from_dict(Data2Vec2Config, model_cfg, "model"))
+    model = build_method(name, from_dict(method_entry(name).config, model_cfg, "model"))
     model.load_state_dict(state["method"])
     return model.eval(), state["config"]
 
 
 @torch.no_grad()
-def teacher_features(model: Data2Vec2, pixels: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
-    """Mean-pooled teacher features [M, D] of images [M, 3, H, W] (already normalised)."""
-    if model.cfg.modality != "image":
-        raise ValueError(f"the probe runs on image checkpoints; this one is {model.cfg.modality!r}")
+def frozen_features(model: Method, sources: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """Mean-pooled frozen features [M, D] (``Method.probe_features``: the teacher's where the method
+    has one) of a labelled set's sources."""
     model = model.to(device)
     out = []
-    for start in range(0, pixels.shape[0], batch_size):
-        x = model.teacher(pixels[start : start + batch_size].to(device))  # [b, 1 + N, D]
-        out.append(x[:, model.cfg.num_extra_tokens :].float().mean(dim=1).cpu())
+    for start in range(0, sources.shape[0], batch_size):
+        x = model.probe_features(sources[start : start + batch_size].to(device))  # [b, N, D]
+        out.append(x.float().mean(dim=1).cpu())
     return torch.cat(out)
-
-
-def labelled_images(data: str | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised images [M, 3, size, size] and labels [M]: the digits, or an ImageFolder tree."""
-    if data is None:
-        pixels, labels = embedded.digits(size=size)
-        return (pixels - torch.tensor(images.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(images.IMAGENET_STD).view(1, 3, 1, 1), labels
-    paths, labels, classes = images.list_images(data)
-    if len(classes) < 2:
-        raise ValueError(f"the probe needs labelled images: {data} must hold one folder per class (found {len(classes)})")
-    transform = images.EvalTransform(size)
-    return torch.stack([transform(images.load_rgb(p)) for p in paths]), torch.tensor(labels)
 
 
 def split(num: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,22 +82,26 @@ def probe(
     if not 0 < test_fraction < 1:
         raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = method_from_checkpoint(checkpoint)
-    pixels, labels = labelled_images(data, model.cfg.image_size)
-    feats = teacher_features(model, pixels, device=device)
-    train, test = split(len(labels), test_fraction, seed)
-    result = {
-        "checkpoint": str(resolve_checkpoint(checkpoint)),
-        "data": data or "embedded digits",
-        "train_samples": int(len(train)),
-        "test_samples": int(len(test)),
-        "classes": int(labels.max()) + 1,
-        "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
-        "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
-    }
+    model, config = method_from_checkpoint(checkpoint)
+    labelled = labelled_set(model.modality.name, model.cfg, config, data)
+    feats = frozen_features(model, labelled.sources, device=device)
+    tasks = {}
+    for task, labels in labelled.tasks.items():
+        train, test = split(len(labels), test_fraction, seed)
+        tasks[task] = {
+            "classes": len(labelled.classes[task]),
+            "train_samples": int(len(train)),
+            "test_samples": int(len(test)),
+            "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
+            "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
+        }
+    first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
+    result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}
     target = Path(out) if out else resolve_checkpoint(checkpoint).parent / "probe.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
-    log(f"linear probe {100 * result['linear_accuracy']:.1f} % | kNN {100 * result['knn_accuracy']:.1f} % "
-        f"({result['classes']} classes, {result['test_samples']} test samples) -> {target}")
+    for task, r in tasks.items():
+        log(f"{task}: linear probe {100 * r['linear_accuracy']:.1f} % | kNN {100 * r['knn_accuracy']:.1f} % "
+            f"({r['classes']} classes, {r['test_samples']} test samples)")
+    log(f"-> {target}")
     return result

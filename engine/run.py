@@ -1,8 +1,8 @@
 """A pretraining run: the resolved config, the run folder, and ``pretrain()`` that ties them together.
 
-The run configuration composes each component's own config: the model's (``Data2Vec2Config``,
-filled from the recipe's ``model: {modality, size}`` preset plus any overridden fields), the
-data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
+The run configuration composes each component's own config: the method's (its config dataclass,
+filled from the preset the recipe names with ``method:`` and ``model: {modality, size}``, plus any
+overridden fields), the data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
 ``--set key=value`` overrides -> validation, one line per error.
 
 Launched by torchrun, ``pretrain()`` trains data-parallel (see ``distributed``: how to launch, how the
@@ -15,39 +15,45 @@ import dataclasses
 import time
 import typing
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 
-from d2v2.models.data2vec2 import Data2Vec2, Data2Vec2Config, count_parameters, data2vec2_config, make_masks
-from d2v2.models.encoders import audio_num_frames
+from d2v2.models import build_method, count_parameters, method_entry
 
 from . import distributed
 from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
-from .data.build import DataConfig, build_dataset, build_loader
+from .data.build import DataConfig, batches_by_size, build_dataset, build_loader
 from .data.loader import DataPosition
 from .trainer import OptimConfig, TrainConfig, Trainer
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelSpec:
-    """A released model preset plus field overrides (``d2v2.models.data2vec2_config``)."""
+    """A method's released preset plus field overrides (``d2v2.models.method_config``)."""
 
+    method: str
+    """The method's registered name (``d2v2.models.METHODS``)."""
     modality: typing.Literal["image", "audio", "text"]
     size: str
+    """A size of ``d2v2.models.ENCODER_SIZES`` (tiny, base, large, ...)."""
     overrides: dict = field(default_factory=dict)
+    """Config fields that differ from the preset (``--set model.<field>=...``)."""
 
-    def build_config(self, **extra) -> Data2Vec2Config:
-        hints = typing.get_type_hints(Data2Vec2Config)
-        known = {f.name for f in dataclasses.fields(Data2Vec2Config)} - {"modality"}
+    def build_config(self, **extra):
+        """The method's config: the preset, then ``overrides`` and the data-decided ``extra`` fields
+        (those the method's config has; a user override of the same field wins)."""
+        entry = method_entry(self.method)
+        hints = typing.get_type_hints(entry.config)
+        known = {f.name for f in dataclasses.fields(entry.config)} - {"modality"}
+        extra = {k: v for k, v in extra.items() if k in known and k not in self.overrides}
         values = {}
         for key, value in {**self.overrides, **extra}.items():
             if key not in known:
                 raise ValueError(f"unknown config key model.{key}; valid keys in model: size, {', '.join(sorted(known))}")
             values[key] = convert(value, hints[key], f"model.{key}")
-        return data2vec2_config(self.modality, self.size, **values)
+        return entry.preset(self.modality, self.size, **values)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,6 +61,9 @@ class RunConfig:
     """Everything a pretraining run needs; written to ``<run>/config.yaml``."""
 
     recipe: str
+    """The recipe the run was resolved from (a name in ``engine/recipes`` or a YAML path)."""
+    method: str = "data2vec2"
+    """The pretraining method (``d2v2.models.METHODS``): data2vec2 unless the recipe names another."""
     model: ModelSpec
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -67,7 +76,10 @@ def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
+    method = str(data.get("method", "data2vec2"))
+    method_entry(method)  # an unknown method is a one-line error naming the known ones
     spec = ModelSpec(
+        method=method,
         modality=convert(model.pop("modality"), typing.Literal["image", "audio", "text"], "model.modality"),
         size=str(model.pop("size")),
         overrides=model,
@@ -79,19 +91,6 @@ def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _num_positions(cfg: Data2Vec2Config, source: torch.Tensor) -> int:
-    """Maskable positions of a collated source: patches, CNN frames or tokens."""
-    if cfg.modality == "image":
-        return cfg.grid[0] * cfg.grid[1]
-    if cfg.modality == "audio":
-        return int(audio_num_frames(source.shape[-1], cfg.conv_feature_layers))
-    return source.shape[-1]
-
-
-def _make_mask(cfg: Data2Vec2Config, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    return make_masks(cfg, rows // cfg.clone_batch, length, generator=generator)
 
 
 def pretrain(
@@ -136,38 +135,31 @@ def _pretrain(
     # stream is the same on every rank whoever built what.
     with torch.random.fork_rng(devices=[]):
         dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
-    extra = {}
-    if cfg.model.modality == "text":
-        # The model's vocabulary and padding id follow the tokenizer.
-        extra = {"vocab_size": dataset.vocab_size, "padding_idx": dataset.pad_id, "max_positions": max(cfg.data.block_size, 512)}
-    if cfg.model.modality == "image":
-        extra = {"image_size": cfg.data.crop_size}
-    model_cfg = cfg.model.build_config(**{k: v for k, v in extra.items() if k not in cfg.model.overrides})
-    model = Data2Vec2(model_cfg)  # the same weights on every rank: same seed, same draws
+    # The data decides some model fields (the text vocabulary and padding id, the image size).
+    model_cfg = cfg.model.build_config(**dataset.model_fields())
+    model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
 
     resolved = to_dict(cfg)
-    resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}
+    resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}  # the method's whole config
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def loader_fn(position: DataPosition):
         return build_loader(
-            cfg.model.modality, dataset, cfg.data, cfg.train.seed, model_cfg.clone_batch,
-            partial(_make_mask, model_cfg), partial(_num_positions, model_cfg), position,
-            rank=env.rank, world_size=env.world_size,
-        )  # fmt: skip
+            dataset, cfg.data, cfg.train.seed, model.modality, position, rank=env.rank, world_size=env.world_size
+        )
 
-    samples_hint = cfg.data.batch_size if cfg.model.modality != "audio" else 0
-    layerdrop = model_cfg.layerdrop > 0 or model_cfg.prenet_layerdrop > 0
+    samples_hint = 0 if batches_by_size(dataset) else cfg.data.batch_size
     trainer = Trainer(
         model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log,
-        dist=env, find_unused_parameters=layerdrop,
+        dist=env, find_unused_parameters=model.skips_parameters,
     )  # fmt: skip
     encoder_millions = count_parameters(model.encoder) / 1e6
     processes = f" | {env.world_size} processes" if env.distributed else ""
-    log(f"run folder {run_dir} | {cfg.model.modality} {cfg.model.size} | {encoder_millions:.1f} M encoder parameters | {dev}{processes}")
+    log(f"run folder {run_dir} | {cfg.method} {cfg.model.modality} {cfg.model.size} | "
+        f"{encoder_millions:.1f} M encoder parameters | {dev}{processes}")
     if not trainer.resume(resume) and init_from:
         trainer.init_from(init_from)
     return trainer.train()

@@ -38,8 +38,6 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from d2v2.kernels import index_checks
-
 from .checkpoint import latest_checkpoint, save_checkpoint, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
@@ -48,7 +46,7 @@ from .distributed import DistEnv, seed_all
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    """AdamW with a cosine schedule and linear warm-up (fairseq ``cosine``)."""
+    """AdamW (decoupled weight decay, as fairseq's ``adam``) with a learning-rate schedule (``schedules``)."""
 
     lr: float = 1e-3
     """Peak learning rate at ``ref_batch`` samples per update."""
@@ -61,8 +59,22 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 to the peak LR over this many updates."""
     total_steps: int = 1000
-    """Length of the schedule (updates); the cosine reaches ``min_lr`` here."""
+    """Length of the schedule (updates); the decay reaches ``min_lr`` here."""
     min_lr: float = 0.0
+    schedule: Literal["cosine", "polynomial", "tri_stage"] = "cosine"
+    """After the warm-up: "cosine" (half-cosine to ``min_lr``: data2vec 2.0, MAE), "polynomial"
+    (``(1 - progress) ** power`` to ``min_lr``: wav2vec 2.0; power 1 = linear: RoBERTa) or
+    "tri_stage" (data2vec 1.0 audio: warm-up from ``init_lr_scale`` x peak over ``phase_ratio[0]``
+    of the steps, hold for ``phase_ratio[1]``, exponential decay to ``final_lr_scale`` x peak;
+    ``warmup_steps`` is unused)."""
+    power: float = 1.0
+    """Exponent of the polynomial decay."""
+    phase_ratio: tuple[float, float, float] = (0.03, 0.9, 0.07)
+    """tri_stage: fractions of ``total_steps`` for warm-up, hold and decay (summing to 1)."""
+    init_lr_scale: float = 0.01
+    """tri_stage: the warm-up starts at this fraction of the peak learning rate."""
+    final_lr_scale: float = 0.05
+    """tri_stage: the decay ends at this fraction of the peak learning rate."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -75,6 +87,15 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+        if self.schedule not in ("cosine", "polynomial", "tri_stage"):
+            raise ValueError(f"optim.schedule must be cosine, polynomial or tri_stage, got {self.schedule!r}")
+        if self.power <= 0:
+            raise ValueError(f"optim.power must be > 0, got {self.power}")
+        if len(self.phase_ratio) != 3 or min(self.phase_ratio) < 0 or abs(sum(self.phase_ratio) - 1) > 1e-6:
+            raise ValueError(f"optim.phase_ratio must be three fractions >= 0 summing to 1, got {list(self.phase_ratio)}")
+        for name in ("init_lr_scale", "final_lr_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"optim.{name} must lie in (0, 1], got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,11 +130,32 @@ class TrainingStopped(Exception):
 
 
 def lr_at(step: int, cfg: OptimConfig, peak: float) -> float:
-    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then half-cosine to ``min_lr``."""
+    """The learning rate of update ``step`` (0-based), a pure function of the step.
+
+    cosine / polynomial: linear warm-up from 0 to ``peak`` over ``warmup_steps``, then the decay to
+    ``min_lr`` at ``total_steps`` (fairseq ``cosine``, ``polynomial_decay``). tri_stage: fairseq's
+    ``tri_stage`` (see ``OptimConfig.schedule``).
+    """
+    if cfg.schedule == "tri_stage":
+        return _tri_stage_lr(step, cfg, peak)
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    if cfg.schedule == "polynomial":
+        return cfg.min_lr + (peak - cfg.min_lr) * (1.0 - progress) ** cfg.power
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _tri_stage_lr(step: int, cfg: OptimConfig, peak: float) -> float:
+    warmup, hold, decay = (int(round(r * cfg.total_steps)) for r in cfg.phase_ratio)
+    init_lr, final_lr = cfg.init_lr_scale * peak, cfg.final_lr_scale * peak
+    if step < warmup:
+        return init_lr + (peak - init_lr) * step / warmup
+    if step < warmup + hold:
+        return peak
+    if step < warmup + hold + decay:
+        return peak * math.exp(math.log(cfg.final_lr_scale) * (step - warmup - hold) / decay)
+    return final_lr
 
 
 def rng_state() -> dict:
@@ -143,10 +185,11 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Drives one method (``forward(batch) -> dict`` with ``loss``; ``after_step(step)``).
+    """Drives one method through the ``d2v2.models.Method`` protocol only: ``forward(batch) -> dict``
+    with ``loss``, ``after_step(step)``, ``param_groups(weight_decay)`` and ``health(step, metrics)``.
 
     Args:
-        method: the data2vec 2.0 module (student, teacher and decoders).
+        method: a ``d2v2.models.Method`` (e.g. built by ``d2v2.models.build_method``).
         loader_fn: ``loader_fn(position) -> iterator of batches`` starting at a data position.
         optim: optimizer and schedule settings.
         train: loop settings.
@@ -302,9 +345,7 @@ class Trainer:
     def forward_backward(self, batch: dict, sync: bool = True) -> dict:
         """One micro-batch; ``sync=False`` keeps DDP from all-reducing its gradients (accumulation)."""
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        # The loader derives ids_keep from each mask (always in range), so the kernels' index-range
-        # checks, one host sync each, would only stall the GPU here.
-        with no_sync, index_checks(False):
+        with no_sync:
             with self._autocast():
                 out = self.forward(batch)
             self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
@@ -397,13 +438,11 @@ class Trainer:
             skipped, self._unsettled_skipped = self._unsettled_skipped, []
             self._count_skipped(skipped)
 
-    def _check_collapse(self, metrics: dict) -> None:
-        reason = self.method.variance_collapse(self.step, metrics["target_var"], metrics["pred_var"])
+    def _check_health(self, metrics: dict) -> None:
+        """Stop when the method reports a reason (e.g. collapsed representations), naming the last checkpoint."""
+        reason = self.method.health(self.step, metrics)
         if reason:
-            raise TrainingStopped(
-                f"{reason}: the representations collapsed (last good checkpoint: {self.last_checkpoint}). "
-                "Lower optim.lr, or raise model.ema_decay"
-            )
+            raise TrainingStopped(f"{reason} (last good checkpoint: {self.last_checkpoint})")
 
     def train(self) -> dict:
         """Train to ``max_steps`` updates; returns the last logged metrics."""
@@ -455,7 +494,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     else:
                         self.log(line)
-                    self._check_collapse(metrics)
+                    self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save()

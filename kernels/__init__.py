@@ -6,9 +6,12 @@ tensors when Triton is importable and the PyTorch reference otherwise; the envir
 runs the real kernels on CPU tensors in Triton's interpreter. Every op is differentiable where its
 inputs require grad, validates its arguments (ValueError naming the argument), computes in fp32
 and accepts fp32, bf16 and fp16 inputs. Each op's module also holds its reference, ``<op>_ref``.
+
+``HAS_TRITON``, ``triton_interpret()`` and ``resolve_impl(impl, *tensors)`` tell which implementation
+an op would run, for tools that report it (``d2v2 info``, the benchmarks).
 """
 
-from ._utils import index_checks
+from ._utils import HAS_TRITON, resolve_impl, triton_interpret
 from .attention import attention
 from .conv_block1d import conv_block1d
 from .conv_block2d import conv_block2d
@@ -19,12 +22,14 @@ from .masked_regression_loss import masked_regression_loss
 from .scatter_tokens import scatter_tokens
 
 __all__ = [
+    "HAS_TRITON",
+    "resolve_impl",
+    "triton_interpret",
     "attention",
     "conv_block1d",
     "conv_block2d",
     "ema_",
     "gather_tokens",
-    "index_checks",
     "layer_targets",
     "masked_regression_loss",
     "scatter_tokens",

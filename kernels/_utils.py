@@ -4,7 +4,6 @@ argument checks and launch settings. Private: nothing here is part of the public
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import types
@@ -37,10 +36,6 @@ except ImportError:  # pragma: no cover - exercised only where Triton does not i
 IMPLS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-# Index-range checks cost one device-to-host sync per op call; D2V2_CHECK_INDICES=0 skips them
-# once a pipeline is known to produce valid indices (an out-of-range index then faults the kernel).
-CHECK_INDICES = os.environ.get("D2V2_CHECK_INDICES", "1") != "0"
 
 # Row-wise ops load one whole row (or a D-wide slice) per program; past this a row no longer
 # fits comfortably in registers and the op must be tiled differently.
@@ -115,27 +110,12 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
         raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
 
 
-@contextlib.contextmanager
-def index_checks(enabled: bool):
-    """Turn the ops' index-range checks on or off inside a ``with`` block (restored after).
-
-    Each check is one device-to-host sync; turn them off where the indices are known to be valid
-    (for example, masks made by ``d2v2.models.masking``) and the sync would stall the GPU.
-    """
-    global CHECK_INDICES
-    saved, CHECK_INDICES = CHECK_INDICES, bool(enabled)
-    try:
-        yield
-    finally:
-        CHECK_INDICES = saved
-
-
 def check_index_range(name: str, idx: torch.Tensor, upper: int) -> None:
     """Raise ValueError unless every entry of the integer tensor ``idx`` lies in [0, upper).
 
-    Costs one device-to-host sync; skipped when D2V2_CHECK_INDICES=0.
+    Costs one device-to-host sync: the ops that take indices skip it with ``check_ids=False``.
     """
-    if not CHECK_INDICES or idx.numel() == 0:
+    if idx.numel() == 0:
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= upper:

@@ -34,8 +34,9 @@ References
 Limits
     - Duplicate positions within one ids_keep row are undefined behaviour: the forward is still the
       plain gather, but the backward credits only one of the duplicates.
-    - ids_keep is checked for shape, dtype, device and range [0, N) (one host sync; set
-      D2V2_CHECK_INDICES=0 to skip the range check once indices are known to be valid).
+    - ids_keep is checked for shape, dtype, device and range [0, N); the range check is one host
+      sync, skipped with ``check_ids=False`` by callers whose ids are valid by construction (e.g.
+      made by ``d2v2.models.masking.mask_to_ids``): an out-of-range id then faults the kernel.
     - D up to 65536 (one D-row per tile; see ``_utils.block_settings``).
     - clones is a compile-time constant (one compilation per value; the backward unrolls over it),
       which suits its fixed per-recipe values (8-16).
@@ -254,6 +255,7 @@ def gather_tokens(
     pos: torch.Tensor | None = None,
     clones: int = 1,
     impl: str = "auto",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Clone, add positions and keep tokens: y[r, j] = x[r // clones, ids_keep[r, j]] + pos[ids_keep[r, j]].
 
@@ -263,6 +265,7 @@ def gather_tokens(
         pos: optional [N, D] positional embedding (any float dtype; may require grad).
         clones: number of masked copies of each sample (rows b*clones .. b*clones + clones-1 read sample b).
         impl: "auto" | "triton" | "torch" (see ``d2v2.kernels``).
+        check_ids: check that ids_keep lies in [0, N) (one host sync); False when the caller knows it does.
 
     Returns:
         [B*clones, K, D] in x's dtype. Gradients flow to x (summed over clones) and to pos.
@@ -276,7 +279,8 @@ def gather_tokens(
     if pos is not None:
         check_tensor("pos", pos, ndim=2, device=x.device)
         check_shape("pos", pos, (length, dim))
-    check_index_range("ids_keep", ids_keep, length)
+    if check_ids:
+        check_index_range("ids_keep", ids_keep, length)
 
     if resolve_impl(impl, x, ids_keep, pos) == "torch":
         return gather_tokens_ref(x, ids_keep, pos, clones)

@@ -41,8 +41,9 @@ References
 Limits
     - Duplicate positions within one ids_keep row are undefined behaviour (which duplicate lands in
       the output is unspecified; dy is still the plain gather).
-    - ids_keep is checked for shape, dtype, device and range [0, length) (one host sync; set
-      D2V2_CHECK_INDICES=0 to skip the range check once indices are known to be valid).
+    - ids_keep is checked for shape, dtype, device and range [0, length); the range check is one host
+      sync, skipped with ``check_ids=False`` by callers whose ids are valid by construction (e.g.
+      made by ``d2v2.models.masking.mask_to_ids``): an out-of-range id then faults the kernel.
     - D up to 65536; length * D < 2**31 on the Triton path (the in-kernel noise counter is 32-bit).
     - The Triton noise stream depends on the seed, the row, the position and next_power_of_2(D), not on
       the tile shape; it is not the stream torch.randn would give, and the interpreter's float maths
@@ -346,6 +347,7 @@ def scatter_tokens(
     noise_std: float = 0.01,
     generator: torch.Generator | None = None,
     impl: str = "auto",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Place y's rows at ids_keep in a [R, length, D] sequence and fill every other position.
 
@@ -358,6 +360,7 @@ def scatter_tokens(
         generator: torch.Generator on y's device for the noise; None uses torch's default one.
         impl: "auto" | "triton" | "torch" (see ``d2v2.kernels``). Triton's and torch's noise streams
             differ; each is reproducible from the generator state.
+        check_ids: check that ids_keep lies in [0, length) (one host sync); False when the caller knows it does.
 
     Returns:
         [R, length, D] in y's dtype. Gradients flow to y (the gather at ids_keep) and to a fill tensor.
@@ -385,7 +388,8 @@ def scatter_tokens(
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != y.device.type:
             raise ValueError(f"generator must be on {y.device} like y, got {generator.device}")
-    check_index_range("ids_keep", ids_keep, length)
+    if check_ids:
+        check_index_range("ids_keep", ids_keep, length)
 
     if resolve_impl(impl, y, ids_keep, fill if isinstance(fill, torch.Tensor) else None) == "torch":
         return scatter_tokens_ref(y, ids_keep, length, fill, noise_std, generator)

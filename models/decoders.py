@@ -90,8 +90,9 @@ class _ConvDecoder(nn.Module):
         head.append(nn.Linear(width, input_dim))
         self.proj = head[0] if len(head) == 1 else nn.Sequential(*head)
 
-    def decoder_input(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    def decoder_input(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int, check_ids: bool = True) -> torch.Tensor:
         """[R, K, D] kept outputs -> [R, N, D]: dropout, then the kept rows at ids_keep and noise elsewhere.
+        ``check_ids=False``: the caller has validated ids_keep (no range check, no host sync).
 
         Under autocast the input is cast to the autocast dtype first: the fused conv blocks are not
         autocast ops, and the encoder's final LayerNorm hands over fp32.
@@ -100,7 +101,8 @@ class _ConvDecoder(nn.Module):
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))
         return scatter_tokens(
-            self.input_dropout(x), ids_keep, length, fill="noise", noise_std=self.mask_noise_std, impl=self.impl
+            self.input_dropout(x), ids_keep, length, fill="noise", noise_std=self.mask_noise_std, impl=self.impl,
+            check_ids=check_ids,
         )
 
     def reset_projection(self) -> None:
@@ -146,9 +148,9 @@ class Decoder1d(_ConvDecoder):
             projection_layers, projection_ratio, input_dropout, mask_noise_std, impl,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int, check_ids: bool = True) -> torch.Tensor:
         """x [R, K, D] student outputs at the kept positions ids_keep [R, K] -> prediction [R, length, D]."""
-        x = self.decoder_input(x, ids_keep, length)  # [R, N, D]
+        x = self.decoder_input(x, ids_keep, length, check_ids)  # [R, N, D]
         for conv in self.blocks:
             x = conv_block1d(x, conv.weight, conv.bias, self.groups, residual=self.residual, impl=self.impl)
         return self.proj(x)
@@ -177,11 +179,11 @@ class Decoder2d(_ConvDecoder):
         )  # fmt: skip
         self.grid = (int(grid[0]), int(grid[1]))
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor, length: int, check_ids: bool = True) -> torch.Tensor:
         """x [R, K, D] student outputs at the kept patches ids_keep [R, K] -> prediction [R, H*W, D]."""
         if length != self.grid[0] * self.grid[1]:
             raise ValueError(f"length ({length}) must equal the decoder grid {self.grid[0]}x{self.grid[1]}")
-        x = self.decoder_input(x, ids_keep, length)  # [R, H*W, D], row-major grid
+        x = self.decoder_input(x, ids_keep, length, check_ids)  # [R, H*W, D], row-major grid
         for conv in self.blocks:
             x = conv_block2d(x, conv.weight, conv.bias, self.groups, self.grid, residual=self.residual, impl=self.impl)
         return self.proj(x)

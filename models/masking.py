@@ -1,5 +1,6 @@
-"""Mask generators for data2vec 2.0: inverse block masks (images), span masks (audio) and uniform
-random masks (text), plus the conversion from a mask to the kept-token indices the student gathers.
+"""Mask generators: data2vec 2.0's inverse block masks (images), span masks (audio) and uniform random
+masks (text), wav2vec 2.0's span masks (also data2vec 1.0's for audio), plus the conversion from a
+mask to the kept-token indices the student gathers.
 
 All generators are pure functions of their arguments and a ``torch.Generator``; they run on the CPU
 (in the data-loader workers, as the reference does) and return a bool tensor ``[batch, length]`` with
@@ -18,6 +19,9 @@ see ``reference/data2vec2.md`` section 1.7):
 - ``span_mask``: the same in 1-D with spans of ``span`` frames, ``floor(T * (mask_ratio + adjust) / span)``
   centres, equalised to exactly ``floor(T * mask_ratio)`` masked frames (not inverted).
 - ``random_mask``: keep a uniformly random ``floor(L * (1 - mask_ratio))``-subset of the positions.
+- ``wav2vec_span_mask``: wav2vec 2.0's ``compute_mask_indices`` (static spans, ``require_same_masks``):
+  span starts drawn without replacement with a probabilistically rounded count (at least
+  ``min_masks``), overlapping spans merged, then every row trimmed to the smallest row's count.
 
 Equalising draws a uniform score per cell, adds 1 to the cells already selected and keeps the top
 ``count`` per row: a surplus is trimmed to a uniformly random subset of the selection, a shortfall is
@@ -39,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["inverse_block_mask", "span_mask", "random_mask", "mask_to_ids"]
+__all__ = ["inverse_block_mask", "span_mask", "random_mask", "wav2vec_span_mask", "mask_to_ids"]
 
 
 def inverse_block_mask(
@@ -144,6 +148,51 @@ def random_mask(
         )
     nothing_selected = torch.zeros(batch, length, dtype=torch.bool)
     return ~_equalise(nothing_selected, num_keep, generator)
+
+
+def wav2vec_span_mask(
+    batch: int,
+    length: int,
+    mask_prob: float = 0.65,
+    span: int = 10,
+    min_masks: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """wav2vec 2.0 / data2vec 1.0 audio masks (fairseq ``compute_mask_indices``, static lengths, no
+    overlap avoidance, ``require_same_masks``): p = 0.65, span 10 masks about 49 % of the frames.
+
+    Per row: ``n = max(min_masks, int(mask_prob * length / span + u))`` with u ~ U(0, 1) (probabilistic
+    rounding), n distinct span starts drawn uniformly from ``[0, length - span)`` (the reference's
+    ``np.random.choice(sz - min_len, n, replace=False)``), each masking ``span`` frames (cut at the end);
+    overlaps merge. Then every row keeps a uniformly random subset of its masked frames of the size of
+    the smallest row's, so all rows mask the same number of frames.
+
+    Returns:
+        bool ``[batch, length]``, True = masked.
+    """
+    batch, length = _check_count("batch", batch), _check_count("length", length)
+    span, min_masks = _check_count("span", span), int(min_masks)
+    if isinstance(mask_prob, bool) or not isinstance(mask_prob, numbers.Real) or not 0.0 < mask_prob < 1.0:
+        raise ValueError(f"mask_prob must be a float in (0, 1), got {mask_prob!r}")
+    if min_masks < 0:
+        raise ValueError(f"min_masks must be >= 0, got {min_masks}")
+    _check_generator(generator)
+    rounding = torch.rand(batch, generator=generator)
+    counts = [max(min_masks, int(mask_prob * length / span + float(u))) for u in rounding]
+    selected = torch.zeros(batch, length, dtype=torch.bool)
+    for row, count in enumerate(counts):
+        min_len = span if length - span > count else length - count - 1
+        if min_len < 0 or length - min_len < count or count == 0:
+            raise ValueError(
+                f"cannot place {count} spans of {span} in {length} frames; use longer clips (or a smaller mask_prob/span)"
+            )
+        starts = torch.randperm(length - min_len, generator=generator)[:count]
+        cells = (starts[:, None] + torch.arange(span)).flatten()
+        selected[row, cells[cells < length]] = True
+    num_masked = int(selected.sum(dim=1).min())
+    if num_masked >= length:
+        raise ValueError(f"the spans cover all {length} frames; use longer clips (or a smaller mask_prob/span)")
+    return _equalise(selected, num_masked, generator)
 
 
 def mask_to_ids(mask: torch.Tensor) -> torch.Tensor:

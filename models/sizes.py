@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EncoderSize", "ENCODER_SIZES", "encoder_size"]
+from torch import nn
+
+__all__ = ["EncoderSize", "ENCODER_SIZES", "encoder_size", "count_parameters"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +67,8 @@ def encoder_size(modality: str, size: str) -> EncoderSize:
     if size not in sizes:
         raise ValueError(f"size for {modality} must be one of {list(sizes)}, got {size!r}")
     return sizes[size]
+
+
+def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:
+    """Number of parameter elements: all (None), only trainable (True) or only frozen (False) ones."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)

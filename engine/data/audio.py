@@ -137,6 +137,10 @@ class AudioManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def model_fields(self) -> dict:
+        """Model config fields this data decides: none (16 kHz waveforms of any length)."""
+        return {}
+
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, _seed = item
         wav = read_waveform(os.path.join(self.root, self.paths[index]))

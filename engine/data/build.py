@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from . import audio, embedded, images, text
-from .loader import DataPosition, EpochBatchSampler, MaskFn, MaskingCollater, SkipCorrupt
+from .loader import DataPosition, EpochBatchSampler, Masker, MaskingCollater, SkipCorrupt
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,32 +68,33 @@ def build_dataset(modality: Modality, cfg: DataConfig, train: bool = True):
     raise ValueError(f"modality must be 'image', 'audio' or 'text', got {modality!r}")
 
 
+def batches_by_size(dataset) -> bool:
+    """True for data sets of variable-length samples (audio), batched by total samples instead of a count."""
+    return getattr(dataset, "sizes", None) is not None
+
+
 def build_loader(
-    modality: Modality,
     dataset,
     cfg: DataConfig,
     seed: int,
-    clones: int,
-    make_mask: MaskFn | None,
-    num_positions: Callable[[torch.Tensor], int],
+    masker: Masker | None,
     start: DataPosition,
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
-    """An endless DataLoader from data position ``start``; masks are made in its workers.
+    """An endless DataLoader from data position ``start``; ``masker`` (the method's modality, or None)
+    makes each batch's masks in the loader workers.
 
     With ``world_size`` > 1 it yields rank ``rank``'s share of the global batches (``EpochBatchSampler``).
     """
     shard = {"start": start, "rank": rank, "world_size": world_size}
-    if modality == "audio":
+    if batches_by_size(dataset):
         sampler = EpochBatchSampler(
             len(dataset), seed, sizes=dataset.sizes, max_tokens=cfg.max_tokens, max_samples=cfg.max_samples, **shard
         )
     else:
         sampler = EpochBatchSampler(len(dataset), seed, batch_size=cfg.batch_size, **shard)
-    collate = MaskingCollater(
-        seed, clones, make_mask, num_positions, crop_audio_to=cfg.max_samples if modality == "audio" else None
-    )
+    collate = MaskingCollater(seed, masker, crop_audio_to=cfg.max_samples if batches_by_size(dataset) else None)
     return torch.utils.data.DataLoader(
         SkipCorrupt(dataset),
         batch_sampler=sampler,

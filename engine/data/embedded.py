@@ -47,11 +47,16 @@ def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return images.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(data.target.astype(np.int64))
 
 
-def pydoc_text() -> str:
-    """The pydoc topic help texts of this Python, in a stable order, one document per topic."""
+def pydoc_topics() -> dict[str, str]:
+    """The pydoc topic help texts of this Python: {topic: text}."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    return {k: topics[k].strip() for k in sorted(topics)}
+
+
+def pydoc_text() -> str:
+    """The pydoc topic help texts of this Python, in a stable order, one document per topic."""
+    return "\n\n".join(pydoc_topics().values())
 
 
 def pydoc_text_file() -> Path:
@@ -118,6 +123,13 @@ class _ESpeak:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
 
 
+def synthetic_speech_labels(num_utterances: int) -> tuple[list[int], list[int]]:
+    """The voice (index into SPEECH_VOICES) and rate (index into SPEECH_RATES) of each synthetic utterance."""
+    voices = [u % len(SPEECH_VOICES) for u in range(num_utterances)]
+    rates = [(u // len(SPEECH_VOICES)) % len(SPEECH_RATES) for u in range(num_utterances)]
+    return voices, rates
+
+
 def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Band-limited resampling by truncating (or zero-padding) the spectrum."""
     n_out = int(round(wav.shape[0] * sr_out / sr_in))
@@ -140,8 +152,9 @@ def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample
     engine = _ESpeak()
     sentences = prose_sentences()
     lines, s = [str(wav_dir.resolve())], 0
+    voices, rates = synthetic_speech_labels(num_utterances)
     for u in range(num_utterances):
-        voice, rate = SPEECH_VOICES[u % len(SPEECH_VOICES)], SPEECH_RATES[(u // len(SPEECH_VOICES)) % len(SPEECH_RATES)]
+        voice, rate = SPEECH_VOICES[voices[u]], SPEECH_RATES[rates[u]]
         pieces: list[np.ndarray] = []
         while sum(p.shape[0] for p in pieces) < min_seconds * engine.sample_rate:
             pieces.append(engine.speak(sentences[s % len(sentences)], voice, rate))

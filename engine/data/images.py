@@ -168,6 +168,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(seed)
         return {"source": self.transform(img, generator), "label": self.labels[index]}
 
+    def model_fields(self) -> dict:
+        """Model config fields this data decides: the image side the transform crops to."""
+        return {"image_size": self.transform.size}
+
 
 class TensorImageDataset(torch.utils.data.Dataset):
     """In-memory images [M, 3, H, W] in [0, 1] with labels (the embedded digits)."""
@@ -182,3 +186,7 @@ class TensorImageDataset(torch.utils.data.Dataset):
         index, seed = item
         generator = torch.Generator().manual_seed(seed)
         return {"source": self.transform(self.images[index], generator), "label": int(self.labels[index])}
+
+    def model_fields(self) -> dict:
+        """Model config fields this data decides: the image side the transform crops to."""
+        return {"image_size": self.transform.size}

@@ -14,7 +14,7 @@ stored is that of the next global batch, the same on every rank (``position_afte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,12 @@ from d2v2.models.masking import mask_to_ids
 from .audio import crop_batch
 from .base import CorruptSample, derive_seed
 
-# make_mask(rows, length, generator) -> bool [rows, length], True = masked, equal counts per row.
-MaskFn = Callable[[int, int, torch.Generator], torch.Tensor]
+class Masker(Protocol):
+    """What the collater needs of a method's modality (``d2v2.models.Modality``)."""
+
+    def make_masks(self, batch_size: int, source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """bool [batch_size * clones, N] masks, True = masked, clone-major, equal counts per row."""
+        ...
 
 
 @dataclass(slots=True)
@@ -143,24 +147,16 @@ class SkipCorrupt(torch.utils.data.Dataset):
 
 
 class MaskingCollater:
-    """Stack a batch, crop audio to its shortest clip, and make ``clones`` masks per sample.
+    """Stack a batch, crop audio to its shortest clip, and make the masks of every sample.
 
     Output: {"source": [B, ...], "mask": bool [B*clones, N] (rows i*clones .. i*clones+clones-1
     belong to sample i), "ids_keep": int64 [B*clones, kept] (sorted), "label"?: [B],
-    "skipped": [paths], "epoch", "batch"}. ``num_positions``
-    maps the (cropped) source to the number of maskable positions N (patches, frames, tokens).
+    "skipped": [paths], "epoch", "batch"}. The ``masker`` (the method's modality) decides N from
+    the (cropped) source and the number of clones; None makes no masks.
     """
 
-    def __init__(
-        self,
-        seed: int,
-        clones: int,
-        make_mask: MaskFn | None,
-        num_positions: Callable[[torch.Tensor], int],
-        crop_audio_to: int | None = None,
-    ):
-        self.seed, self.clones, self.make_mask = seed, clones, make_mask
-        self.num_positions, self.crop_audio_to = num_positions, crop_audio_to
+    def __init__(self, seed: int, masker: Masker | None, crop_audio_to: int | None = None):
+        self.seed, self.masker, self.crop_audio_to = seed, masker, crop_audio_to
 
     def __call__(self, items: list[dict]) -> dict:
         good = [it for it in items if "corrupt" not in it]
@@ -175,8 +171,7 @@ class MaskingCollater:
             out["source"] = torch.stack([it["source"] for it in good])
         if "label" in good[0]:
             out["label"] = torch.tensor([it["label"] for it in good])
-        if self.make_mask is not None:
-            rows = len(good) * self.clones
-            out["mask"] = self.make_mask(rows, self.num_positions(out["source"]), generator)
+        if self.masker is not None:
+            out["mask"] = self.masker.make_masks(len(good), out["source"], generator)
             out["ids_keep"] = mask_to_ids(out["mask"])  # here, so the model needs no host sync
         return out

@@ -124,11 +124,12 @@ class TokenBlockDataset(torch.utils.data.Dataset):
     """Contiguous ``block_size``-token blocks of a token cache; item ``(index, seed)`` -> {"source": [L]}."""
 
     def __init__(self, cache_folder: str | os.PathLike, block_size: int = 512):
-        folder = Path(cache_folder)
+        folder = self.folder = Path(cache_folder)
         self.meta = json.loads((folder / "meta.json").read_text())
         self.block_size = block_size
         self.vocab_size = int(self.meta["vocab_size"])
         self.pad_id = self.meta.get("pad_id")
+        self.mask_id = load_tokenizer(folder / "tokenizer.json").token_to_id("<mask>")
         n = int(self.meta["num_tokens"])
         if n < block_size:
             raise ValueError(
@@ -139,6 +140,12 @@ class TokenBlockDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.tokens.shape[0] // self.block_size
+
+    def model_fields(self) -> dict:
+        """Model config fields this data decides: the vocabulary, padding and ``<mask>`` ids follow the
+        tokenizer (a method whose config has no such field ignores it)."""
+        return {"vocab_size": self.vocab_size, "padding_idx": self.pad_id, "mask_idx": self.mask_id,
+                "max_positions": max(self.block_size, 512)}  # fmt: skip
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, _seed = item

@@ -28,10 +28,11 @@ def test_tiny_image_step_per_variant_and_report(tmp_path):
     assert "| data2vec2 | image | kernels |" in paths["md"].read_text()
 
 
-def test_methods_are_one_registry_line_each():
-    assert set(train.METHODS) == {"data2vec2"}
-    method, cfg = train.METHODS["data2vec2"]("text", "tiny")
+def test_build_makes_a_registered_method_from_its_recipe():
+    method, cfg = train.build("data2vec2", "text", "tiny")
     assert cfg.model.modality == "text" and method.cfg.vocab_size == cfg.data.vocab_size
+    batch = next(train.synthetic_batches(method, cfg, batch=2))
+    assert batch["source"].shape == (2, cfg.data.block_size) and batch["ids_keep"].shape[0] == batch["mask"].shape[0]
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ class Regression(nn.Module):
     def param_groups(self, weight_decay):
         return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
 
-    def variance_collapse(self, step, target_var, pred_var):
+    def health(self, step, metrics):
         return None
 
 

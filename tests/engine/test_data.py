@@ -146,11 +146,12 @@ def test_collater_skips_corrupt_files_and_makes_masks(image_tree):
     ds = SkipCorrupt(images.ImageFolderDataset(image_tree, images.PretrainTransform(size=16)))
     broken = ds.dataset.paths.index(str(image_tree / "dog" / "broken.jpg"))
 
-    def make_mask(rows, length, generator):
-        noise = torch.rand(rows, length, generator=generator)
-        return noise.argsort(1).argsort(1) < length // 2
+    class HalfMasker:  # two clones per sample, 16 positions, half masked
+        def make_masks(self, batch_size, source, generator):
+            noise = torch.rand(batch_size * 2, 16, generator=generator)
+            return noise.argsort(1).argsort(1) < 8
 
-    collate = MaskingCollater(seed=0, clones=2, make_mask=make_mask, num_positions=lambda s: 16)
+    collate = MaskingCollater(seed=0, masker=HalfMasker())
     batch = collate([ds[(i, derive_seed(0, i), 0, 0)] for i in (0, broken, 1)])
     assert batch["skipped"] and batch["skipped"][0].endswith("broken.jpg")
     assert batch["source"].shape == (2, 3, 16, 16) and batch["mask"].shape == (4, 16)

@@ -49,8 +49,10 @@ class Probe(nn.Module):
     def param_groups(self, weight_decay):
         return [{"params": [self.w], "weight_decay": weight_decay}]
 
-    def variance_collapse(self, step, target_var, pred_var):
-        return f"target variance {target_var} too low at step {step}" if target_var < 0.1 else None
+    def health(self, step, metrics):
+        if metrics["target_var"] < 0.1:
+            return f"target variance {metrics['target_var']} too low at step {step}: the representations collapsed"
+        return None
 
 
 def batches(position):
@@ -72,6 +74,17 @@ def test_lr_schedule_warms_up_then_follows_the_cosine():
     assert [lr_at(s, cfg, 1.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(9, cfg, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(14, cfg, 1.0) == pytest.approx(0.0) and lr_at(100, cfg, 1.0) == pytest.approx(0.0)
+
+
+def test_polynomial_and_tri_stage_schedules():
+    linear = OptimConfig(lr=1.0, warmup_steps=2, total_steps=12, schedule="polynomial", power=1.0, min_lr=0.0)
+    assert [lr_at(s, linear, 1.0) for s in (0, 1, 2, 7, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    tri = OptimConfig(lr=1.0, total_steps=100, schedule="tri_stage", phase_ratio=(0.1, 0.5, 0.4))
+    assert lr_at(0, tri, 2.0) == pytest.approx(0.02) and lr_at(5, tri, 2.0) == pytest.approx(0.02 + 1.98 * 0.5)
+    assert lr_at(10, tri, 2.0) == lr_at(59, tri, 2.0) == 2.0
+    assert lr_at(80, tri, 2.0) == pytest.approx(2.0 * 0.05**0.5) and lr_at(100, tri, 2.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.phase_ratio"):
+        OptimConfig(schedule="tri_stage", phase_ratio=(0.5, 0.5, 0.5))
 
 
 def test_non_finite_loss_stops_at_the_next_logging_step_without_touching_the_weights(tmp_path):

@@ -210,3 +210,18 @@ def test_bad_arguments_raise(override, message):
     args.update(override)
     with pytest.raises(ValueError, match=message):
         gather_tokens(**args)
+
+
+def test_check_ids_false_skips_only_the_range_check(monkeypatch):
+    module = importlib.import_module("d2v2.kernels.gather_tokens")
+    x, ids = torch.randn(2, 6, 4), torch.tensor([[0, 5], [1, 2], [3, 4], [0, 1]])
+
+    def no_sync_allowed(*_args):
+        raise AssertionError("range check ran")
+
+    monkeypatch.setattr(module, "check_index_range", no_sync_allowed)
+    assert torch.equal(gather_tokens(x, ids, clones=2, impl="torch", check_ids=False), gather_tokens_ref(x, ids, None, 2))
+    with pytest.raises(AssertionError, match="range check ran"):
+        gather_tokens(x, ids, clones=2, impl="torch")
+    with pytest.raises(ValueError, match="ids_keep"):  # the cheap checks stay
+        gather_tokens(x, ids.float(), clones=2, impl="torch", check_ids=False)

@@ -281,3 +281,19 @@ def test_bad_arguments_raise(override, message):
     args.update(override)
     with pytest.raises(ValueError, match=message):
         scatter_tokens(**args)
+
+
+def test_check_ids_false_skips_only_the_range_check(monkeypatch):
+    module = importlib.import_module("d2v2.kernels.scatter_tokens")
+    y, ids = torch.randn(2, 2, 4), torch.tensor([[0, 5], [1, 2]])
+
+    def no_sync_allowed(*_args):
+        raise AssertionError("range check ran")
+
+    monkeypatch.setattr(module, "check_index_range", no_sync_allowed)
+    out = scatter_tokens(y, ids, 6, fill="zero", impl="torch", check_ids=False)
+    assert torch.equal(out, scatter_tokens_ref(y, ids, 6, fill="zero"))
+    with pytest.raises(AssertionError, match="range check ran"):
+        scatter_tokens(y, ids, 6, fill="zero", impl="torch")
+    with pytest.raises(ValueError, match="length"):  # the cheap checks stay
+        scatter_tokens(y, ids, 1, fill="zero", impl="torch", check_ids=False)

@@ -6,16 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.data2vec2 import (
-    DATA2VEC2_RECIPES,
-    Data2Vec2,
-    Data2Vec2Config,
-    count_parameters,
-    data2vec2_config,
-    ema_decay_schedule,
-    make_masks,
-)
+from d2v2.models.data2vec2 import DATA2VEC2_RECIPES, Data2Vec2, Data2Vec2Config, data2vec2_config
 from d2v2.models.masking import mask_to_ids
+from d2v2.models.modalities import modality_for
+from d2v2.models.sizes import count_parameters
+from d2v2.models.teacher import ema_decay_schedule
 from tests.helpers import assert_close
 
 MODALITIES = ("image", "audio", "text")
@@ -33,15 +28,17 @@ def tiny_config(modality, **overrides):
     return data2vec2_config(modality, "tiny", **values)
 
 
-def make_batch(model, batch_size=2, generator=None):
-    cfg = model.cfg
+def make_source(cfg, batch_size=2):
     if cfg.modality == "image":
-        source, length = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size), None
-    elif cfg.modality == "audio":
-        source, length = torch.randn(batch_size, AUDIO_SAMPLES), model.num_frames(AUDIO_SAMPLES)
-    else:
-        source, length = torch.randint(2, cfg.vocab_size, (batch_size, TEXT_TOKENS)), TEXT_TOKENS
-    return {"source": source, "mask": model.make_masks(batch_size, length, generator=generator)}
+        return torch.randn(batch_size, 3, cfg.image_size, cfg.image_size)
+    if cfg.modality == "audio":
+        return torch.randn(batch_size, AUDIO_SAMPLES)
+    return torch.randint(2, cfg.vocab_size, (batch_size, TEXT_TOKENS))
+
+
+def make_batch(model, batch_size=2, generator=None):
+    source = make_source(model.cfg, batch_size)
+    return {"source": source, "mask": model.modality.make_masks(batch_size, source, generator=generator)}
 
 
 def student_parameters(model):
@@ -360,8 +357,8 @@ def test_triton_path_matches_torch_path_on_a_micro_model(modality):
     if modality == "image":
         batch = make_batch(torch_model, batch_size)
     else:
-        length = torch_model.num_frames(400)
-        batch = {"source": torch.randn(batch_size, 400), "mask": torch_model.make_masks(batch_size, length)}
+        source = torch.randn(batch_size, 400)
+        batch = {"source": source, "mask": torch_model.modality.make_masks(batch_size, source)}
 
     outs = []
     for model in (torch_model, triton_model):
@@ -441,12 +438,12 @@ def test_base_model_runs_one_training_step_on_cpu(modality):
     overrides = dict(clone_batch=2, layerdrop=0.0, prenet_layerdrop=0.0, impl="torch")  # every block runs
     model = Data2Vec2(data2vec2_config(modality, "base", **overrides)).train()
     if modality == "image":
-        source, length = torch.randn(1, 3, 224, 224), None
+        source = torch.randn(1, 3, 224, 224)
     elif modality == "audio":
-        source, length = torch.randn(1, 32_000), model.num_frames(32_000)
+        source = torch.randn(1, 32_000)
     else:
-        source, length = torch.randint(5, 50265, (1, 512)), 512
-    out = model({"source": source, "mask": model.make_masks(1, length)})
+        source = torch.randint(5, 50265, (1, 512))
+    out = model({"source": source, "mask": model.modality.make_masks(1, source)})
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert all(p.grad is not None for n, p in student_parameters(model).items() if "blocks" in n or "decoder" in n)
@@ -462,25 +459,28 @@ def test_base_model_runs_one_training_step_on_cpu(modality):
 )  # fmt: skip
 def test_recipe_masks_keep_the_reference_counts(modality, size, length, kept):
     cfg = data2vec2_config(modality, size)
-    mask = make_masks(cfg, 2, length, generator=torch.Generator().manual_seed(0))
+    sources = {"image": torch.zeros(2, 3, 1, 1), "audio": torch.zeros(2, 320_000),  # 999 frames
+               "text": torch.zeros(2, length or 0, dtype=torch.long)}  # fmt: skip
+    modality_obj = modality_for(cfg)
+    mask = modality_obj.make_masks(2, sources[modality], generator=torch.Generator().manual_seed(0))
     num_tokens = length or cfg.grid[0] * cfg.grid[1]
     assert mask.shape == (2 * cfg.clone_batch, num_tokens) and mask.dtype == torch.bool
     assert ((~mask).sum(dim=1) == kept).all()
 
 
-def test_make_masks_errors_and_num_frames():
+def test_modality_positions_and_masking_errors():
     audio = Data2Vec2(tiny_config("audio"))
-    assert audio.num_frames(16000) == 49 and audio.num_frames(AUDIO_SAMPLES) == 19
-    with pytest.raises(ValueError, match="length is required for audio"):
-        audio.make_masks(2)
+    assert audio.modality.num_frames(16000) == 49 and audio.modality.num_frames(AUDIO_SAMPLES) == 19
+    assert audio.modality.num_positions(torch.zeros(2, AUDIO_SAMPLES)) == 19
     feats = torch.randn(1, 19, audio.cfg.embed_dim)
     with pytest.raises(ValueError, match="mask is required with ids_keep"):
         audio.encoder.contextualize(feats, ids_keep=torch.arange(5)[None])
     image = Data2Vec2(tiny_config("image"))
-    with pytest.raises(ValueError, match="number of patches"):
-        image.make_masks(2, 50)
-    with pytest.raises(ValueError, match="num_frames is for audio"):
-        image.num_frames(16000)
+    assert image.modality.num_positions(torch.zeros(2, 3, 32, 32)) == image.cfg.grid[0] * image.cfg.grid[1]
+    bad = make_batch(image)
+    bad["ids_keep"] = mask_to_ids(bad["mask"]) + 1000
+    with pytest.raises(ValueError, match="ids_keep.*values must lie in"):
+        image(bad)
 
 
 # The released YAMLs as reference/data2vec2.md section 1.11 tabulates them, field by field.
@@ -618,9 +618,13 @@ def test_forward_features_is_the_unmasked_student_encoder(modality):
 
 def test_variance_collapse_check():
     model = Data2Vec2(tiny_config("audio"))
-    assert model.variance_collapse(5000, 0.0, 0.0) is None  # not checked during the first 5,000 updates
-    assert "target variance" in model.variance_collapse(5001, 0.05, 1.0)
-    assert "prediction variance" in model.variance_collapse(5001, 1.0, 0.001)
-    assert model.variance_collapse(5001, 1.0, 1.0) is None
+
+    def health(m, step, target_var, pred_var):
+        return m.health(step, {"target_var": target_var, "pred_var": pred_var})
+
+    assert health(model, 5000, 0.0, 0.0) is None  # not checked during the first 5,000 updates
+    assert "target variance" in health(model, 5001, 0.05, 1.0)
+    assert "prediction variance" in health(model, 5001, 1.0, 0.001)
+    assert health(model, 5001, 1.0, 1.0) is None
     image = Data2Vec2(tiny_config("image"))  # the image recipes disable the check
-    assert image.variance_collapse(10**6, 0.0, 0.0) is None
+    assert health(image, 10**6, 0.0, 0.0) is None

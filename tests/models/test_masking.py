@@ -14,6 +14,7 @@ from d2v2.models.masking import (
     mask_to_ids,
     random_mask,
     span_mask,
+    wav2vec_span_mask,
 )
 
 
@@ -317,3 +318,31 @@ def test_numpy_integers_and_ratios_are_accepted():
     # Data-loader code often holds sizes as numpy scalars.
     mask = inverse_block_mask(np.int64(2), (np.int64(14), np.int32(14)), np.float64(0.8), generator=_gen())
     _assert_mask(mask, 2, 196, 157)
+
+
+# -- wav2vec 2.0 span masks ------------------------------------------------------------------------
+
+
+def test_wav2vec_span_mask_masks_about_half_in_equal_counts():
+    mask = wav2vec_span_mask(16, 999, 0.65, 10, generator=torch.Generator().manual_seed(0))
+    counts = mask.sum(dim=1)
+    assert mask.dtype == torch.bool and mask.shape == (16, 999)
+    assert (counts == counts[0]).all()
+    assert 0.40 < counts[0].item() / 999 < 0.55  # the reference's ~49 %
+
+
+def test_wav2vec_span_mask_is_spans_before_trimming_and_reproducible():
+    g = torch.Generator().manual_seed(3)
+    one_row = wav2vec_span_mask(1, 200, 0.65, 10, generator=g)  # a single row is never trimmed
+    runs = torch.diff(torch.cat([torch.tensor([0]), one_row[0].int(), torch.tensor([0])])).nonzero().flatten()
+    lengths = (runs[1::2] - runs[0::2]).tolist()
+    assert all(n >= 10 for n in lengths[:-1]) and sum(lengths) == int(one_row.sum())  # merged spans of >= 10
+    again = wav2vec_span_mask(1, 200, 0.65, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one_row, again)
+
+
+def test_wav2vec_span_mask_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="mask_prob"):
+        wav2vec_span_mask(2, 100, 1.5)
+    with pytest.raises(ValueError, match="cannot place"):
+        wav2vec_span_mask(2, 3, 0.65, 10, min_masks=5)

@@ -1,0 +1,146 @@
+"""Labelled sets for the probe, one per modality, each with a held-out split made by the probe.
+
+- images: the embedded digits (10 classes), or an ImageFolder tree (one folder per class);
+- speech: the embedded synthetic utterances with two tasks, which of the 6 voices speaks and at
+  which of the 3 rates; or a folder of audio files with one subfolder per class;
+- text: which pydoc topic a block of tokens comes from (the 16 longest topics, 64-token blocks,
+  tokenized with the run's own tokenizer); or a folder of text files with one subfolder per class.
+
+Every set is one batchable tensor of sources (audio clips cropped to a common length from their
+start, text in equal blocks) and one or more label vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import from_dict
+from .data import audio, embedded, images, text
+from .data.build import DataConfig, build_dataset
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+MAX_CLIP_SECONDS = 4.0
+TEXT_BLOCK = 64
+TEXT_TOPICS = 16
+BLOCKS_PER_DOCUMENT = 24
+
+
+@dataclass
+class LabelledSet:
+    """Sources [M, ...] and, per task, labels [M] with their class names."""
+
+    sources: torch.Tensor
+    tasks: dict[str, torch.Tensor]
+    classes: dict[str, list[str]]
+    description: str
+    extra: dict = field(default_factory=dict)
+
+
+def labelled_set(modality: str, model_cfg, run_config: dict, data: str | None) -> LabelledSet:
+    """The probe's labelled set for a checkpoint of ``modality``."""
+    if modality not in LABELLED_SETS:
+        raise ValueError(f"no probe set for modality {modality!r}; known: {', '.join(LABELLED_SETS)}")
+    return LABELLED_SETS[modality](model_cfg, run_config, data)
+
+
+def _class_folders(data: str, what: str) -> list[Path]:
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"probe data {data} is not a folder; give a folder with one subfolder of {what} per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(folders) < 2:
+        raise ValueError(f"the probe needs labelled {what}: {data} must hold one subfolder per class (found {len(folders)})")
+    return folders
+
+
+# -- images ------------------------------------------------------------------------------------------
+
+
+def image_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
+    size = model_cfg.image_size
+    mean, std = torch.tensor(images.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(images.IMAGENET_STD).view(1, 3, 1, 1)
+    if data is None:
+        pixels, labels = embedded.digits(size=size)
+        return LabelledSet((pixels - mean) / std, {"digit": labels}, {"digit": [str(d) for d in range(10)]}, "embedded digits")
+    paths, labels, classes = images.list_images(data)
+    if len(classes) < 2:
+        raise ValueError(f"the probe needs labelled images: {data} must hold one folder per class (found {len(classes)})")
+    transform = images.EvalTransform(size)
+    pixels = torch.stack([transform(images.load_rgb(p)) for p in paths])
+    return LabelledSet(pixels, {"class": torch.tensor(labels)}, {"class": list(classes)}, str(data))
+
+
+# -- speech ------------------------------------------------------------------------------------------
+
+
+def _clips(paths: list[str]) -> torch.Tensor:
+    """Normalised waveforms cropped from their start to the shortest one (at most MAX_CLIP_SECONDS)."""
+    waves = [audio.normalize_waveform(audio.read_waveform(p)) for p in paths]
+    length = min(min(w.shape[0] for w in waves), int(MAX_CLIP_SECONDS * audio.SAMPLE_RATE))
+    return torch.from_numpy(np.stack([w[:length] for w in waves]))
+
+
+def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
+    if data is None:
+        count = int(run_config.get("data", {}).get("embedded_utterances", 240))
+        manifest = audio.read_manifest(embedded.synthetic_speech(count))
+        paths = [os.path.join(manifest.root, p) for p in manifest.paths]
+        voices, rates = embedded.synthetic_speech_labels(len(paths))
+        tasks = {"voice": torch.tensor(voices), "rate": torch.tensor(rates)}
+        classes = {"voice": list(embedded.SPEECH_VOICES), "rate": [str(r) for r in embedded.SPEECH_RATES]}
+        return LabelledSet(_clips(paths), tasks, classes, "embedded synthetic speech")
+    folders = _class_folders(data, "audio files")
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {data}")
+    return LabelledSet(_clips(paths), {"class": torch.tensor(labels)}, {"class": [f.name for f in folders]}, str(data))
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+def _run_tokenizer(run_config: dict):
+    """The tokenizer the run trained with (its token cache is rebuilt, or found, from its data config)."""
+    dataset = build_dataset("text", from_dict(DataConfig, dict(run_config.get("data", {})), "data"))
+    return text.load_tokenizer(dataset.folder / "tokenizer.json")
+
+
+def _blocks(ids: list[int], count: int) -> list[list[int]]:
+    """Up to ``count`` non-overlapping TEXT_BLOCK-token blocks spread evenly over ``ids``."""
+    available = len(ids) // TEXT_BLOCK
+    picks = np.linspace(0, available - 1, num=min(count, available)).round().astype(int) if available else []
+    return [ids[i * TEXT_BLOCK : (i + 1) * TEXT_BLOCK] for i in sorted(set(int(p) for p in picks))]
+
+
+def text_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
+    tokenizer = _run_tokenizer(run_config)
+    if data is None:
+        topics = embedded.pydoc_topics()
+        names = sorted(sorted(topics, key=lambda k: len(topics[k]), reverse=True)[:TEXT_TOPICS])
+        documents = {name: [topics[name]] for name in names}
+        description = f"the {TEXT_TOPICS} longest pydoc topics"
+    else:
+        folders = _class_folders(data, "text files")
+        documents = {f.name: [p.read_text(encoding="utf-8", errors="replace") for p in text.list_text_files(f)] for f in folders}
+        description = str(data)
+    blocks, labels = [], []
+    for label, name in enumerate(documents):
+        ids = [i for doc in documents[name] for i in tokenizer.encode(doc).ids]
+        found = _blocks(ids, BLOCKS_PER_DOCUMENT)
+        blocks += found
+        labels += [label] * len(found)
+    if len(set(labels)) < 2:
+        raise ValueError(f"the text probe needs at least two classes with {TEXT_BLOCK} tokens or more each")
+    return LabelledSet(torch.tensor(blocks), {"document": torch.tensor(labels)}, {"document": list(documents)}, description)
+
+
+LABELLED_SETS = {"image": image_set, "audio": audio_set, "text": text_set}

@@ -1,0 +1,53 @@
+"""The methods by name: how the engine, probe and benches build a method without importing its class.
+
+``method_config(name, modality, size, **overrides)`` gives a method's released preset as its config
+dataclass; ``build_method(name, config)`` the ``Method`` module. Each method's config dataclass and
+presets live beside it (``<method>_config.py``); registering a method is one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .data2vec2 import Data2Vec2
+from .data2vec2_config import Data2Vec2Config, data2vec2_config
+from .method import Method
+
+__all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodEntry:
+    """One registered method."""
+
+    model: Callable[..., Method]
+    """The Method class, built from its config."""
+    config: type
+    """The config dataclass (every field documented)."""
+    preset: Callable[..., object]
+    """``preset(modality, size, **overrides) -> config``: the released values."""
+    description: str
+    """One line for listings."""
+
+
+METHODS: dict[str, MethodEntry] = {
+    "data2vec2": MethodEntry(Data2Vec2, Data2Vec2Config, data2vec2_config, "data2vec 2.0 (Baevski et al., 2022)"),
+}
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The registry entry of ``name``; ValueError listing the known methods otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_config(name: str, modality: str, size: str, **overrides):
+    """The released preset of method ``name`` for (modality, size), with ``overrides`` applied."""
+    return method_entry(name).preset(modality, size, **overrides)
+
+
+def build_method(name: str, config) -> Method:
+    """The method module of ``name`` built from its config."""
+    return method_entry(name).model(config)

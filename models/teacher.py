@@ -1,0 +1,54 @@
+"""The EMA teacher shared by data2vec 2.0 and 1.0: its decay schedule and one update.
+
+Reference: fairseq ``EMAModule`` and ``get_annealed_rate``; the EMA is fp32 arithmetic on the
+teacher's own copy (``kernels.ema_``), one launch per dtype group.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+
+import torch
+from torch import nn
+
+from d2v2.kernels.ema import ema_
+
+__all__ = ["ema_decay_schedule", "ema_update", "frozen_copy"]
+
+
+def ema_decay_schedule(step: int, start: float, end: float, anneal_steps: int) -> float:
+    """Teacher decay after ``step`` optimizer updates: linear from ``start`` to ``end`` over
+    ``anneal_steps`` updates, ``end`` from then on (the reference's ``get_annealed_rate``)."""
+    if step >= anneal_steps:
+        return float(end)
+    return float(start + (end - start) * step / anneal_steps)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, impl: str = "auto", copy: tuple[str, ...] = ()) -> None:
+    """``teacher <- decay * teacher + (1 - decay) * student`` for every teacher parameter whose student
+    twin (same name in ``student``) trains; parameters the student does not train, parameters whose
+    name starts with one of ``copy`` (the reference's ``skip_keys``) and all buffers are copied."""
+    student_params = dict(student.named_parameters())
+    averaged_t, averaged_s, copied_t, copied_s = [], [], [], []
+    for name, t in teacher.named_parameters():
+        s = student_params[name]
+        averaged = s.requires_grad and not (copy and name.startswith(copy))
+        (averaged_t if averaged else copied_t).append(t)
+        (averaged_s if averaged else copied_s).append(s)
+    student_buffers = dict(student.named_buffers())
+    for name, t in teacher.named_buffers():
+        copied_t.append(t)
+        copied_s.append(student_buffers[name])
+    ema_(averaged_t, averaged_s, decay, impl=impl)
+    for t, s in zip(copied_t, copied_s):
+        t.copy_(s)
+
+
+def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
+    """A deep copy of ``module`` without the submodules named in ``omit``, never trained, in eval mode."""
+    teacher = copy_module.deepcopy(module)
+    for name in omit:
+        setattr(teacher, name, None)
+    teacher.requires_grad_(False)
+    return teacher.eval()

@@ -1,0 +1,61 @@
+"""The probe's labelled sets for every modality, and the probe end to end on speech and text runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from d2v2.engine.cli import main
+from d2v2.engine.data import embedded
+from d2v2.engine.probe_sets import BLOCKS_PER_DOCUMENT, TEXT_BLOCK, TEXT_TOPICS, labelled_set
+from d2v2.models import data2vec2_config
+
+FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path_factory.getbasetemp() / "d2v2-cache"))
+
+
+def test_synthetic_speech_labels_cycle_voices_then_rates():
+    voices, rates = embedded.synthetic_speech_labels(20)
+    assert voices[:7] == [0, 1, 2, 3, 4, 5, 0] and rates[:7] == [0, 0, 0, 0, 0, 0, 1]
+    assert rates[18] == 0  # 6 voices x 3 rates, then again
+
+
+def test_audio_folder_set_has_one_class_per_subfolder_and_equal_clips(tmp_path):
+    for label, freq in (("low", 200.0), ("high", 2000.0)):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            t = np.arange(16000 + 800 * i) / 16000
+            sf.write(tmp_path / label / f"{i}.wav", np.sin(2 * np.pi * freq * t).astype(np.float32), 16000)
+    labelled = labelled_set("audio", data2vec2_config("audio", "tiny"), {}, str(tmp_path))
+    assert labelled.sources.shape == (6, 16000)  # cropped to the shortest clip
+    assert labelled.classes == {"class": ["high", "low"]} and labelled.tasks["class"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_text_set_is_topic_blocks_in_the_runs_tokenizer():
+    run_config = {"data": {"block_size": 128, "vocab_size": 2000}}
+    labelled = labelled_set("text", data2vec2_config("text", "tiny"), run_config, None)
+    labels = labelled.tasks["document"]
+    assert labelled.sources.shape[1] == TEXT_BLOCK and len(labelled.classes["document"]) == TEXT_TOPICS
+    assert labels.bincount().max() <= BLOCKS_PER_DOCUMENT and labels.unique().numel() == TEXT_TOPICS
+
+
+def test_probe_set_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        labelled_set("audio", data2vec2_config("audio", "tiny"), {}, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        labelled_set("text", data2vec2_config("text", "tiny"), {"data": {"vocab_size": 2000}}, str(tmp_path / "missing"))
+
+
+def test_probe_runs_on_a_text_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "text-tiny", "--out", str(run), "--max-steps", "2", *FAST]) == 0
+    assert main(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "probe.json")]) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["tasks"]["document"]["classes"] == TEXT_TOPICS and 0 <= result["linear_accuracy"] <= 1

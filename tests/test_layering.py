@@ -1,0 +1,56 @@
+"""The package's import rules: engine -> models -> kernels, bench may import all, kernels only torch/triton,
+and nothing outside kernels/ touches its private modules (not even through import strings)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# What each folder may import of ours.
+ALLOWED = {
+    "kernels": {"kernels"},
+    "models": {"kernels", "models"},
+    "engine": {"kernels", "models", "engine"},
+    "bench": {"kernels", "models", "engine", "bench"},
+}
+THIRD_PARTY_IN_KERNELS = {"torch", "triton", "numpy"}
+MODULE_NAME = re.compile(r"d2v2(\.\w+)+")
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute module names a file imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ["d2v2", *path.relative_to(ROOT).parent.parts]
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.append(module)
+            names += [f"{module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.fullmatch(node.value):
+            names.append(node.value)  # import_module("d2v2....") strings count too
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_imports_point_one_way(folder):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "d2v2" and len(parts) > 1 and parts[1] in ALLOWED:
+                assert parts[1] in ALLOWED[folder], f"{path.relative_to(ROOT)} imports {name}"
+                if parts[1] == "kernels" and folder != "kernels":
+                    assert not any(p.startswith("_") for p in parts[2:]), f"{path.relative_to(ROOT)} imports private {name}"
+            elif folder == "kernels" and parts[0] and parts[0] not in sys.stdlib_module_names:
+                assert parts[0] in THIRD_PARTY_IN_KERNELS, f"{path.relative_to(ROOT)} imports {name}"
