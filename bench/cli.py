@@ -22,18 +22,9 @@ def _flatten(groups: list[list[str]] | None) -> list[str] | None:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    import torch
-
     from . import kernels
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is visible")
+    device = _device(args.device)
     dtype = kernels.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     rows, paths = kernels.run(
         device=device,
@@ -56,6 +47,50 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _device(name: str | None):
+    """--device as a torch.device (default: cuda when visible); a bad or absent device is a ValueError."""
+    import torch
+
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible")
+    return device
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import train
+
+    rows, paths = train.run(
+        device=_device(args.device),
+        size=args.size,
+        modalities=_flatten(args.modalities) or train.MODALITIES,
+        methods=_flatten(args.methods) or ("data2vec2",),
+        variants=_flatten(args.variants) or train.VARIANTS,
+        batch=args.batch,
+        warmup=1 if args.quick else args.warmup,
+        steps=2 if args.quick else args.steps,
+        out_dir=args.out,
+        argv=["d2v2", "bench", *args.argv],
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} variants failed; see {paths['md']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from . import gpu_check
+
+    return gpu_check.main(args.out, dry_run=args.dry_run, budget_s=args.budget_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2v2 bench", description="d2v2 benchmarks")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -76,6 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget per measurement (do_bench's)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per measurement (do_bench's)")
     p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser(
+        "train",
+        help="the training step per modality: our kernels vs the PyTorch path vs torch.compile",
+        description="Time Trainer.train_step of each method, modality and variant, alternated (see d2v2.bench.train).",
+    )
+    p.add_argument("--size", default="base", help="model and batch size of the recipes: tiny or base (default)")
+    p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
+    p.add_argument("--methods", type=_names, action="append", help="methods to compare (default: data2vec2)")
+    p.add_argument("--variants", type=_names, action="append", help="kernels, torch, compile (default: all)")
+    p.add_argument("--warmup", type=int, default=3, help="steps per variant discarded before timing")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--batch", type=int, help="samples (audio: clips) per step (default: the recipe's per-GPU batch)")
+    p.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/train-<device>-<date>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "gpu-check",
+        help="the prepared device check: ceilings, CUDA tests, kernel and train benches, a bf16 run",
+        description="Run every stage of the device check under its own time limit (see d2v2.bench.gpu_check).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (at most 8 files are written)")
+    p.add_argument("--dry-run", action="store_true", help="every stage's plumbing on CPU with tiny shapes")
+    p.add_argument("--budget-s", type=float, default=None, help="total seconds for all stages (default: 510, dry run 600)")
+    p.set_defaults(func=cmd_gpu_check)
     return parser
 
 

@@ -29,11 +29,12 @@ before; so is a world size of 1. With W > 1 processes:
   step, identically on every rank since the students are identical. LayerDrop needs
   ``find_unused_parameters`` (a skipped block has no gradient on that rank). With accumulation, the
   gradients are all-reduced on the last micro-batch only (``no_sync`` on the others).
-- Agreement: whether the loss and gradient norm are finite, the files skipped, and the samples and
-  tokens of a step are all-reduced every step (one small collective, replacing the single process's
-  one sync), and logged metrics are averaged over ranks on logging steps (target_var and pred_var:
-  of each rank's last micro-batch), so every rank stops at the same step and none waits forever in
-  a collective.
+- Agreement: whether the loss and gradient norm are finite is all-reduced every step on the device
+  (the host never waits for it, so every rank skips a non-finite update alike); the samples seen and
+  the files skipped (each rank knows its own on the CPU) and the first non-finite step are agreed on
+  logging and checkpoint steps, together with the logged metrics, averaged over ranks (target_var and
+  pred_var: of each rank's last micro-batch), so every rank stops at the same step and none waits
+  forever in a collective.
 - Files: rank 0 alone logs and writes config.yaml, metrics.jsonl and checkpoints; the others wait at a
   barrier while it writes. Data caches (tokenizer, token blocks, synthetic speech) are built by rank 0
   before the other ranks read them (``DistEnv.in_turns``). Every rank resumes from the checkpoint rank 0 picks (loaded to the CPU,

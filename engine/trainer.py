@@ -2,17 +2,25 @@
 
 Each step, in order: set the learning rate from a pure function of the step; run the
 micro-batches (loss divided by the accumulation count); unscale and clip; check that loss and
-gradient norm are finite *before* the optimizer step; step; ``method.after_step(step)`` (the EMA
-teacher update); then interval work — a metrics line, a checkpoint. ``.item()`` runs only on
-logging steps (each one is a CPU-GPU sync).
+gradient norm are finite *on the device*, and make a non-finite update a no-op (the fused AdamW's
+``found_inf`` flag, as GradScaler uses it); step; ``method.after_step(step)`` (the EMA teacher
+update); then interval work — a metrics line, a checkpoint.
+
+No host sync outside logging and checkpoint steps: the step reads nothing back from the GPU.
+Samples and tokens come from shapes the CPU knows, unreadable files from the loader's CPU-side
+report; the first non-finite step is recorded in a device tensor and read (with the logged values,
+one ``.tolist()``) on the next logging or checkpoint step, which stops the run naming that step.
+The weights are never touched by a non-finite update; the teacher's EMA still runs on such a step,
+towards the unchanged student.
 
 The trainer is stateful: its step, samples seen and data position live in its state dict, which
 the checkpoint stores with the student, teacher, optimizer, grad scaler and RNG states, so that a
 resumed run continues exactly where the interrupted one stopped.
 
 Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its teacher left out),
-every stop decision is all-reduced so that all ranks take it at the same step, and rank 0 alone
-logs and writes.
+every stop decision is agreed by all ranks (the non-finite flags by an all-reduce on the device,
+which the host does not wait for; counts of samples and skipped files on logging and checkpoint
+steps), and rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -236,10 +244,11 @@ class Trainer:
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        # Fused (CUDA and CPU): its step takes a device ``found_inf`` flag and then leaves the
+        # weights and moments as they were, which is how a non-finite update is skipped without a sync.
         self.optimizer = torch.optim.AdamW(
             method.param_groups(optim.weight_decay),
-            lr=self.peak_lr, betas=optim.betas, eps=optim.eps,
-            **({"fused": True} if device.type == "cuda" else {}),
+            lr=self.peak_lr, betas=optim.betas, eps=optim.eps, fused=True,
         )
         # The optimizer and after_step work on the unwrapped method; only the forward goes through DDP.
         self.ddp = self.dist.wrap(method, device, find_unused_parameters) if self.dist.distributed else None
@@ -251,6 +260,12 @@ class Trainer:
         self.position = DataPosition()
         self.skipped: list[str] = []
         self.last_checkpoint: Path | None = None
+        # Known on this rank only until the next logging or checkpoint step agrees them (``_settle``).
+        self._unsettled_samples = 0
+        self._unsettled_skipped: list[str] = []
+        # Device int64 [2]: the first step with a non-finite loss, and with a non-finite gradient
+        # norm (0 = none yet); read on logging and checkpoint steps only.
+        self._first_bad: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -286,6 +301,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0); every rank calls this, and returns once it is complete."""
+        self._settle()  # agreed counts in the checkpoint, and never one written after a non-finite step
         rng_ranks = self.dist.gather_object(rng_state())
         if self.dist.is_main:
             state = self.state_dict()
@@ -336,6 +352,11 @@ class Trainer:
         return out
 
     def train_step(self, batches: Iterator[dict]) -> dict:
+        """One optimizer update; makes no host sync (see the module docstring).
+
+        Returns the mean loss, gradient norm (device tensors), the learning rate, this rank's samples
+        and tokens (shapes: positions per sample, masked or not) and the last micro-batch's outputs.
+        """
         lr = lr_at(self.step, self.optim_cfg, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -347,38 +368,75 @@ class Trainer:
             outs.append(out)
             samples += batch["source"].shape[0]
             tokens += batch["source"].shape[0] * batch["mask"].shape[1]  # positions per sample
+        if skipped:  # known on the CPU: one process records them now, several agree on the next settle
+            self._unsettled_skipped.extend(skipped)
+            if not self.dist.distributed:
+                self._settle_skipped(len(self._unsettled_skipped))
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss = torch.stack(losses).mean()
-        # One sync per step, all-reduced so that every rank decides alike: a non-finite value must
-        # never reach the weights (under fp16 the GradScaler itself skips steps with overflowed
-        # gradients, so only the loss is checked), and the files skipped, samples and tokens are
-        # the whole job's.
-        bad_grad = torch.zeros_like(loss, dtype=torch.bool) if self.precision == "fp16" else ~torch.isfinite(grad_norm)
-        agreed = torch.cat([
-            torch.stack([~torch.isfinite(loss), bad_grad]).long(),
-            torch.tensor([len(skipped), samples, tokens]).to(loss.device, non_blocking=True),
-        ])  # fmt: skip
-        bad_loss, bad_grad, num_skipped, samples, tokens = self.dist.all_reduce(agreed).tolist()
-        if num_skipped:
-            self._count_skipped(skipped)
-        if bad_loss or bad_grad:
-            what = "loss" if bad_loss else "gradient norm"
-            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            raise TrainingStopped(
-                f"non-finite {what} at step {self.step + 1}; stopped before the update ({where}). "
-                "Lower optim.lr or use train.precision=fp32"
-            )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # Decided on the device: [non-finite loss, non-finite gradient norm], the same on every rank
+        # (an all-reduce the host does not wait for), so that all skip and stop alike.
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm.to(loss.device))]).int()
+        if self.dist.distributed:
+            bad = self.dist.all_reduce(bad, op="max")
+        self.optimizer.found_inf = bad.amax().float()  # fused AdamW: no update where it is 1
+        self.optimizer.grad_scale = None  # already unscaled (scaler.unscale_ above)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.scaler.update()  # fp16: lowers the scale after an overflow (its found_inf from unscale_)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.precision == "fp16":
+            bad = torch.stack([bad[0], torch.zeros_like(bad[1])])  # overflows are the scaler's to skip
+        if self._first_bad is None:
+            self._first_bad = torch.zeros(2, dtype=torch.int64, device=bad.device)
+        self._first_bad = torch.where((self._first_bad == 0) & (bad > 0), self.step + 1, self._first_bad)
         self.step += 1
-        self.samples_seen += samples
+        self._unsettled_samples += samples
         self.method.after_step(self.step)
         last = outs[-1]
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "out": last}
+
+    def _settle(self, extra: torch.Tensor | None = None) -> list[float]:
+        """Agree what the ranks learnt since the last settle, and stop on a recorded non-finite step.
+
+        One host sync (a ``.tolist()``; a collective under torchrun): the samples seen, the skipped
+        files and the first non-finite steps. ``extra`` (a float vector) rides along, summed over
+        ranks; its values are returned.
+        """
+        counts = [float(self._unsettled_samples), float(len(self._unsettled_skipped))]
+        device = self._first_bad.device if self._first_bad is not None else self.device
+        first_bad = self._first_bad if self._first_bad is not None else torch.zeros(2, dtype=torch.int64, device=device)
+        values = torch.cat([
+            torch.tensor(counts, dtype=torch.float64).to(device, non_blocking=True),
+            first_bad.double(),  # the same on every rank: the sum is world_size times it
+            (extra if extra is not None else torch.zeros(0, device=device)).to(device, torch.float64),
+        ])  # fmt: skip
+        samples, num_skipped, bad_loss, bad_grad, *rest = self.dist.all_reduce(values).tolist()
+        self.samples_seen += int(samples)
+        self._unsettled_samples = 0
+        if num_skipped:
+            self._settle_skipped(int(num_skipped))
+        bad_loss, bad_grad = int(bad_loss) // self.dist.world_size, int(bad_grad) // self.dist.world_size
+        if bad_loss or bad_grad:
+            what = "loss" if bad_loss and (not bad_grad or bad_loss <= bad_grad) else "gradient norm"
+            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise TrainingStopped(
+                f"non-finite {what} at step {min(s for s in (bad_loss, bad_grad) if s)}; that update and any "
+                f"later non-finite one were skipped, stopped at step {self.step} ({where}). "
+                "Lower optim.lr or use train.precision=fp32"
+            )
+        return rest
+
+    def _settle_skipped(self, num_skipped: int) -> None:
+        """Record the unreadable files every rank holds (``num_skipped`` in all, agreed or local)."""
+        if num_skipped:
+            skipped, self._unsettled_skipped = self._unsettled_skipped, []
+            self._count_skipped(skipped)
 
     def _check_health(self, metrics: dict) -> None:
         """Stop when the method reports a reason (e.g. collapsed representations), naming the last checkpoint."""
@@ -411,19 +469,19 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
+                    logged = self._logged_values(result, window_samples, window_tokens)  # the sync
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    loss, target_var, pred_var, peak_memory = self._logged_values(result["loss"], out)
                     metrics = {
                         "step": self.step,
-                        "loss": loss,
+                        "loss": logged["loss"],
                         "lr": result["lr"],
                         "ema_decay": float(out.get("ema_decay", float("nan"))),
-                        "target_var": target_var,
-                        "pred_var": pred_var,
-                        "grad_norm": float(result["grad_norm"]),  # the same on every rank
-                        "samples_per_s": window_samples / elapsed,
-                        "tokens_per_s": window_tokens / elapsed,
-                        "peak_memory_mb": peak_memory,
+                        "target_var": logged["target_var"],
+                        "pred_var": logged["pred_var"],
+                        "grad_norm": logged["grad_norm"],
+                        "samples_per_s": logged["samples"] / elapsed,
+                        "tokens_per_s": logged["tokens"] / elapsed,
+                        "peak_memory_mb": logged["peak_memory_mb"],
                         "skipped_files": len(self.skipped),
                         **{k: float(out[k]) for k in getattr(self.method, "log_keys", ()) if k in out},  # rank 0's
                     }
@@ -450,24 +508,29 @@ class Trainer:
                 bar.close()
         return metrics
 
-    def _logged_values(self, loss: torch.Tensor, out: dict) -> tuple[float, float, float, float]:
-        """Loss, target and prediction variance averaged over ranks, and the largest peak memory (MiB).
+    def _logged_values(self, result: dict, window_samples: int, window_tokens: int) -> dict:
+        """A logging step's values: loss, target and prediction variance averaged over ranks, the
+        gradient norm, the largest peak memory (MiB), and the job's samples and tokens in the window.
 
-        The ``.tolist()`` is a CPU-GPU sync (and the all-reduces a collective): logging steps only.
+        The one ``.tolist()`` (in ``_settle``) is a CPU-GPU sync (and a collective under torchrun):
+        logging steps only. It also stops the run if a step since the last settle was non-finite.
         """
         nan = float("nan")
+        out, loss = result["out"], result["loss"]
+        peak_memory = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         values = torch.stack([
             torch.as_tensor(v, dtype=torch.float32, device=loss.device)
-            for v in (loss, out.get("target_var", nan), out.get("pred_var", nan))
-        ])  # fmt: skip
-        if self.dist.distributed:
-            values = self.dist.all_reduce(values) / self.dist.world_size
-        peak_memory = 0.0
-        if self.device.type == "cuda":
-            memory = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**20], device=self.device)
-            peak_memory = float(self.dist.all_reduce(memory, op="max"))
-        loss, target_var, pred_var = values.tolist()
-        return loss, target_var, pred_var, peak_memory
+            for v in (loss, out.get("target_var", nan), out.get("pred_var", nan), result["grad_norm"])
+        ] + [torch.tensor(float(v), device=loss.device) for v in (window_samples, window_tokens)])  # fmt: skip
+        loss, target_var, pred_var, grad_norm, samples, tokens = self._settle(values)
+        world = self.dist.world_size
+        if self.dist.distributed:  # every rank's peak, the largest reported
+            peak_memory = float(self.dist.all_reduce(torch.tensor([peak_memory], device=self.device), op="max"))
+        return {
+            "loss": loss / world, "target_var": target_var / world, "pred_var": pred_var / world,
+            "grad_norm": grad_norm / world,  # the same on every rank
+            "peak_memory_mb": peak_memory, "samples": samples, "tokens": tokens,
+        }  # fmt: skip
 
     def init_from(self, path) -> None:
         """Start a new run from another run's weights (student, teacher, decoder); nothing else."""

@@ -144,14 +144,18 @@ def _out_channel_tile(c_out_per_group: int) -> int:
 def _conv_configs() -> list:
     """Autotune candidates of the conv-like kernels, pruned per call by ``_prune_in_channel_tiles``.
 
-    Untuned guesses pending H100 measurements: 64/128-position tiles, 4 or 8 warps, 3 stages.
+    Untuned guesses pending H100 measurements: 64/128-position tiles, 4 or 8 warps, 3 stages; plus,
+    per in-channel width, one small-footprint config that always fits shared memory. In fp32 the
+    widest tiles need more than the chip has (text decoder wgrad, 768 channels: 128 positions x (128
+    in + 128 out) channels x 4 B x 3 stages = 384 KiB > 227 KiB on H100/H200); the autotuner skips a
+    config that runs out of resources, and the 32-position, 2-stage one (64 KiB) is what remains.
     """
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=3)
         for block_m in (64, 128)
         for block_c in (16, 32, 64, 128)
         for warps in (4, 8)
-    ]
+    ] + [triton.Config({"BLOCK_M": 32, "BLOCK_C": block_c}, num_warps=4, num_stages=2) for block_c in (16, 32, 64, 128)]
 
 
 def _prune_in_channel_tiles(widest: int):

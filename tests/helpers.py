@@ -1,8 +1,15 @@
-"""Assertion helpers shared by the test suite."""
+"""Assertion helpers and the test device, shared by the test suite."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+TEST_DEVICE = os.environ.get("D2V2_TEST_DEVICE", "cpu")
+"""The suite's mode (see tests/conftest.py): "cpu" (interpreted kernels) or "cuda" (compiled kernels)."""
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"D2V2_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "tensor"):

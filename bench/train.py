@@ -1,0 +1,317 @@
+"""``d2v2 bench train``: the real training step of each method and variant, alternated in one run.
+
+What is timed
+    One optimizer update of ``engine.trainer.Trainer.train_step`` (forward, backward, gradient clipping,
+    fused AdamW, the EMA teacher update), built from the recipe ``<modality>-<size>`` exactly as
+    ``d2v2 pretrain`` builds it, on synthetic batches of the recipe's per-GPU size (random images,
+    waveforms or token ids; masks made on the CPU as the loader makes them, pinned, copied with
+    ``non_blocking``). Every (method, modality, variant) gets its own model from the same seed;
+    ``warmup`` steps of each are discarded (compilation, autotuning, allocator growth), then the
+    variants take turns, round robin, so that clock and thermal drift hit them all alike.
+
+Variants
+    kernels  d2v2's Triton kernels (``impl="auto"``: Triton on CUDA)
+    torch    the same engine on the PyTorch path (``D2V2_KERNELS=torch`` while its steps run)
+    compile  the kernels variant with ``train.compile`` (``torch.compile`` of the method)
+
+Per variant: step time median and 20/80 percentiles (host clock around a synchronised step),
+samples/s, tokens/s (positions per sample, as the trainer counts them), peak memory of a step
+(CUDA), the host syncs of one step as ``torch.cuda.set_sync_debug_mode("warn")`` reports them (CUDA), model FLOPs per step (``torch.utils.flop_counter`` over one step of the PyTorch path, which
+runs only aten ops; the same count for every variant, since the math is the same) and MFU against
+a bf16 matmul ceiling measured in the same run, and the speedups over the torch variant.
+
+Methods
+    Any method registered in ``d2v2.models.METHODS`` (today data2vec 2.0; the baselines join there,
+    one entry each), built by ``build`` alone; ``run(methods=...)`` / ``--methods`` take the list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import harness
+
+VARIANTS = ("kernels", "torch", "compile")
+MODALITIES = ("image", "audio", "text")
+SIZES = ("tiny", "base")
+
+
+def build(method: str, modality: str, size: str):
+    """The one place a benchmarked method is built: ``method`` (a name in ``d2v2.models.METHODS``) for
+    the recipe ``<modality>-<size>``, as ``d2v2 pretrain`` builds it, with the fields its data would
+    decide taken from the recipe (synthetic data has no tokenizer: RoBERTa's special ids, ``<pad>`` 1
+    and ``<mask>`` 4, as the engine's BPE lays them out). Returns (method, resolved run config)."""
+    from d2v2.engine.run import resolve_config
+    from d2v2.models import build_method
+
+    cfg = resolve_config(f"{modality}-{size}")
+    cfg.method = cfg.model.method = method
+    data = cfg.data
+    fields = {
+        "image": {"image_size": data.crop_size},
+        "text": {"vocab_size": data.vocab_size, "padding_idx": 1, "mask_idx": 4, "max_positions": max(data.block_size, 512)},
+    }.get(modality, {})
+    return build_method(method, cfg.model.build_config(**fields)), cfg
+
+
+def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> Iterator[dict]:
+    """Endless batches of the recipe's per-GPU size (or ``batch`` samples), made as the loader makes
+    them: the method's modality draws the masks on the CPU, kept ids beside them, pinned."""
+    from d2v2.models.masking import mask_to_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    data, modality = cfg.data, cfg.model.modality
+    size = batch or (max(1, data.max_tokens // data.max_samples) if modality == "audio" else data.batch_size)
+    pin = torch.cuda.is_available()
+    index = 0
+    while True:
+        if modality == "image":
+            source = torch.randn(size, 3, data.crop_size, data.crop_size, generator=gen)
+        elif modality == "audio":  # the loader's batch of longest clips
+            source = torch.randn(size, data.max_samples, generator=gen)
+        else:  # ids past the special tokens
+            source = torch.randint(5, data.vocab_size, (size, data.block_size), generator=gen)
+        mask = method.modality.make_masks(size, source, gen)
+        tensors = {"source": source, "mask": mask, "ids_keep": mask_to_ids(mask)}
+        if pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        yield {**tensors, "skipped": [], "epoch": 0, "batch": index}
+        index += 1
+
+
+@contextlib.contextmanager
+def kernels_env(value: str | None):
+    """``D2V2_KERNELS`` set to ``value`` (None: unset) for the duration."""
+    old = os.environ.get("D2V2_KERNELS")
+    if value is None:
+        os.environ.pop("D2V2_KERNELS", None)
+    else:
+        os.environ["D2V2_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("D2V2_KERNELS", None)
+        else:
+            os.environ["D2V2_KERNELS"] = old
+
+
+class Contestant:
+    """One (method, modality, variant): its own model, trainer and batch stream."""
+
+    def __init__(
+        self, method: str, modality: str, size: str, variant: str, device: torch.device, run_dir: Path,
+        batch: int | None = None,
+    ):
+        from d2v2.engine.trainer import Trainer
+
+        self.method, self.modality, self.variant, self.device = method, modality, variant, device
+        torch.manual_seed(0)  # the same weights for every variant
+        model, cfg = build(method, modality, size)
+        cfg.train.compile = variant == "compile"
+        cfg.train.log_every = cfg.train.checkpoint_every = 10**9
+        cfg.train.accum_steps = 1
+        self.env = "torch" if variant == "torch" else None
+        self.batches = synthetic_batches(model, cfg, batch)
+        first = next(self.batches)
+        self.samples = first["source"].shape[0]
+        self.tokens = self.samples * first["mask"].shape[1]
+        self.trainer = Trainer(model, None, cfg.optim, cfg.train, run_dir, device, self.samples, {}, log=lambda *_: None)
+        self.times_ms: list[float] = []
+        self.peak_mb: float | None = None
+        self.error: str | None = None
+
+    def step(self, record: bool) -> None:
+        with kernels_env(self.env):
+            harness._sync(self.device)
+            before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            start = time.perf_counter()
+            self.trainer.train_step(self.batches)
+            harness._sync(self.device)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+        if record:
+            self.times_ms.append(elapsed_ms)
+            if self.device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated(self.device) - before) / 2**20 + self.state_mb()
+                self.peak_mb = max(self.peak_mb or 0.0, peak)
+
+    def state_mb(self) -> float:
+        """Parameters (student, teacher, decoder) and optimizer state: what lives between steps."""
+        tensors = list(self.trainer.method.state_dict().values())
+        tensors += [v for s in self.trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    def flops(self) -> float:
+        """Model FLOPs of one step, counted on the PyTorch path (aten ops only; Triton calls are invisible)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with kernels_env("torch"), FlopCounterMode(display=False) as counter:
+            self.trainer.train_step(self.batches)
+        return float(counter.get_total_flops())
+
+    def host_syncs(self) -> tuple[int, list[str]]:
+        """CUDA: the host syncs of one step as CUDA's sync detector reports them (count, first few)."""
+        import warnings
+
+        with kernels_env(self.env), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                self.trainer.train_step(self.batches)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        return len(where), list(dict.fromkeys(where))[:5]
+
+
+def run(
+    *,
+    device: torch.device,
+    size: str = "base",
+    modalities: Sequence[str] = MODALITIES,
+    methods: Sequence[str] = ("data2vec2",),
+    variants: Sequence[str] = VARIANTS,
+    warmup: int = 3,
+    steps: int = 10,
+    batch: int | None = None,
+    out_dir: Path | None = None,
+    argv: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Time every (method, modality, variant); write results.json, results.md and results.png."""
+    from d2v2.models import METHODS
+
+    for name, chosen, known in (("size", [size], SIZES), ("modalities", modalities, MODALITIES),
+                                ("methods", methods, tuple(METHODS)), ("variants", variants, VARIANTS)):  # fmt: skip
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            raise ValueError(f"{name}: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(known)}")
+    if warmup < 0 or steps < 1 or (batch is not None and batch < 1):
+        raise ValueError(f"need warmup >= 0, steps >= 1 and batch >= 1, got {warmup}, {steps} and {batch}")
+    stamp = harness.environment_stamp(device)
+    gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ceiling = harness.matmul_tflops(device, gemm_dtype)
+    log(f"{str(gemm_dtype).removeprefix('torch.')} matmul ceiling {ceiling:.2f} TFLOP/s")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="d2v2-bench-train-") as scratch:
+        for method in methods:
+            for modality in modalities:
+                rows += _race(method, modality, size, batch, variants, device, warmup, steps, ceiling, stamp, Path(scratch), log)
+    harness.speedups(rows, group_keys=("method", "modality"), label_key="variant", baseline="torch")
+    harness.speedups(rows, group_keys=("method", "modality"), label_key="variant", baseline="compile")
+    meta = {
+        **stamp, "benchmark": "train", "size": size, "batch": batch or "recipe", "warmup_steps": warmup, "timed_steps": steps,
+        "matmul_tflops": ceiling, "matmul_dtype": str(gemm_dtype).removeprefix("torch."),
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "command": " ".join(argv) if argv is not None else None,
+    }  # fmt: skip
+    out_dir = Path(out_dir) if out_dir is not None else harness.default_out_dir("train", device)
+    return rows, write_report(out_dir, meta, rows)
+
+
+def _race(method, modality, size, batch, variants, device, warmup, steps, ceiling, stamp, scratch, log) -> list[dict]:
+    """One (method, modality): build each variant, count FLOPs once, then alternate their steps."""
+    contestants: list[Contestant] = []
+    rows = []
+    for variant in variants:
+        row = {"method": method, "modality": modality, "size": size, "variant": variant, "status": "ok", "note": ""}
+        rows.append(row)
+        try:
+            contestants.append(Contestant(method, modality, size, variant, device, scratch, batch))
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+            row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    alive = {c.variant: c for c in contestants}
+    flops = None
+    if alive:
+        try:  # on an eager model (a compiled one runs code the counter cannot see)
+            eager = [c for c in alive.values() if c.variant != "compile"]
+            flops = (eager[0] if eager else Contestant(method, modality, size, "torch", device, scratch, batch)).flops()
+        except Exception as e:  # noqa: BLE001 - the times still mean something without it
+            log(f"{method} {modality}: FLOP count failed: {type(e).__name__}: {e}")
+    for i in range(warmup + steps):
+        for variant, c in list(alive.items()):
+            try:
+                c.step(record=i >= warmup)
+            except Exception as e:  # noqa: BLE001
+                c.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                del alive[variant]
+    by_variant = {c.variant: c for c in contestants}
+    syncs = {}
+    if device.type == "cuda":
+        for variant, c in alive.items():
+            try:
+                syncs[variant] = c.host_syncs()
+            except Exception as e:  # noqa: BLE001 - a report, not a measurement
+                syncs[variant] = (None, [f"{type(e).__name__}: {e}"])
+    for row in rows:
+        c = by_variant.get(row["variant"])
+        if c is None:
+            continue
+        if c.error:
+            row.update(status="error", note=c.error)
+            continue
+        median, p20, p80 = harness.percentiles(c.times_ms, harness.QUANTILES)
+        row.update(
+            median_ms=median, p20_ms=p20, p80_ms=p80, samples=c.samples, tokens=c.tokens,
+            samples_per_s=c.samples / (median * 1e-3), tokens_per_s=c.tokens / (median * 1e-3),
+            peak_mem_mb=c.peak_mb, flops=flops,
+            tflops=flops / (median * 1e-3) / 1e12 if flops else None,
+        )  # fmt: skip
+        row["mfu"] = row["tflops"] / ceiling if row["tflops"] and ceiling else None
+        row["host_syncs"], row["host_sync_examples"] = syncs.get(row["variant"], (None, []))
+        log(f"{method:<10} {modality:<6} {row['variant']:<8} {median:9.2f} ms  {row['samples_per_s']:9.1f} samples/s")
+    for row in rows:
+        row.update(device=stamp["device"], torch=stamp["torch"], triton=stamp["triton"], date=stamp["date"])
+        if row["status"] != "ok":
+            log(f"{method:<10} {modality:<6} {row['variant']:<8} {row['status']}: {row['note']}")
+    del contestants, alive, by_variant
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+_COLUMNS = (
+    ("method", "method", ""), ("modality", "modality", ""), ("variant", "variant", ""),
+    ("median ms", "median_ms", ".2f"), ("p20-p80 ms", "spread", ""), ("samples/s", "samples_per_s", ".1f"),
+    ("tokens/s", "tokens_per_s", ".0f"), ("peak MiB", "peak_mem_mb", ".0f"), ("GFLOP/step", "gflops", ".1f"),
+    ("TFLOP/s", "tflops", ".1f"), ("MFU %", "pct_mfu", ".1f"), ("x torch", "speedup_vs_torch", ".2f"),
+    ("x compile", "speedup_vs_compile", ".2f"), ("host syncs/step", "host_syncs", ""), ("status", "status", ""),
+)  # fmt: skip
+
+
+def _display(row: Mapping[str, Any]) -> dict[str, Any]:
+    shown = dict(row)
+    if row.get("median_ms") is not None:
+        shown["spread"] = f"{row['p20_ms']:.2f}-{row['p80_ms']:.2f}"
+    shown["gflops"] = row["flops"] / 1e9 if row.get("flops") else None
+    shown["pct_mfu"] = 100 * row["mfu"] if row.get("mfu") is not None else None
+    return shown
+
+
+def write_report(out_dir: Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
+    """results.json (meta + rows), results.md (table, failures) and results.png (step time per variant)."""
+    paths = {"json": harness.write_json(out_dir / "results.json", meta, rows)}
+    header = {k: meta.get(k) for k in ("device", "torch", "triton", "cuda", "date", "size", "batch", "precision")}
+    header["steps"] = f"{meta['warmup_steps']} warm-up (discarded) + {meta['timed_steps']} timed per variant, round robin"
+    header["matmul ceiling"] = f"{meta['matmul_tflops']:.2f} TFLOP/s ({meta['matmul_dtype']})"
+    header["command"] = meta.get("command")
+    table = "## Results\n\n" + harness.markdown_table([_display(r) for r in rows if r["status"] == "ok"], _COLUMNS)
+    failed = [f"- {r['method']} {r['modality']} {r['variant']}: {r['note']}" for r in rows if r["status"] != "ok"]
+    sections = [table, "## Failed\n\n" + ("\n".join(failed) or "Nothing failed.")]
+    paths["md"] = harness.write_markdown(out_dir / "results.md", "d2v2 training-step benchmark", header, sections)
+    paths["png"] = harness.write_bar_plot(
+        out_dir / "results.png", rows, panel_key="method", group=lambda r: r["modality"], series_key="variant",
+        value_key="median_ms", ylabel="median step ms (lower is better)",
+        title=f"d2v2 train step, {meta['size']} size, on {meta['device']} ({meta['date'][:10]})",
+    )  # fmt: skip
+    return paths

@@ -1,0 +1,51 @@
+"""d2v2 bench train on the CPU: the real trainer step per variant, alternated, and its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d2v2.bench import train
+
+
+def test_tiny_image_step_per_variant_and_report(tmp_path):
+    rows, paths = train.run(
+        device=torch.device("cpu"), size="tiny", modalities=("image",), variants=("kernels", "torch"),
+        warmup=0, steps=2, batch=4, out_dir=tmp_path, log=lambda *_: None,
+    )  # fmt: skip
+    assert [(r["variant"], r["status"]) for r in rows] == [("kernels", "ok"), ("torch", "ok")]
+    for row in rows:
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        # 4 image-tiny samples of 8 x 8 patches per step; FLOPs counted once, shared by the variants
+        assert row["samples"] == 4 and row["tokens"] == 4 * 64
+        assert row["flops"] == rows[0]["flops"] > 0 and 0 < row["mfu"]
+    assert rows[1]["speedup_vs_torch"] == 1.0
+    assert {p.name for p in paths.values()} == {"results.json", "results.md", "results.png"}
+    report = json.loads(paths["json"].read_text())
+    assert report["meta"]["size"] == "tiny" and report["meta"]["timed_steps"] == 2
+    assert "| data2vec2 | image | kernels |" in paths["md"].read_text()
+
+
+def test_build_makes_a_registered_method_from_its_recipe():
+    method, cfg = train.build("data2vec2", "text", "tiny")
+    assert cfg.model.modality == "text" and method.cfg.vocab_size == cfg.data.vocab_size
+    batch = next(train.synthetic_batches(method, cfg, batch=2))
+    assert batch["source"].shape == (2, cfg.data.block_size) and batch["ids_keep"].shape[0] == batch["mask"].shape[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(size="huge"), "size: unknown 'huge'"),
+        (dict(modalities=("video",)), "modalities: unknown 'video'"),
+        (dict(methods=("mae",)), "methods: unknown 'mae'; expected some of data2vec2"),
+        (dict(variants=("jax",)), "variants: unknown 'jax'"),
+        (dict(steps=0), "steps >= 1"),
+        (dict(batch=0), "batch >= 1"),
+    ],
+)
+def test_bad_names_are_value_errors(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train.run(device=torch.device("cpu"), out_dir=tmp_path, **kwargs)
