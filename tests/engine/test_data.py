@@ -79,7 +79,7 @@ def test_audio_errors_name_the_cause(tmp_path):
         audio.read_manifest(tmp_path / "nope.tsv")
     _write_wavs(tmp_path / "w8k", [40_000], rate=8_000)
     train, _, _ = audio.write_manifest(tmp_path / "w8k", tmp_path / "m8k")
-    with pytest.raises(ValueError, match="8000 Hz, expected 16000"):
+    with pytest.raises(ValueError, match="8000 Hz, the recipe needs 16000 Hz"):
         audio.AudioManifestDataset(train)[(0, 0)]
     (tmp_path / "bad.tsv").write_text("/root\nfile.wav\tabc\n")
     with pytest.raises(ValueError, match="bad.tsv:2"):
