@@ -125,8 +125,7 @@ def newest_loadable(run_dir: Path, log=print) -> tuple[Path, dict] | None:
         try:
             state = load_checkpoint(file)
         except ValueError as e:
-            failures.append(f"{folder.name}: unreadable")
-            log(f"checkpoint {file} cannot be read: {str(e).splitlines()[0]}")
+            failures.append(f"{folder.name}: unreadable ({type(e.__cause__).__name__})")
             continue
         if failures:
             log(f"{'; '.join(failures)}; resuming from {folder.name}, the newest checkpoint that loads")

@@ -23,6 +23,17 @@ from .config import from_dict
 from .data import embedded, images
 
 
+def default_result_path(state_file: Path) -> Path:
+    """``<run>/probe/step-XXXXXXXX.json``: in the run folder, where pruning old checkpoints never reaches.
+
+    A ``state.pt`` outside a run's ``checkpoints/`` folder gets ``probe-<folder>.json`` beside its folder.
+    """
+    folder = state_file.parent
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / "probe" / f"{folder.name}.json"
+    return folder.parent / f"probe-{folder.name}.json"
+
+
 def method_from_checkpoint(path: str) -> tuple[Data2Vec2, dict]:
     """Rebuild the model a checkpoint was trained as, with its weights; returns (model, config dict)."""
     state = load_checkpoint(path)
@@ -57,7 +68,13 @@ def labelled_images(data: str | None, size: int) -> tuple[torch.Tensor, torch.Te
     if len(classes) < 2:
         raise ValueError(f"the probe needs labelled images: {data} must hold one folder per class (found {len(classes)})")
     transform = images.EvalTransform(size)
-    return torch.stack([transform(images.load_rgb(p)) for p in paths]), torch.tensor(labels)
+    pixels = []
+    for p in paths:
+        try:
+            pixels.append(transform(images.load_rgb(p)))
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
+            raise ValueError(f"--data: {p} cannot be read as an image ({type(e).__name__}: {e}); fix or remove it") from e
+    return torch.stack(pixels), torch.tensor(labels)
 
 
 def split(num: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +109,8 @@ def probe(
     """Probe a checkpoint; prints the accuracies and writes them to JSON (next to it by default)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = method_from_checkpoint(checkpoint)
     pixels, labels = labelled_images(data, model.cfg.image_size)
@@ -106,7 +125,7 @@ def probe(
         "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
         "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
     }
-    target = Path(out) if out else resolve_checkpoint(checkpoint).parent / "probe.json"
+    target = Path(out) if out else default_result_path(resolve_checkpoint(checkpoint))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
     log(f"linear probe {100 * result['linear_accuracy']:.1f} % | kNN {100 * result['knn_accuracy']:.1f} % "

@@ -69,6 +69,16 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must both lie in [0, 1), got {list(self.betas)}; e.g. [0.9, 0.95]")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.ref_batch < 0:
+            raise ValueError(f"optim.ref_batch must be >= 0 (0 = use optim.lr as is), got {self.ref_batch}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,7 +87,8 @@ class TrainConfig:
 
     seed: int = 1
     max_steps: int = 0
-    """Stop after this many optimizer updates in all (resumed ones included); 0 = optim.total_steps."""
+    """Stop after this many optimizer updates in all (resumed ones included); 0 = optim.total_steps.
+    At most optim.total_steps: past the schedule's end the learning rate would stay at min_lr."""
     accum_steps: int = 1
     """Micro-batches per optimizer update (gradient accumulation)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -63,7 +63,7 @@ def test_probe_beats_chance_after_a_short_pretraining(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "20", *FAST]) == 0
     assert main(["probe", "--checkpoint", str(run)]) == 0
-    result = json.loads((run / "checkpoints" / "step-00000020" / "probe.json").read_text())
+    result = json.loads((run / "probe" / "step-00000020.json").read_text())  # in the run folder: never pruned
     assert result["classes"] == 10 and result["linear_accuracy"] > 0.5  # chance is 0.1
     assert "linear probe" in capsys.readouterr().out
 
