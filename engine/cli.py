@@ -23,7 +23,9 @@ try:  # the trainer's own stop signals; imported lazily elsewhere to keep `d2v2 
 except ImportError:  # pragma: no cover
     TrainingStopped = RunStopped = RuntimeError
 
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the d2v2 package: kernels/ models/ engine/
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN_CODE = tuple(os.path.join(_ROOT, part) + os.sep for part in ("kernels", "models", "engine", "bench"))
+"""Where d2v2's own modules live (``d2v2.kernels`` ... ``d2v2.bench``)."""
 
 
 def user_error(e: BaseException) -> str | None:
@@ -43,14 +45,14 @@ def user_error(e: BaseException) -> str | None:
     if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
         lines = [line for line in text.splitlines() if line.strip()]
         frames = [line for line in lines if line.lstrip().startswith("File ")]
-        if not frames or PACKAGE_DIR not in frames[-1]:
+        if not frames or not any(own in frames[-1] for own in OWN_CODE):
             return None
         last = lines[-1].strip()
         return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if tb is not None and not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR):
+    if tb is not None and not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(OWN_CODE):
         return None
     return text.splitlines()[0] if text else type(e).__name__
 
