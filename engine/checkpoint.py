@@ -124,8 +124,8 @@ def newest_loadable(run_dir: Path, log=print) -> tuple[Path, dict] | None:
             continue
         try:
             state = load_checkpoint(file)
-        except ValueError as e:
-            failures.append(f"{folder.name}: unreadable ({type(e.__cause__).__name__})")
+        except ValueError:
+            failures.append(f"{folder.name}: unreadable")
             continue
         if failures:
             log(f"{'; '.join(failures)}; resuming from {folder.name}, the newest checkpoint that loads")

@@ -94,7 +94,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(run, capsys):
     assert steps(run) == [1, 2, 3]  # cut back to step 2, then step 3 once
     (run / "checkpoints" / "step-00000003" / "state.pt").write_bytes(b"torn")
     assert main(["pretrain", "--out", str(run), "--max-steps", "3"]) == 0
-    assert "step-00000003: unreadable (" in capsys.readouterr().out
+    assert "step-00000003: unreadable; resuming from step-00000002" in capsys.readouterr().out
 
 
 def test_a_run_whose_checkpoints_all_fail_to_load_stops(run, capsys):
