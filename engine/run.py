@@ -162,7 +162,8 @@ def _pretrain(
     if refusal:
         raise runfolder.RunFolderError(refusal)
     try:
-        return _train_in(folder, cfg, env, dev, run_dir, resume, init_from, log)
+        with distributed.deterministic_on_cpu(dev):
+            return _train_in(folder, cfg, env, dev, run_dir, resume, init_from, log)
     finally:
         if folder is not None:
             folder.close()
