@@ -13,6 +13,9 @@ resumed run continues exactly where the interrupted one stopped.
 Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its teacher left out),
 every stop decision is all-reduced so that all ranks take it at the same step, and rank 0 alone
 logs and writes.
+
+SIGTERM and Ctrl-C (``signals.StopRequest``) stop the loop at a step boundary: the step finishes, a
+checkpoint is written and ``RunStopped`` tells the caller how to continue.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_corrupt: int = 100
-    """Stop when more than this many data files were unreadable."""
+    """Stop when more than this many distinct data files were unreadable (a file counts once, however
+    often it is read); also the most unreadable files passed over in a row before the loader stops."""
 
     def __post_init__(self):
         for name in ("accum_steps", "log_every", "checkpoint_every"):
@@ -510,10 +514,15 @@ class Trainer:
 
         if mode == "none":
             return False
-        found = None
+        found, error = None, None
         if self.dist.is_main:  # rank 0 picks: every rank loads the same checkpoint
-            found = newest_loadable(self.run_dir, self.log) if mode == "auto" else (Path(mode), load_checkpoint(mode))
-        path = self.dist.broadcast_object(None if found is None else str(found[0]))
+            try:
+                found = newest_loadable(self.run_dir, self.log) if mode == "auto" else (Path(mode), load_checkpoint(mode))
+            except (ValueError, FileNotFoundError) as e:
+                error = e
+        path, message = self.dist.broadcast_object((None if found is None else str(found[0]), error and str(error)))
+        if message:  # every rank stops, not rank 0 alone
+            raise error if error is not None else ValueError(message)
         if path is None:
             return False
         state = found[1] if found is not None else load_checkpoint(path)

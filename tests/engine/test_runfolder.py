@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from d2v2.engine.cli import main
+from tests.helpers import one_line_error
 from d2v2.engine.runfolder import RunFolder, RunFolderError, remove_temporaries, truncate_metrics
 
 FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1", "--set", "data.batch_size=8"]
@@ -30,13 +31,6 @@ def steps(run) -> list[int]:
 def snapshot(run) -> dict:
     """Every file of a run folder but its lock, with its bytes: to check that nothing changed."""
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +64,8 @@ def test_a_run_continues_from_its_folder_alone(run, capsys):
 
 def test_another_recipe_or_setting_on_a_run_is_refused(run, capsys):
     before = snapshot(run)
-    assert "is a run of recipe image-tiny, not text-tiny" in _error(capsys, ["pretrain", "--recipe", "text-tiny", "--out", str(run)])
-    err = _error(capsys, ["pretrain", "--out", str(run), "--set", "optim.lr=0.1"])
+    assert "is a run of recipe image-tiny, not text-tiny" in one_line_error(capsys, ["pretrain", "--recipe", "text-tiny", "--out", str(run)])
+    err = one_line_error(capsys, ["pretrain", "--out", str(run), "--set", "optim.lr=0.1"])
     assert "optim.lr=0.002" in err and "train.max_steps" in err and "new --out" in err
     assert snapshot(run) == before
     # Repeating the run's own values is no change.
@@ -80,7 +74,7 @@ def test_another_recipe_or_setting_on_a_run_is_refused(run, capsys):
 
 def test_resume_none_on_a_run_with_checkpoints_is_refused(run, capsys):
     before = snapshot(run)
-    assert "--resume none would restart" in _error(capsys, ["pretrain", "--out", str(run), "--resume", "none"])
+    assert "--resume none would restart" in one_line_error(capsys, ["pretrain", "--out", str(run), "--resume", "none"])
     assert snapshot(run) == before
 
 
@@ -101,7 +95,7 @@ def test_a_run_whose_checkpoints_all_fail_to_load_stops(run, capsys):
     for folder in (run / "checkpoints").glob("step-*"):
         (folder / "state.pt").write_bytes(b"torn")
     before = snapshot(run)
-    err = _error(capsys, ["pretrain", "--out", str(run), "--max-steps", "6"])
+    err = one_line_error(capsys, ["pretrain", "--out", str(run), "--max-steps", "6"])
     assert "holds checkpoints but none loads" in err and "step-00000002: unreadable" in err
     assert snapshot(run) == before
 
@@ -126,7 +120,7 @@ def test_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        err = _error(capsys, ["pretrain", "--out", str(run), "--max-steps", "1", *FAST])
+        err = one_line_error(capsys, ["pretrain", "--out", str(run), "--max-steps", "1", *FAST])
         assert f"in use by process {holder.pid}" in err
         with pytest.raises(RunFolderError, match="in use"):
             RunFolder.open(run, "auto")
@@ -138,18 +132,18 @@ def test_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path
 
 def test_out_naming_a_file_or_an_unwritable_folder(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("mine")
-    assert "is a file" in _error(capsys, ["pretrain", "--out", str(tmp_path / "file"), "--max-steps", "1", *FAST])
+    assert "is a file" in one_line_error(capsys, ["pretrain", "--out", str(tmp_path / "file"), "--max-steps", "1", *FAST])
     assert (tmp_path / "file").read_text() == "mine"
 
     def read_only(*_args, **_kwargs):
         raise PermissionError(13, os.strerror(13))
 
     monkeypatch.setattr("pathlib.Path.mkdir", read_only)
-    assert "cannot be written (Permission denied)" in _error(capsys, ["pretrain", "--out", str(tmp_path / "ro" / "run"), *FAST])
+    assert "cannot be written (Permission denied)" in one_line_error(capsys, ["pretrain", "--out", str(tmp_path / "ro" / "run"), *FAST])
 
 
 def test_a_failed_start_leaves_no_empty_folder(tmp_path, capsys):
-    _error(capsys, ["pretrain", "--out", str(tmp_path / "new"), "--data", str(tmp_path / "missing"), *FAST])
+    one_line_error(capsys, ["pretrain", "--out", str(tmp_path / "new"), "--data", str(tmp_path / "missing"), *FAST])
     assert not (tmp_path / "new").exists()
 
 
