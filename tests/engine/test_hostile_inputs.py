@@ -69,16 +69,16 @@ ON_THE_RUN = [  # (arguments after `pretrain --out RUN`, what the message must s
 @pytest.mark.parametrize("extra, says", ON_THE_RUN, ids=[" ".join(a) for a, _ in ON_THE_RUN])
 def test_bad_input_on_an_existing_run_changes_nothing(run, capsys, extra, says):
     before = snapshot(run)
-    assert says in one_lineone_line_error(capsys, ["pretrain", "--out", str(run), *extra])
+    assert says in one_line_error(capsys, ["pretrain", "--out", str(run), *extra])
     assert snapshot(run) == before
 
 
 def test_max_steps_and_betas_are_checked_on_a_new_run_too(tmp_path, capsys):
     new = ["pretrain", "--recipe", "image-tiny", "--out", str(tmp_path / "new")]
-    assert "train.max_steps must be >= 0" in one_lineone_line_error(capsys, [*new, "--max-steps", "-1"])
-    err = one_lineone_line_error(capsys, [*new, "--max-steps", "1001"])
+    assert "train.max_steps must be >= 0" in one_line_error(capsys, [*new, "--max-steps", "-1"])
+    err = one_line_error(capsys, [*new, "--max-steps", "1001"])
     assert "goes past the schedule's optim.total_steps=1000" in err and "--set optim.total_steps=1001" in err
-    assert "optim.betas must both lie in [0, 1)" in one_lineone_line_error(capsys, [*new, "--set", "optim.betas=[0.9,2]"])
+    assert "optim.betas must both lie in [0, 1)" in one_line_error(capsys, [*new, "--set", "optim.betas=[0.9,2]"])
     assert not (tmp_path / "new").exists()
 
 
@@ -96,18 +96,18 @@ def test_bad_data_stops_a_new_run_before_any_checkpoint(bad_data, tmp_path, caps
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "new")]
     argv += [*FAST, "--max-steps", "3"]
-    assert says.replace("{data}", str(bad_data)) in one_lineone_line_error(capsys, ["pretrain", *argv])
+    assert says.replace("{data}", str(bad_data)) in one_line_error(capsys, ["pretrain", *argv])
     assert not (tmp_path / "new" / "checkpoints").exists()
     assert (bad_data / "a-file").read_text() == "not a folder"
 
 
 def test_probe_bad_inputs(run, bad_data, capsys):
     before = snapshot(run)
-    err = one_lineone_line_error(capsys, ["probe", "--checkpoint", str(run), "--data", str(bad_data / "labelled")])
+    err = one_line_error(capsys, ["probe", "--checkpoint", str(run), "--data", str(bad_data / "labelled")])
     assert "broken.png cannot be read as an image" in err
     if not torch.cuda.is_available():
-        assert "no CUDA GPU" in one_lineone_line_error(capsys, ["probe", "--checkpoint", str(run), "--device", "cuda"])
-    assert "no checkpoint" in one_lineone_line_error(capsys, ["probe", "--checkpoint", str(bad_data)])
+        assert "no CUDA GPU" in one_line_error(capsys, ["probe", "--checkpoint", str(run), "--device", "cuda"])
+    assert "no checkpoint" in one_line_error(capsys, ["probe", "--checkpoint", str(bad_data)])
     assert snapshot(run) == before
 
 
