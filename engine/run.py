@@ -3,7 +3,8 @@
 The run configuration composes each component's own config: the model's (``Data2Vec2Config``,
 filled from the recipe's ``model: {modality, size}`` preset plus any overridden fields), the
 data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
-``--set key=value`` overrides -> validation, one line per error.
+``--set key=value`` overrides -> validation, one line per error. A folder that already holds a run
+is continued from its own ``config.yaml`` instead, and locked while it trains (``runfolder``).
 
 Launched by torchrun, ``pretrain()`` trains data-parallel (see ``distributed``: how to launch, how the
 data is sharded, what rank 0 alone does).

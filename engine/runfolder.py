@@ -67,7 +67,7 @@ def _same(a, b) -> bool:
 
 def continued_config(run_dir: Path, stored: dict, recipe: str | None, overrides: list[str]) -> dict:
     """``stored`` (the run's config.yaml) with the allowed ``--set`` changes; anything else is refused."""
-    if recipe is not None and recipe != stored["recipe"]:
+    if recipe is not None and Path(recipe).stem != stored["recipe"]:  # a recipe is stored by its name
         raise RunFolderError(
             f"{run_dir} is a run of recipe {stored['recipe']}, not {recipe}; leave out --recipe to continue it, "
             "or pick a new --out for a new run"
