@@ -61,6 +61,9 @@ def read_config(run_dir: Path) -> dict | None:
     return data
 
 
+_ABSENT = object()
+
+
 def _same(a, b) -> bool:
     return to_dict(a) == to_dict(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
 
@@ -77,14 +80,14 @@ def continued_config(run_dir: Path, stored: dict, recipe: str | None, overrides:
         keys, value = parse_override(text)
         node = stored
         for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
+            node = node.get(k, _ABSENT) if isinstance(node, dict) else _ABSENT
         key = ".".join(keys)
-        if node is not None and _same(node, value):
+        if node is not _ABSENT and _same(node, value):
             continue  # repeats the run's own value
         if key not in CHANGEABLE:
             allowed = ", ".join(sorted(CHANGEABLE))
             raise RunFolderError(
-                f"--set {text}: {run_dir} is a run with {key}={node!r}, and a continued run may change only "
+                f"--set {text}: {run_dir} is a run with {key}={None if node is _ABSENT else node!r}, and a continued run may change only "
                 f"{allowed}; pick a new --out (with --init-from {run_dir} to start from its weights)"
             )
         apply_overrides(data, [text])
