@@ -3,11 +3,13 @@
 A checkpoint holds only tensors and plain values, so ``torch.load(weights_only=True)`` reads it.
 Writes are atomic: the folder is written under a temporary name, its file fsynced, then renamed
 into place, and only then is ``latest`` replaced (also via a temporary file and rename). A run
-killed at any moment leaves ``latest`` pointing at a complete checkpoint.
+killed at any moment leaves ``latest`` pointing at a complete checkpoint; a write that fails (disk
+full, read-only folder) removes its temporary folder and leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -33,26 +35,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous one is intact."""
+
+
+def _state_bytes(state) -> int:
+    """About how many bytes ``torch.save(state)`` writes: the tensors' payload."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step`` atomically, point ``latest`` at it, prune old ones."""
     final = step_folder(run_dir, step)
     root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        pointer_tmp.write_text(final.name + "\n")
+        with open(pointer_tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        # Nothing has been renamed yet: the previous checkpoint and ``latest`` are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer_tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(root, e, _state_bytes(state))) from e
     if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer_tmp.write_text(final.name + "\n")
-    with open(pointer_tmp, "rb") as f:
-        os.fsync(f.fileno())
     os.replace(pointer_tmp, root / LATEST)
     _fsync_dir(root)
     if keep > 0:
@@ -61,6 +84,58 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Pat
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(root: Path, error: OSError, needed: int) -> str:
+    mb = 2**20
+    try:
+        free = f"{shutil.disk_usage(root if root.exists() else root.parent).free / mb:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    cause = os.strerror(error.errno) if error.errno else str(error)
+    fix = "free some space or move the run" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return (
+        f"cannot write a checkpoint to {root}: {cause} (it needs about {needed / mb:.0f} MB, {free}); "
+        f"{fix}, then continue with --resume auto (the previous checkpoint is intact)"
+    )
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's ``step-*`` checkpoint folders, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
+
+
+def newest_loadable(run_dir: Path, log=print) -> tuple[Path, dict] | None:
+    """The checkpoint ``latest`` names, or else the newest one that loads: (folder, state).
+
+    None when the run has no checkpoint at all. When it has some but none loads, a ValueError lists
+    each one and why, so that a damaged run is never taken for a new one and restarted over.
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = ([named] if named is not None else []) + [p for p in checkpoint_folders(run_dir) if p != named]
+    failures = []
+    for folder in candidates:
+        file = folder / STATE_FILE
+        if not file.is_file():
+            failures.append(f"{folder.name}: no {STATE_FILE}")
+            continue
+        try:
+            state = load_checkpoint(file)
+        except ValueError:
+            failures.append(f"{folder.name}: unreadable")
+            continue
+        if failures:
+            log(f"{'; '.join(failures)}; resuming from {folder.name}, the newest checkpoint that loads")
+        return folder, state
+    if failures:
+        raise ValueError(
+            f"run folder {run_dir} holds checkpoints but none loads ({'; '.join(failures)}); "
+            "resume from a copy with --resume PATH, or pick a new --out"
+        )
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

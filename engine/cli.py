@@ -22,10 +22,44 @@ class UsageError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-try:  # the trainer's own stop signal; imported lazily elsewhere to keep `d2v2 info` light
+try:  # the trainer's own stop signals; imported lazily elsewhere to keep `d2v2 info` light
+    from .signals import RunStopped
     from .trainer import TrainingStopped
 except ImportError:  # pragma: no cover
-    TrainingStopped = RuntimeError
+    TrainingStopped = RunStopped = RuntimeError
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN_CODE = tuple(os.path.join(_ROOT, part) + os.sep for part in ("kernels", "models", "engine", "bench"))
+"""Where d2v2's own modules live (``d2v2.kernels`` ... ``d2v2.bench``)."""
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error d2v2 raised on bad input, or None for anything else (a bug).
+
+    d2v2 reports bad input as ValueError / FileNotFoundError raised by its own code (or its own
+    ``UsageError``). The same types raised inside a library (torch, numpy) are bugs of ours or theirs
+    and keep their traceback. An error in a DataLoader worker arrives re-raised by torch as "Caught
+    ValueError in DataLoader worker process 0" with the worker's traceback as text: its own last line
+    is the message, and its last frame says whose code raised it.
+    """
+    if isinstance(e, UsageError):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not isinstance(e, (ValueError, FileNotFoundError)):
+        return None
+    text = str(e).strip()
+    if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
+        lines = [line for line in text.splitlines() if line.strip()]
+        frames = [line for line in lines if line.lstrip().startswith("File ")]
+        if not frames or not any(own in frames[-1] for own in OWN_CODE):
+            return None
+        last = lines[-1].strip()
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(OWN_CODE):
+        return None
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -59,7 +93,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Pretrain data2vec 2.0 with a recipe, on --data or the recipe's embedded default data."""
+    """Pretrain data2vec 2.0 with a recipe, on --data or the recipe's embedded default data.
+
+    On an existing run folder (--out) it continues that run with its own recipe and settings.
+    """
     from .run import pretrain
 
     overrides = args.set + (["train.compile=true"] if args.compile else [])
@@ -82,9 +119,15 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     """Write a fairseq manifest (train.tsv, valid.tsv) for a folder of audio files."""
     from .data.audio import write_manifest
 
-    train, valid, n = write_manifest(args.audio_dir, args.dest or args.audio_dir, args.ext, args.valid_percent, args.seed)
+    train, valid, n = write_manifest(
+        args.audio_dir, args.dest or args.audio_dir, args.ext, args.valid_percent, args.seed, warn=_warn
+    )
     print(f"{n} files -> {train}" + (f" and {valid}" if valid else ""))
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"d2v2: warning: {message}", file=sys.stderr)
 
 
 def plugin_commands() -> dict:
@@ -111,12 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import recipe_names
 
     p = sub.add_parser("pretrain", help="pretrain data2vec 2.0 with a recipe")
-    p.add_argument("--recipe", default="image-tiny", help=f"a recipe name ({', '.join(recipe_names())}) or YAML path")
+    p.add_argument(
+        "--recipe",
+        help=f"a recipe name ({', '.join(recipe_names())}) or YAML path; default: the run's own when --out holds "
+        "one, else image-tiny",
+    )
     p.add_argument("--data", help="data path (default: the recipe's embedded default data)")
     p.add_argument("--out", help="run folder (default: runs/<recipe>-<time>)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer updates in all (resumed ones included)")
+    p.add_argument(
+        "--max-steps", type=int, metavar="N",
+        help="stop after N optimizer updates in all (resumed ones included); 0 = optim.total_steps, the "
+        "schedule's length, which N may not exceed",
+    )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--resume", default="auto", help="auto (latest checkpoint of --out, if any), none, or a checkpoint path")
+    p.add_argument(
+        "--resume", default="auto",
+        help="auto (the newest checkpoint of --out that loads, if any), none (a new run: refused on a folder "
+        "with checkpoints), or a checkpoint path",
+    )  # fmt: skip
     p.add_argument("--init-from", help="start from another run's weights (a new run: step 0, fresh optimizer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (same as --set train.compile=true)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
@@ -125,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
     p.add_argument("--data", help="a folder with one subfolder per class (default: the embedded digits, voices, or pydoc topics)")
-    p.add_argument("--out", help="where to write the JSON result (default: probe.json beside the checkpoint)")
+    p.add_argument("--out", help="where to write the JSON result (default: <run>/probe/step-XXXXXXXX.json)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.set_defaults(func=cmd_probe)
@@ -153,16 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     speak = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args)
+    except RunStopped as e:
+        if speak:
+            print(f"d2v2 {args.command}: stopped on {e}", file=sys.stderr)
+        return e.exit_code
     except TrainingStopped as e:
         if speak:
             print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
         return 1
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        # Errors raised in a loader worker arrive with the worker's traceback appended.
-        if speak:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"d2v2 {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"d2v2 {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -172,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         if speak:
             print(f"d2v2 {args.command}: error: the {e.name} package is missing; install the command line's "
                   "packages with: pip install 'd2v2[engine]' (or '[bench]' for benchmarks)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise  # a bug: keep its traceback
+        if speak:
+            print(f"d2v2 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

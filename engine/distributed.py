@@ -53,6 +53,7 @@ Limits:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import random
@@ -79,6 +80,31 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     else {"broadcast_buffers": False}
 )
+
+
+@contextlib.contextmanager
+def deterministic_on_cpu(device: torch.device):
+    """On CPU, train with PyTorch's deterministic algorithms (restored on exit); elsewhere, nothing.
+
+    The one non-deterministic op of the CPU path is the backward of advanced indexing
+    (``index_put_(accumulate=True)``, in ``gather_tokens_ref``'s ``x[sample, ids]``): over more than
+    32768 elements with more than one thread, it adds with parallel float atomics whose order
+    follows thread timing, so two runs of audio-tiny on a loaded CPU differed by ~1e-7. The
+    deterministic mode makes it add serially. Uninitialised memory is not filled (that costs a
+    write of every new tensor and changes no result of ours).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def seed_all(seed: int) -> None:

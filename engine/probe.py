@@ -24,6 +24,17 @@ from .config import from_dict
 from .probe_sets import labelled_set
 
 
+def default_result_path(state_file: Path) -> Path:
+    """``<run>/probe/step-XXXXXXXX.json``: in the run folder, where pruning old checkpoints never reaches.
+
+    A ``state.pt`` outside a run's ``checkpoints/`` folder gets ``probe-<folder>.json`` beside its folder.
+    """
+    folder = state_file.parent
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / "probe" / f"{folder.name}.json"
+    return folder.parent / f"probe-{folder.name}.json"
+
+
 def method_from_checkpoint(path: str) -> tuple[Method, dict]:
     """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict)."""
     state = load_checkpoint(path)
@@ -81,6 +92,8 @@ def probe(
     """Probe a checkpoint; prints the accuracies and writes them to JSON (next to it by default)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config = method_from_checkpoint(checkpoint)
     labelled = labelled_set(model.modality.name, model.cfg, config, data)
@@ -97,7 +110,7 @@ def probe(
         }
     first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
     result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}
-    target = Path(out) if out else resolve_checkpoint(checkpoint).parent / "probe.json"
+    target = Path(out) if out else default_result_path(resolve_checkpoint(checkpoint))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
     for task, r in tasks.items():

@@ -71,7 +71,13 @@ def image_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
     if len(classes) < 2:
         raise ValueError(f"the probe needs labelled images: {data} must hold one folder per class (found {len(classes)})")
     transform = images.EvalTransform(size)
-    pixels = torch.stack([transform(images.load_rgb(p)) for p in paths])
+    pixels = []
+    for p in paths:
+        try:
+            pixels.append(transform(images.load_rgb(p)))
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
+            raise ValueError(f"--data: {p} cannot be read as an image ({type(e).__name__}: {e}); fix or remove it") from e
+    pixels = torch.stack(pixels)
     return LabelledSet(pixels, {"class": torch.tensor(labels)}, {"class": list(classes)}, str(data))
 
 

@@ -3,7 +3,8 @@
 The run configuration composes each component's own config: the method's (its config dataclass,
 filled from the preset the recipe names with ``method:`` and ``model: {modality, size}``, plus any
 overridden fields), the data's, the optimizer's and the loop's. Resolution order: recipe (and its ``base:`` chain) ->
-``--set key=value`` overrides -> validation, one line per error.
+``--set key=value`` overrides -> validation, one line per error. A folder that already holds a run
+is continued from its own ``config.yaml`` instead, and locked while it trains (``runfolder``).
 
 Launched by torchrun, ``pretrain()`` trains data-parallel (see ``distributed``: how to launch, how the
 data is sharded, what rank 0 alone does).
@@ -18,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from d2v2.models import build_method, count_parameters, method_entry
 
-from . import distributed
+from . import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
 from .data.build import DataConfig, batches_by_size, build_dataset, build_loader
 from .data.loader import DataPosition
@@ -69,10 +69,27 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if self.train.max_steps > self.optim.total_steps:
+            raise ValueError(
+                f"train.max_steps={self.train.max_steps} goes past the schedule's optim.total_steps={self.optim.total_steps}, "
+                f"where the learning rate stays at optim.min_lr={self.optim.min_lr:g}; raise optim.total_steps with it "
+                f"(--set optim.total_steps={self.train.max_steps})"
+            )
+
+
+DEFAULT_RECIPE = "image-tiny"
+
 
 def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
     """Recipe + ``key=value`` overrides -> a validated RunConfig."""
-    data = apply_overrides(load_recipe(recipe), list(overrides))
+    return config_from_dict(apply_overrides(load_recipe(recipe), list(overrides)))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """A recipe's merged sections (or a run's config.yaml) -> a validated RunConfig."""
+    data = dict(data)
+    recipe = data.get("recipe")
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
@@ -94,7 +111,7 @@ def default_run_dir(recipe: str) -> Path:
 
 
 def pretrain(
-    recipe: str,
+    recipe: str | None,
     overrides: list[str] = (),
     data_path: str | None = None,
     out: str | None = None,
@@ -106,13 +123,18 @@ def pretrain(
 ) -> dict:
     """Run (or continue) a pretraining job; returns the last logged metrics.
 
+    ``recipe`` None: the run in ``out``'s config.yaml when there is one, else ``DEFAULT_RECIPE``.
     Under torchrun every process calls this; rank 0 alone logs (``log``) and writes files.
     """
-    cfg = resolve_config(recipe, list(overrides) + ([f"data.path={data_path}"] if data_path else []))
-    if max_steps is not None:
-        cfg.train.max_steps = max_steps
+    overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
+    overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []  # validated like any --set
     if resume not in ("auto", "none") and init_from:
         raise ValueError("--resume PATH and --init-from PATH exclude each other: resume continues a run, init-from starts a new one")
+    stored = runfolder.read_config(Path(out)) if out else None
+    if stored is not None:  # continuing a run: its own configuration, changed only where allowed
+        cfg = config_from_dict(runfolder.continued_config(Path(out), stored, recipe, overrides))
+    else:
+        cfg = resolve_config(recipe or DEFAULT_RECIPE, overrides)
     env = distributed.detect()
     dev = distributed.setup(env, device)
     try:
@@ -129,7 +151,29 @@ def _pretrain(
     cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, out: str | None, resume: str, init_from: str | None, log
 ) -> dict:
     run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(cfg.recipe))))
+    folder, refusal = None, None
+    if env.is_main:  # rank 0 locks the folder for the whole job; every rank stops if it cannot
+        try:
+            folder = runfolder.RunFolder.open(run_dir, resume)
+        except runfolder.RunFolderError as e:
+            refusal = str(e)
+    refusal = env.broadcast_object(refusal)
+    if refusal:
+        raise runfolder.RunFolderError(refusal)
+    try:
+        with distributed.deterministic_on_cpu(dev):
+            return _train_in(folder, cfg, env, dev, run_dir, resume, init_from, log)
+    finally:
+        if folder is not None:
+            folder.close()
 
+
+def _train_in(
+    folder: runfolder.RunFolder | None, cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, run_dir: Path,
+    resume: str, init_from: str | None, log,
+) -> dict:
+    if folder is not None and folder.removed_temporaries:
+        log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
     torch.manual_seed(cfg.train.seed)
     # Rank 0 fills the data caches before the others read them; forked so that the model's init
     # stream is the same on every rank whoever built what.
@@ -142,9 +186,6 @@ def _pretrain(
 
     resolved = to_dict(cfg)
     resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}  # the method's whole config
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def loader_fn(position: DataPosition):
         return build_loader(
@@ -162,4 +203,9 @@ def _pretrain(
         f"{encoder_millions:.1f} M encoder parameters | {dev}{processes}")
     if not trainer.resume(resume) and init_from:
         trainer.init_from(init_from)
+    if env.is_main:  # only now that the run is known to be valid: its config, its metrics up to here
+        runfolder.write_config(run_dir, resolved)
+        dropped = runfolder.truncate_metrics(run_dir, trainer.step)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} line(s) logged after step {trainer.step}, which run again now")
     return trainer.train()

@@ -21,6 +21,9 @@ Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its t
 every stop decision is agreed by all ranks (the non-finite flags by an all-reduce on the device,
 which the host does not wait for; counts of samples and skipped files on logging and checkpoint
 steps), and rank 0 alone logs and writes.
+
+SIGTERM and Ctrl-C (``signals.StopRequest``) stop the loop at a step boundary: the step finishes, a
+checkpoint is written and ``RunStopped`` tells the caller how to continue.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -38,10 +42,11 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, save_checkpoint, step_folder
+from .checkpoint import newest_loadable, save_checkpoint, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
 from .distributed import DistEnv, seed_all
+from .signals import RunStopped, StopRequest
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,6 +101,16 @@ class OptimConfig:
         for name in ("init_lr_scale", "final_lr_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"optim.{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must both lie in [0, 1), got {list(self.betas)}; e.g. [0.9, 0.95]")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.ref_batch < 0:
+            raise ValueError(f"optim.ref_batch must be >= 0 (0 = use optim.lr as is), got {self.ref_batch}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,7 +119,8 @@ class TrainConfig:
 
     seed: int = 1
     max_steps: int = 0
-    """Stop after this many optimizer updates in all (resumed ones included); 0 = optim.total_steps."""
+    """Stop after this many optimizer updates in all (resumed ones included); 0 = optim.total_steps.
+    At most optim.total_steps: past the schedule's end the learning rate would stay at min_lr."""
     accum_steps: int = 1
     """Micro-batches per optimizer update (gradient accumulation)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -115,7 +131,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_corrupt: int = 100
-    """Stop when more than this many data files were unreadable."""
+    """Stop when more than this many distinct data files were unreadable (a file counts once, however
+    often it is read); also the most unreadable files passed over in a row before the loader stops."""
 
     def __post_init__(self):
         for name in ("accum_steps", "log_every", "checkpoint_every"):
@@ -127,6 +144,10 @@ class TrainConfig:
 
 class TrainingStopped(Exception):
     """Training cannot go on (non-finite loss, collapse, too many bad files); the message says why."""
+
+
+class DataUnreadable(ValueError):
+    """The loader yields nothing: every file it tried was unreadable (a bad path or format)."""
 
 
 def lr_at(step: int, cfg: OptimConfig, peak: float) -> float:
@@ -258,7 +279,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.position = DataPosition()
-        self.skipped: list[str] = []
+        self.skipped: set[str] = set()  # distinct unreadable files: a bad file counts once, however often it is read
         self.last_checkpoint: Path | None = None
         # Known on this rank only until the next logging or checkpoint step agrees them (``_settle``).
         self._unsettled_samples = 0
@@ -266,6 +287,8 @@ class Trainer:
         # Device int64 [2]: the first step with a non-finite loss, and with a non-finite gradient
         # norm (0 = none yet); read on logging and checkpoint steps only.
         self._first_bad: torch.Tensor | None = None
+        self.samples_per_batch_hint = samples_per_batch_hint
+        self.num_samples = math.inf  # the data set's size, once train() has its loader
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -278,7 +301,8 @@ class Trainer:
                 "samples_seen": self.samples_seen,
                 "epoch": self.position.epoch,
                 "batch": self.position.batch,
-                "skipped": list(self.skipped),
+                "skipped": sorted(self.skipped),
+                "world_size": self.dist.world_size,
             },
             "rng": rng_state(),
             "config": self.config_dict,
@@ -292,7 +316,7 @@ class Trainer:
         t = state["trainer"]
         self.step, self.samples_seen = int(t["step"]), int(t["samples_seen"])
         self.position = DataPosition(int(t["epoch"]), int(t["batch"]))
-        self.skipped = list(t.get("skipped", []))
+        self.skipped = set(t.get("skipped", []))
         saved = state.get("rng_ranks") or [state["rng"]]
         if self.dist.rank < len(saved):
             set_rng_state(saved[self.dist.rank])
@@ -319,21 +343,35 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _next_batch(self, batches: Iterator[dict], skipped: list[str]) -> dict:
-        """The next batch with samples; the paths of unreadable files go to ``skipped``."""
+        """The next batch with samples; the paths of unreadable files go to ``skipped``.
+
+        Batches whose every file was unreadable are passed over, but not forever: once more distinct
+        files than ``train.max_corrupt`` (or every file of the data set) failed in a row, it stops.
+        """
+        tried: dict[str, None] = {}  # unreadable files since the last good batch, in order
         while True:
             batch = next(batches)
             self.position = position_after(batch["epoch"], batch["batch"], self.dist.rank, self.dist.world_size)
             skipped.extend(batch["skipped"])
             if "source" in batch:
                 return batch
+            tried.update(dict.fromkeys(batch["skipped"]))
+            if len(tried) > self.cfg.max_corrupt or len(tried) >= self.num_samples:
+                paths = list(tried)
+                folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+                raise DataUnreadable(
+                    f"every file tried in {folder} was unreadable ({len(paths)} files: {', '.join(paths[:5])}"
+                    f"{', ...' if len(paths) > 5 else ''}); check the data path and the files' format"
+                )
 
     def _count_skipped(self, skipped: list[str]) -> None:
-        """Record a step's unreadable files (every rank's); too many in all stops the run."""
-        paths = [p for rank_paths in self.dist.all_gather_object(skipped) for p in rank_paths]
-        self.skipped.extend(paths)
-        self.log(f"skipped {len(paths)} unreadable file(s): {', '.join(paths[:3])}")
+        """Record a step's unreadable files (every rank's); too many distinct ones stop the run."""
+        paths = sorted({p for rank_paths in self.dist.all_gather_object(skipped) for p in rank_paths})
+        new = [p for p in paths if p not in self.skipped]
+        self.skipped.update(paths)
+        self.log(f"skipped {len(paths)} unreadable file(s) ({len(new)} new, {len(self.skipped)} in all): {', '.join(paths[:3])}")
         if len(self.skipped) > self.cfg.max_corrupt:
-            listing = "\n  ".join(self.skipped[:50])
+            listing = "\n  ".join(sorted(self.skipped)[:50])
             raise TrainingStopped(
                 f"{len(self.skipped)} data files could not be read (more than train.max_corrupt="
                 f"{self.cfg.max_corrupt}); fix or remove them:\n  {listing}"
@@ -446,8 +484,15 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to ``max_steps`` updates; returns the last logged metrics."""
+        with StopRequest() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: StopRequest) -> dict:
         resume_step = self.step
-        batches = iter(self.loader_fn(self.position))
+        loader = self.loader_fn(self.position)
+        dataset = getattr(loader, "dataset", None)
+        self.num_samples = len(dataset) if dataset is not None else math.inf
+        batches = iter(loader)
         main = self.dist.is_main
         metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
         use_bar = main and sys.stderr.isatty()
@@ -497,6 +542,14 @@ class Trainer:
                         self.log(line)
                     self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if self._stop_agreed(stop) and self.step < self.max_steps:
+                    self.save()
+                    command = f"d2v2 pretrain --out {self.run_dir} --resume auto"
+                    raise RunStopped(
+                        f"{stop.name or 'stop request'} at step {self.step}: checkpoint {self.last_checkpoint} written; "
+                        f"continue with: {command}",
+                        stop.exit_code,
+                    )
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save()
             if self.step > resume_step or self.last_checkpoint is None:
@@ -507,6 +560,23 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return metrics
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether to stop after this step on a signal; under torchrun every rank stops at the same step.
+
+        A single process reads its flag every step (no sync). Under torchrun the flags are all-reduced
+        only on logging steps, which sync anyway, so the loop gains no per-step host sync; a signal
+        then stops the job at the next logging step.
+        """
+        if not self.dist.distributed:
+            return stop.requested
+        if self.step % self.cfg.log_every != 0:
+            return False
+        flag = torch.tensor([stop.signum or 0], device=self.device)
+        agreed = int(self.dist.all_reduce(flag, op="max").item())  # a sync: logging steps only
+        if agreed and not stop.requested:
+            stop.signum = agreed  # a rank that got no signal stops with the others, under their signal
+        return bool(agreed)
 
     def _logged_values(self, result: dict, window_samples: int, window_tokens: int) -> dict:
         """A logging step's values: loss, target and prediction variance averaged over ranks, the
@@ -542,21 +612,46 @@ class Trainer:
         self.log(f"initialised the weights from {path}")
 
     def resume(self, mode: str) -> bool:
-        """``auto``: continue from this run's latest checkpoint if there is one; a path: from it."""
+        """``auto``: continue from this run's newest checkpoint that loads, if any; a path: from it."""
         from .checkpoint import load_checkpoint
 
         if mode == "none":
             return False
-        path = latest_checkpoint(self.run_dir) if mode == "auto" else mode
-        path = self.dist.broadcast_object(path)  # rank 0 picks: every rank loads the same checkpoint
+        found, error = None, None
+        if self.dist.is_main:  # rank 0 picks: every rank loads the same checkpoint
+            try:
+                found = newest_loadable(self.run_dir, self.log) if mode == "auto" else (Path(mode), load_checkpoint(mode))
+            except (ValueError, FileNotFoundError) as e:
+                error = e
+        path, message = self.dist.broadcast_object((None if found is None else str(found[0]), error and str(error)))
+        if message:  # every rank stops, not rank 0 alone
+            raise error if error is not None else ValueError(message)
         if path is None:
             return False
-        state = load_checkpoint(path)
+        state = found[1] if found is not None else load_checkpoint(path)
         check_same_model(state["method"], self.method, path)
         self.load_state_dict(state)
         self.last_checkpoint = Path(path)
         self.log(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
+        self._note_world_size(int(state["trainer"].get("world_size", len(state.get("rng_ranks") or [0]))))
         return True
+
+    def _note_world_size(self, saved: int) -> None:
+        """Say so when a run resumes on another number of processes: its effective batch changed."""
+        world = self.dist.world_size
+        if saved == world:
+            return
+        if not self.samples_per_batch_hint:
+            self.log(f"resumed on {world} process(es), the checkpoint's run had {saved}: each update now sees "
+                     f"{world / saved:g} x the samples")
+            return
+        per_process = self.samples_per_batch_hint * self.cfg.accum_steps
+        before, after = per_process * saved, per_process * world
+        lr_before = self.optim_cfg.lr * before / self.optim_cfg.ref_batch if self.optim_cfg.ref_batch else self.optim_cfg.lr
+        self.log(
+            f"resumed on {world} process(es), the checkpoint's run had {saved}: effective batch {before} -> {after} "
+            f"samples, peak learning rate {lr_before:.3g} -> {self.peak_lr:.3g}"
+        )
 
 
 def check_same_model(saved: dict, model: torch.nn.Module, path) -> None:

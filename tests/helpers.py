@@ -32,3 +32,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
 def lowp_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) for comparing an op's output in ``dtype`` against its fp32 reference."""
     return {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}[dtype]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run ``d2v2 <argv>``: it must exit 2 with one line on stderr and no traceback; returns that line."""
+    from d2v2.engine.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

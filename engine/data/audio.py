@@ -66,11 +66,14 @@ def write_manifest(
     ext: str = "wav,flac",
     valid_percent: float = 0.0,
     seed: int = 42,
+    warn=None,
 ) -> tuple[Path, Path | None, int]:
     """Walk ``audio_dir`` for audio files and write ``dest/train.tsv`` (and ``valid.tsv``).
 
     Frame counts come from ``soundfile.info``; each file goes to valid with probability
-    ``valid_percent`` from a seeded RNG. Returns (train path, valid path or None, files found).
+    ``valid_percent`` from a seeded RNG. Files not at 16 kHz are listed, but ``warn(message)``
+    names them, since training would stop at the first. Returns (train path, valid path or None,
+    files found).
     """
     root = Path(audio_dir).resolve()
     if not root.is_dir():
@@ -90,9 +93,17 @@ def write_manifest(
     ) as valid:
         print(root, file=train)
         print(root, file=valid)
+        other_rates = []
         for f in files:
-            frames = sf.info(str(f)).frames
-            print(f"{f.relative_to(root)}\t{frames}", file=valid if rng.random() < valid_percent else train)
+            info = sf.info(str(f))
+            if info.samplerate != SAMPLE_RATE:
+                other_rates.append(f"{f.relative_to(root)} ({info.samplerate} Hz)")
+            print(f"{f.relative_to(root)}\t{info.frames}", file=valid if rng.random() < valid_percent else train)
+    if other_rates and warn is not None:
+        warn(
+            f"{len(other_rates)} file(s) are not at {SAMPLE_RATE} Hz, which training needs: "
+            f"{', '.join(other_rates[:5])}{', ...' if len(other_rates) > 5 else ''}; resample them, e.g. with sox"
+        )
     return train_path, valid_path, len(files)
 
 
@@ -103,7 +114,10 @@ def read_waveform(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
         raise CorruptSample(path, e) from e
     if sr != sample_rate:
-        raise ValueError(f"{path} has sample rate {sr} Hz, expected {sample_rate} Hz; resample the data first")
+        raise ValueError(
+            f"{path}: sample rate {sr} Hz, the recipe needs {sample_rate} Hz; resample it, e.g. with sox "
+            f"(sox in.wav -r {sample_rate} out.wav)"
+        )
     if wav.shape[0] == 0:
         raise CorruptSample(path, "no samples")
     return wav.mean(axis=1)
@@ -123,6 +137,11 @@ class AudioManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str | os.PathLike, min_samples: int = 32_000, normalize: bool = True):
         m = read_manifest(manifest)
+        if not os.path.isdir(m.root):
+            raise FileNotFoundError(
+                f"audio manifest {manifest} names the root folder {m.root}, which does not exist; "
+                "fix its first line or write the manifest again with `d2v2 manifest`"
+            )
         keep = [i for i, n in enumerate(m.sizes) if n >= min_samples]
         if not keep:
             raise ValueError(

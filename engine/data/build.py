@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from ..signals import ignore_in_worker
 from . import audio, embedded, images, text
 from .loader import DataPosition, EpochBatchSampler, Masker, MaskingCollater, SkipCorrupt
 
@@ -102,6 +103,7 @@ def build_loader(
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=ignore_in_worker,
         # The loader's own generator, so creating it never advances the global torch RNG
         # (whose state the checkpoint restores for the model's dropout and decoder noise).
         generator=torch.Generator().manual_seed(seed),

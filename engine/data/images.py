@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .base import CorruptSample
 
@@ -61,9 +61,31 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
 
 
 def load_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a float tensor [3, H, W] in [0, 1]."""
+    """Decode an image file to a float tensor [3, H, W] in [0, 1], upright (EXIF orientation applied)."""
     with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return pil_to_rgb(ImageOps.exif_transpose(img))
+
+
+_HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+"""Modes Pillow cannot cast to 8-bit RGB without clipping, and their full-scale value: 16-bit
+grayscale (and 32-bit ``I``, read as 16-bit data, which is what PNG and TIFF put there) / float."""
+
+
+def pil_to_rgb(img: Image.Image) -> torch.Tensor:
+    """Any Pillow mode -> float [3, H, W] in [0, 1].
+
+    16-bit and float grayscale are scaled by their full range (``convert("RGB")`` would clip them
+    to 255 and turn them white); images with transparency (RGBA, LA, PA, palettes with a transparent
+    index) are composited over white, so what was hidden under alpha = 0 stays hidden; palette,
+    1-bit, CMYK, YCbCr and the rest go through Pillow's own conversion to RGB.
+    """
+    if img.mode in _HIGH_DEPTH:
+        gray = np.asarray(img).astype(np.float32) / _HIGH_DEPTH[img.mode]
+        return torch.from_numpy(np.clip(gray, 0.0, 1.0)).unsqueeze(0).expand(3, -1, -1).contiguous()
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

@@ -80,7 +80,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         if (batch_size is None) == (sizes is None):
             raise ValueError("give either batch_size (fixed batches) or sizes + max_tokens (batches by total samples)")
         if batch_size is not None and not 1 <= batch_size <= num_samples:
-            raise ValueError(f"batch size {batch_size} must be between 1 and the {num_samples} samples of the data set")
+            raise ValueError(
+                f"batch size {batch_size} must be between 1 and the {num_samples} samples of the data set; "
+                f"lower it with --set data.batch_size=N (N <= {num_samples}) or give more data"
+            )
         self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
         self.sizes = None if sizes is None else np.minimum(np.asarray(sizes), max_samples or np.iinfo(np.int64).max)
         self.max_tokens = max_tokens
@@ -114,8 +117,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             batches = self.epoch_batches(epoch)
             if len(batches) < self.world_size:
                 hint = f", fewer than the {self.world_size} processes" if self.world_size > 1 else ""
+                what = "--set data.batch_size=N" if self.sizes is None else "--set data.max_tokens=N"
                 raise ValueError(
-                    f"the data set yields {len(batches)} batch(es) per epoch{hint}; lower the batch size"
+                    f"the data set yields {len(batches)} batch(es) per epoch{hint}; lower the batch size ({what})"
                     + (" or the number of processes" if self.world_size > 1 else "")
                 )
             end = position + (len(batches) - position) // self.world_size * self.world_size

@@ -81,16 +81,20 @@ def build_token_cache(
 ) -> Path:
     """Tokenize ``files`` once into ``cache_dir/<key>/tokens.bin`` (+ meta.json, tokenizer.json).
 
-    Written under a temporary name and renamed, so an interrupted build is never mistaken for a
-    finished one. Returns the cache folder.
+    The cache is keyed by the data files' paths, sizes and mtimes and by the tokenizer's content
+    (or the vocabulary size it is trained with). Written under a temporary name and renamed, so an
+    interrupted build is never mistaken for a finished one. Returns the cache folder.
     """
-    key = corpus_key(files, vocab_size, tokenizer_path)
+    # By the tokenizer's content, not its path: a tokenizer.json replaced in place is a new vocabulary.
+    given = load_tokenizer(tokenizer_path) if tokenizer_path else None  # a missing file is a clear error first
+    tokenizer_digest = hashlib.sha1(Path(tokenizer_path).read_bytes()).hexdigest() if tokenizer_path else None
+    key = corpus_key(files, vocab_size, tokenizer_digest)
     folder = cache_dir / key
     if (folder / "meta.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tok_file = folder / "tokenizer.json"
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(files, vocab_size, tok_file)
+    tokenizer = given if given is not None else train_tokenizer(files, vocab_size, tok_file)
     if tokenizer_path:
         tokenizer.save(str(tok_file))
     eos = tokenizer.token_to_id("</s>")

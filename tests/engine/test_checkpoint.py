@@ -10,7 +10,14 @@ import time
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_folder
+from d2v2.engine.checkpoint import (
+    CheckpointWriteError,
+    latest_checkpoint,
+    load_checkpoint,
+    newest_loadable,
+    save_checkpoint,
+    step_folder,
+)
 
 
 def _state(step: int) -> dict:
@@ -39,6 +46,39 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     (folder / "state.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("errno_, says", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, errno_, says):
+    save_checkpoint(tmp_path, 1, _state(1))
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # part of it reached the disk
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(2**20)})
+    message = str(info.value)
+    assert says in message and str(tmp_path / "checkpoints") in message and "needs about 4 MB" in message and "MB free" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001"]  # no temporaries
+    assert load_checkpoint(tmp_path)["trainer"]["step"] == 1
+
+
+def test_newest_loadable_skips_what_cannot_be_read(tmp_path):
+    assert newest_loadable(tmp_path) is None  # a new run
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, _state(step))
+    (step_folder(tmp_path, 3) / "state.pt").write_bytes(b"torn")
+    lines = []
+    folder, state = newest_loadable(tmp_path, lines.append)
+    assert folder == step_folder(tmp_path, 2) and state["trainer"]["step"] == 2
+    assert lines == ["step-00000003: unreadable; resuming from step-00000002, the newest checkpoint that loads"]
+    for step in (1, 2):
+        (step_folder(tmp_path, step) / "state.pt").unlink()
+    with pytest.raises(ValueError, match="holds checkpoints but none loads"):
+        newest_loadable(tmp_path)
 
 
 def _write_forever(run_dir):

@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from d2v2.engine.cli import main
+from tests.helpers import one_line_error
 
 FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1"]
 
@@ -63,28 +64,21 @@ def test_probe_beats_chance_after_a_short_pretraining(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "20", *FAST]) == 0
     assert main(["probe", "--checkpoint", str(run)]) == 0
-    result = json.loads((run / "checkpoints" / "step-00000020" / "probe.json").read_text())
+    result = json.loads((run / "probe" / "step-00000020.json").read_text())  # in the run folder: never pruned
     assert result["classes"] == 10 and result["linear_accuracy"] > 0.5  # chance is 0.1
     assert "linear probe" in capsys.readouterr().out
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     out = ["--out", str(tmp_path / "r"), "--max-steps", "1", *FAST]
-    assert "does not exist" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "none"), *out])
+    assert "does not exist" in one_line_error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "none"), *out])
     (tmp_path / "empty").mkdir()
-    assert "no images" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "empty"), *out])
-    err = _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lrr=1", *out])
+    assert "no images" in one_line_error(capsys, ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "empty"), *out])
+    err = one_line_error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lrr=1", *out])
     assert "unknown config key optim.lrr" in err and "lr" in err
-    assert "must be a number" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lr=fast", *out])
-    assert "mask_ratio must lie in" in _error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "model.mask_ratio=2", *out])
-    assert "unknown recipe" in _error(capsys, ["pretrain", "--recipe", "image-gigantic", *out])
+    assert "must be a number" in one_line_error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "optim.lr=fast", *out])
+    assert "mask_ratio must lie in" in one_line_error(capsys, ["pretrain", "--recipe", "image-tiny", "--set", "model.mask_ratio=2", *out])
+    assert "unknown recipe" in one_line_error(capsys, ["pretrain", "--recipe", "image-gigantic", *out])
 
 
 def test_wrong_sample_rate_is_a_clear_error(tmp_path, capsys):
@@ -92,15 +86,18 @@ def test_wrong_sample_rate_is_a_clear_error(tmp_path, capsys):
     wavs.mkdir()
     sf.write(wavs / "a.wav", np.zeros(48_000, np.float32), 8_000)
     assert main(["manifest", str(wavs), "--dest", str(tmp_path / "m")]) == 0
-    err = _error(capsys, ["pretrain", "--recipe", "audio-tiny", "--data", str(tmp_path / "m"), "--out", str(tmp_path / "r"), *FAST])
-    assert "8000 Hz, expected 16000" in err
+    assert "a.wav (8000 Hz); resample them" in capsys.readouterr().err  # the manifest already warns
+    err = one_line_error(capsys, ["pretrain", "--recipe", "audio-tiny", "--data", str(tmp_path / "m"), "--out", str(tmp_path / "r"), *FAST])
+    assert "a.wav: sample rate 8000 Hz, the recipe needs 16000 Hz" in err and "Caught" not in err
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1", *FAST]) == 0
-    err = _error(capsys, ["pretrain", "--recipe", "text-tiny", "--out", str(run), "--max-steps", "2", *FAST])
-    assert "another model" in err
+    err = one_line_error(capsys, ["pretrain", "--recipe", "text-tiny", "--out", str(run), "--max-steps", "2", *FAST])
+    assert "is a run of recipe image-tiny, not text-tiny" in err  # the folder's own recipe is checked first
+    other = ["pretrain", "--recipe", "text-tiny", "--out", str(tmp_path / "text"), "--max-steps", "2", *FAST]
+    assert "another model" in one_line_error(capsys, [*other, "--resume", str(run)])
 
 
 def test_corrupt_images_are_skipped_then_stop_the_run(tmp_path, capsys):
@@ -110,8 +107,12 @@ def test_corrupt_images_are_skipped_then_stop_the_run(tmp_path, capsys):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
     (data / "zz-bad.png").write_bytes(b"garbage")
     base = ["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "imgs"), *FAST, "--set", "data.batch_size=13"]
-    assert main([*base, "--out", str(tmp_path / "ok"), "--max-steps", "2"]) == 0
-    state = torch.load(tmp_path / "ok" / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
-    assert len(state["trainer"]["skipped"]) == 2  # once per epoch (one batch per epoch)
+    # One batch per epoch: the bad file is read 3 times, but it is one file, within max_corrupt=1.
+    assert main([*base, "--out", str(tmp_path / "ok"), "--max-steps", "3", "--set", "train.max_corrupt=1"]) == 0
+    state = torch.load(tmp_path / "ok" / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
+    assert state["trainer"]["skipped"] == [str(data / "zz-bad.png")]
+    for name in ("zz-bad2.png", "zz-bad3.png"):
+        (data / name).write_bytes(b"garbage")
+    base[-1] = "data.batch_size=15"  # every batch holds the three bad files
     assert main([*base, "--out", str(tmp_path / "stop"), "--max-steps", "5", "--set", "train.max_corrupt=2"]) == 1
-    assert "zz-bad.png" in capsys.readouterr().err
+    assert "zz-bad3.png" in capsys.readouterr().err

@@ -39,6 +39,43 @@ def test_image_folder_errors_name_the_cause(tmp_path):
         images.list_images(tmp_path)
 
 
+def _modes(tmp_path) -> dict:
+    """One small 1-high image per Pillow mode, with the [r, g, b] each of its pixels must decode to."""
+    gray16 = np.array([[0, 16384, 65535]], np.uint16)
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    palette.putdata([0, 1, 2])
+    la = Image.fromarray(np.array([[[100, 255], [100, 0], [200, 255]]], np.uint8), "LA")
+    halves = np.zeros((4, 8, 3), np.uint8)
+    halves[:, :4, 0], halves[:, 4:, 2] = 255, 255
+    rotated = Image.fromarray(halves)  # stored 8 wide, 4 high: red left half, blue right half
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    cases = {
+        "16-bit.png": (Image.fromarray(gray16), [[0] * 3, [16384 / 65535] * 3, [1] * 3], {}),
+        "palette.png": (palette, [[1, 0, 0], [0, 1, 0], [0, 0, 1]], {}),
+        "la.png": (la, [[100 / 255] * 3, [1] * 3, [200 / 255] * 3], {}),  # the transparent pixel composited over white
+        "cmyk.jpg": (Image.new("CMYK", (3, 1), (0, 255, 255, 0)), [[1, 0, 0]] * 3, {"quality": 100}),
+        "exif.jpg": (rotated, None, {"exif": exif, "quality": 100, "subsampling": 0}),
+    }
+    out = {}
+    for name, (img, expected, kwargs) in cases.items():
+        img.save(tmp_path / name, **kwargs)
+        out[name] = expected
+    return out
+
+
+def test_every_pillow_mode_decodes_to_its_colours(tmp_path):
+    for name, expected in _modes(tmp_path).items():
+        rgb = images.load_rgb(str(tmp_path / name))
+        if expected is None:  # EXIF orientation 6: shown 4 wide, 8 high, the red half on top
+            assert rgb.shape == (3, 8, 4), name
+            assert rgb[0, 1, 1] > 0.9 > 0.1 > rgb[2, 1, 1] and rgb[2, 6, 1] > 0.9 > 0.1 > rgb[0, 6, 1], name
+            continue
+        want = torch.tensor(expected, dtype=torch.float32).T.reshape(3, 1, 3)  # rows of pixels -> [3, 1, W]
+        assert torch.allclose(rgb, want, atol=0.02), (name, rgb.flatten().tolist())
+
+
 def test_pretrain_transform_is_a_pure_function_of_the_seed(image_tree):
     ds = images.ImageFolderDataset(image_tree, images.PretrainTransform(size=16))
     a, b = ds[(0, 7)]["source"], ds[(0, 7)]["source"]
@@ -78,12 +115,17 @@ def test_audio_errors_name_the_cause(tmp_path):
     with pytest.raises(FileNotFoundError, match="d2v2 manifest"):
         audio.read_manifest(tmp_path / "nope.tsv")
     _write_wavs(tmp_path / "w8k", [40_000], rate=8_000)
-    train, _, _ = audio.write_manifest(tmp_path / "w8k", tmp_path / "m8k")
-    with pytest.raises(ValueError, match="8000 Hz, expected 16000"):
+    warnings = []
+    train, _, _ = audio.write_manifest(tmp_path / "w8k", tmp_path / "m8k", warn=warnings.append)
+    assert warnings and "u0.wav (8000 Hz)" in warnings[0]
+    with pytest.raises(ValueError, match="8000 Hz, the recipe needs 16000 Hz"):
         audio.AudioManifestDataset(train)[(0, 0)]
     (tmp_path / "bad.tsv").write_text("/root\nfile.wav\tabc\n")
     with pytest.raises(ValueError, match="bad.tsv:2"):
         audio.read_manifest(tmp_path / "bad.tsv")
+    (tmp_path / "rootless.tsv").write_text(f"{tmp_path / 'gone'}\nfile.wav\t40000\n")
+    with pytest.raises(FileNotFoundError, match="gone, which does not exist"):
+        audio.AudioManifestDataset(tmp_path / "rootless.tsv")
 
 
 def test_crop_batch_crops_to_the_shortest():
@@ -105,6 +147,19 @@ def test_text_cache_and_blocks(tmp_path):
     assert block.shape == (64,) and block.dtype == torch.int64 and int(block.max()) < ds.vocab_size
     with pytest.raises(ValueError, match="fewer than one block"):
         text.TokenBlockDataset(folder, block_size=10**9)
+
+
+def test_token_cache_follows_the_tokenizer_content_not_its_path(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(embedded.pydoc_text()[:20_000])
+    files = text.list_text_files(corpus)
+    tokenizer = tmp_path / "tokenizer.json"
+    text.train_tokenizer(files, 600, tokenizer)
+    small = text.build_token_cache(files, tmp_path / "cache", tokenizer_path=str(tokenizer))
+    text.train_tokenizer(files, 400, tokenizer)  # replaced in place: same path, another vocabulary
+    other = text.build_token_cache(files, tmp_path / "cache", tokenizer_path=str(tokenizer))
+    assert other != small
+    assert text.TokenBlockDataset(other, 16).vocab_size == 400 != text.TokenBlockDataset(small, 16).vocab_size
 
 
 def test_embedded_digits_and_prose():

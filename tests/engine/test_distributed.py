@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from d2v2.engine.data.loader import DataPosition, EpochBatchSampler, position_after
-from d2v2.engine.distributed import DistEnv, detect
+from d2v2.engine.distributed import DistEnv, detect, deterministic_on_cpu
 
 WORLD = 2
 TIMEOUT_S = 240  # a deadlocked collective fails the test instead of hanging it
@@ -260,3 +260,24 @@ def _worker(record: str, argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], sys.argv[2:]))
+
+
+def test_cpu_training_adds_index_gradients_in_a_fixed_order():
+    # The backward of x[sample, ids] (gather_tokens_ref) is index_put_(accumulate=True): parallel float
+    # atomics on CPU above 32768 elements, whose order (and so the last bits) follows thread timing.
+    x = torch.randn(3, 300, 64, requires_grad=True)
+    ids = torch.stack([torch.randperm(300, generator=torch.Generator().manual_seed(i))[:150] for i in range(24)])
+    sample = torch.arange(24) // 8
+    g = torch.randn(24, 150, 64)
+
+    def grad():
+        x.grad = None
+        x[sample[:, None], ids].backward(g)
+        return x.grad.clone()
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_on_cpu(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+        first = grad()
+        assert all(torch.equal(grad(), first) for _ in range(10))
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored after the run

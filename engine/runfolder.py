@@ -1,0 +1,191 @@
+"""The run folder's guard rails: one process at a time, and never restarted or rewritten by accident.
+
+A run folder can hold a week of GPU time, so:
+
+- ``RunFolder.open`` takes an exclusive OS lock on ``<run>/.lock`` (``fcntl.flock``: the kernel drops
+  it when the process dies, even by ``kill -9``, so a lock is never stale); a second process on the
+  same folder stops at once naming the PID that holds it.
+- A folder that already holds a run (its ``config.yaml``) is continued from that configuration:
+  ``--recipe`` and ``--set`` may only repeat it, or change the keys in ``CHANGEABLE``
+  (``continued_config``); ``config.yaml`` is rewritten only once the run has resumed.
+- ``--resume none`` on a folder holding checkpoints is refused: a new run needs a new ``--out``.
+- Leftovers of a crashed checkpoint write are removed, and ``metrics.jsonl`` is cut back to the step
+  the run resumes from, so every step appears once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import LATEST, checkpoint_folders
+from .config import apply_overrides, parse_override, to_dict
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+CHANGEABLE = {
+    "train.max_steps": "train further (or stop earlier) on the same schedule",
+    "train.log_every": "logging interval",
+    "train.checkpoint_every": "checkpoint interval",
+    "train.keep_checkpoints": "how many checkpoints are kept",
+    "train.max_corrupt": "how many unreadable files are tolerated",
+    "train.compile": "torch.compile or not",
+    "data.num_workers": "loader processes",
+    "optim.total_steps": "extends (or shortens) the schedule: the learning rate of the steps to come changes",
+}
+"""Keys that ``--set`` may change when a run is continued, and what changing each one means."""
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (in use, a file, not writable, would be overwritten)."""
+
+
+def read_config(run_dir: Path) -> dict | None:
+    """The resolved configuration an existing run was started with, or None for a new folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RunFolderError(f"{path} is not valid YAML ({e}); restore it or pick a new --out") from e
+    if not isinstance(data, dict) or "recipe" not in data or "model" not in data:
+        raise RunFolderError(f"{path} is not a d2v2 run configuration; restore it or pick a new --out")
+    return data
+
+
+_ABSENT = object()
+
+
+def _same(a, b) -> bool:
+    return to_dict(a) == to_dict(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
+
+
+def continued_config(run_dir: Path, stored: dict, recipe: str | None, overrides: list[str]) -> dict:
+    """``stored`` (the run's config.yaml) with the allowed ``--set`` changes; anything else is refused."""
+    if recipe is not None and Path(recipe).stem != stored["recipe"]:  # a recipe is stored by its name
+        raise RunFolderError(
+            f"{run_dir} is a run of recipe {stored['recipe']}, not {recipe}; leave out --recipe to continue it, "
+            "or pick a new --out for a new run"
+        )
+    data = json.loads(json.dumps(stored))  # a deep copy of plain values
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = stored
+        for k in keys:
+            node = node.get(k, _ABSENT) if isinstance(node, dict) else _ABSENT
+        key = ".".join(keys)
+        if node is not _ABSENT and _same(node, value):
+            continue  # repeats the run's own value
+        if key not in CHANGEABLE:
+            allowed = ", ".join(sorted(CHANGEABLE))
+            raise RunFolderError(
+                f"--set {text}: {run_dir} is a run with {key}={None if node is _ABSENT else node!r}, and a continued run may change only "
+                f"{allowed}; pick a new --out (with --init-from {run_dir} to start from its weights)"
+            )
+        apply_overrides(data, [text])
+    return data
+
+
+def write_config(run_dir: Path, resolved: dict) -> None:
+    """Write ``config.yaml`` atomically (temporary file, then rename)."""
+    path = Path(run_dir) / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Drop the lines of ``metrics.jsonl`` after ``step`` (and any torn last line), atomically.
+
+    A resumed run logs again the steps that followed its checkpoint; cutting them here keeps every
+    step once. Returns how many lines were dropped.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a crash mid-write
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def remove_temporaries(run_dir: Path) -> list[str]:
+    """Remove what a crashed checkpoint write left behind (``.step-*.tmp-*``, ``.latest.tmp-*``)."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted([*root.glob(".step-*.tmp-*"), *root.glob(f".{LATEST}.tmp-*")]) if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [p.name for p in found]
+
+
+class RunFolder:
+    """An open, locked run folder; ``close()`` releases the lock (and removes a folder it made, if still empty)."""
+
+    def __init__(self, path: Path, lock_file, created: bool):
+        self.path, self._lock_file, self._created = path, lock_file, created
+        self.removed_temporaries: list[str] = []
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, resume: str) -> RunFolder:
+        """Create (if needed) and lock ``path``; refuse what would lose an existing run's work."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"--out {path} is a file, not a folder; give a folder path")
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock_file = open(path / LOCK_FILE, "a+", encoding="utf-8")
+        except OSError as e:
+            raise RunFolderError(f"--out {path} cannot be written ({os.strerror(e.errno or 0) or e}); pick another --out") from e
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise RunFolderError(
+                f"run folder {path} is in use by process {holder}; wait for it to end, or pick another --out"
+            ) from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        folder = cls(path, lock_file, created)
+        try:
+            if resume == "none" and checkpoint_folders(path):
+                raise RunFolderError(
+                    f"--resume none would restart {path}, which holds checkpoints; pick a new --out for a new run "
+                    "(or --resume auto to continue this one)"
+                )
+            removed = remove_temporaries(path)
+        except BaseException:
+            folder.close()
+            raise
+        folder.removed_temporaries = removed
+        return folder
+
+    def close(self) -> None:
+        if self._lock_file is None:
+            return
+        self._lock_file.close()
+        self._lock_file = None
+        if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(self.path, ignore_errors=True)  # a failed start leaves no empty folder behind

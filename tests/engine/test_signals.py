@@ -1,0 +1,62 @@
+"""SIGTERM and Ctrl-C: finish the step, write a checkpoint, say how to continue, exit 143 / 130."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from d2v2.engine.cli import main
+from d2v2.engine.signals import StopRequest
+
+FAST = ["--set", "data.num_workers=2", "--set", "train.log_every=1", "--set", "data.batch_size=8"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path_factory.getbasetemp() / "d2v2-cache"))
+
+
+def test_a_second_signal_aborts_at_once():
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: only a flag
+        assert stop.requested and stop.exit_code == 143 and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum, code):
+    run = tmp_path / "run"
+    argv = ["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1000", *FAST]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2v2.engine.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        for line in proc.stdout:  # the loop has begun: send the signal
+            if line.startswith("step 2/"):
+                proc.send_signal(signum)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stopped = logged[-1]
+    assert f"{signal.Signals(signum).name} at step {stopped}: checkpoint" in err
+    assert f"continue with: d2v2 pretrain --out {run} --resume auto" in err
+    state = torch.load(run / "checkpoints" / f"step-{stopped:08d}" / "state.pt", weights_only=True)
+    assert state["trainer"]["step"] == stopped >= 2
+    # Continuing loses nothing and repeats nothing.
+    assert main(["pretrain", "--out", str(run), "--max-steps", str(stopped + 1)]) == 0
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, stopped + 2))
