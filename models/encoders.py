@@ -189,7 +189,8 @@ class AudioFeatureEncoder(nn.Module):
         self.mode = mode
         self.conv_spec = tuple(tuple(int(v) for v in layer) for layer in conv_layers)
         channels = [1] + [layer[0] for layer in self.conv_spec]
-        norms = ["layer"] * len(self.conv_spec) if mode == "layer_norm" else ["group"] + [None] * (len(self.conv_spec) - 1)
+        depth = len(self.conv_spec)
+        norms = ["layer"] * depth if mode == "layer_norm" else ["group"] + [None] * (depth - 1)
         self.conv_layers = nn.ModuleList(
             _ConvLayer(channels[i], out, kernel, stride, norms[i])
             for i, (out, kernel, stride) in enumerate(self.conv_spec)

@@ -267,7 +267,8 @@ def sample_negatives(
     """Distractor indices [B, M, K] into each utterance's M masked frames: for frame m, K draws with
     replacement, uniform over the other M - 1 frames (never m itself), as fairseq's
     ``sample_negatives`` (draw from [0, M - 1), shift the draws >= m up by one). Drawn on ``device``."""
-    draws = torch.randint(0, num_masked - 1, (batch_size, num_masked, num_negatives), device=device, generator=generator)
+    shape = (batch_size, num_masked, num_negatives)
+    draws = torch.randint(0, num_masked - 1, shape, device=device, generator=generator)
     own = torch.arange(num_masked, device=device)[None, :, None]  # [1, M, 1]
     return draws + (draws >= own).long()
 
