@@ -533,9 +533,11 @@ class Trainer:
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(metrics) + "\n")
                         metrics_file.flush()
+                    variances = "".join(  # the methods with a teacher log these; the others do not
+                        f"{key} {metrics[key]:.3f} " for key in ("target_var", "pred_var") if math.isfinite(metrics[key])
+                    )
                     line = (f"step {self.step}/{self.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-                            f"target_var {metrics['target_var']:.3f} pred_var {metrics['pred_var']:.3f} "
-                            f"{metrics['samples_per_s']:.1f} samples/s")
+                            f"{variances}{metrics['samples_per_s']:.1f} samples/s")
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     else:

@@ -40,7 +40,7 @@ def test_build_makes_a_registered_method_from_its_recipe():
     [
         (dict(size="huge"), "size: unknown 'huge'"),
         (dict(modalities=("video",)), "modalities: unknown 'video'"),
-        (dict(methods=("mae",)), "methods: unknown 'mae'; expected some of data2vec2"),
+        (dict(methods=("byol",)), "methods: unknown 'byol'; expected some of data2vec"),
         (dict(variants=("jax",)), "variants: unknown 'jax'"),
         (dict(steps=0), "steps >= 1"),
         (dict(batch=0), "batch >= 1"),

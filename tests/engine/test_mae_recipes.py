@@ -39,5 +39,5 @@ def test_tiny_recipe_pretrains_and_probes_from_the_cli(tmp_path, capsys):
     assert main(["pretrain", "--recipe", "mae-image-tiny", "--out", str(run), "--max-steps", "2", *fast]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["probe", "--checkpoint", str(run)]) == 0
-    result = json.loads((run / "checkpoints" / "step-00000002" / "probe.json").read_text())
+    result = json.loads((run / "probe" / "step-00000002.json").read_text())
     assert 0 <= result["linear_accuracy"] <= 1 and result["classes"] == 10
