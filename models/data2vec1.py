@@ -48,11 +48,11 @@ from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
 from .blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
 from .data2vec1_config import DATA2VEC1_RECIPES, Data2Vec1Config, data2vec1_config
-from .data2vec2 import Data2Vec2, _target_std
+from .data2vec2 import Data2Vec2
 from .masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
 from .method import Method
 from .modalities import Masker, Modality, modality_for
-from .teacher import ema_update, frozen_copy
+from .teacher import ema_update, frozen_copy, weighted_std
 
 __all__ = ["Data2Vec1", "Data2Vec1Encoder", "Data2Vec1Config", "data2vec1_config", "DATA2VEC1_RECIPES", "masker_for"]
 
@@ -232,8 +232,7 @@ class Data2Vec1(Method):
         loss = masked_regression_loss(pred, target, mask, clones=1, scale=cfg.loss_scale, beta=cfg.loss_beta,
                                       impl=cfg.impl)  # fmt: skip
         with torch.no_grad():  # weighted moments over the masked positions: no host sync
-            weights = mask[:, None, :]  # [B, 1, N]: one mask per sample
-            out = {"target_var": _target_std(target, weights), "pred_var": _target_std(pred.float(), weights)}
+            out = {"target_var": weighted_std(target, mask), "pred_var": weighted_std(pred, mask)}
         out["loss"] = loss
         out["ema_decay"] = self.ema_decay(self.num_updates)
         out["sample_size"] = mask.sum()

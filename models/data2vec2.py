@@ -66,7 +66,7 @@ from .data2vec2_config import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_conf
 from .data2vec2_encoder import Data2Vec2Encoder
 from .method import Method, batch_masks
 from .modalities import modality_for
-from .teacher import ema_decay_schedule, ema_update, frozen_copy
+from .teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
 
 __all__ = ["Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_RECIPES"]
 
@@ -180,8 +180,9 @@ class Data2Vec2(Method):
             loss = loss + loss_cls
 
         with torch.no_grad():
-            out["target_var"] = _target_std(target, mask.view(batch_size, clones, length))
-            out["pred_var"] = _masked_std(pred, mask)
+            # A target position counts as many times as clones mask it; the target is never repeated.
+            out["target_var"] = weighted_std(target, mask.view(batch_size, clones, length).sum(dim=1))
+            out["pred_var"] = weighted_std(pred, mask)
         out["loss"] = loss
         out["ema_decay"] = self.ema_decay(self.num_updates)
         out["sample_size"] = batch_size * clones * (length - num_kept)
@@ -273,26 +274,3 @@ class Data2Vec2(Method):
             if param.dim() <= 1 or name.endswith(".bias") or "alibi_scale" in name or name.endswith("pos_embed"):
                 names.add(name)
         return names
-
-
-def _target_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over channels of the per-channel std of the target over every masked (clone, position),
-    computed without repeating the target: position (b, n) counts as many times as clones mask it.
-    target [B, N, D] fp32, mask [B, K, N] bool."""
-    weights = mask.sum(dim=1).to(target.dtype)  # [B, N]
-    count = weights.sum()
-    mean = torch.einsum("bn,bnd->d", weights, target) / count
-    var = torch.einsum("bn,bnd->d", weights, (target - mean).square()) / (count - 1)
-    return torch.sqrt(var + 1e-6).mean()
-
-
-def _masked_std(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over channels of the per-channel std of pred [R, N, D] over the masked positions [R, N].
-
-    The mask weights the positions (a boolean index would size its output with a host sync)."""
-    weights = mask.to(torch.float32)  # [R, N]
-    pred = pred.detach().float()
-    count = weights.sum()
-    mean = torch.einsum("rn,rnd->d", weights, pred) / count
-    var = torch.einsum("rn,rnd->d", weights, (pred - mean).square()) / (count - 1)
-    return torch.sqrt(var + 1e-6).mean()

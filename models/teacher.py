@@ -1,4 +1,4 @@
-"""The EMA teacher shared by data2vec 2.0 and 1.0: its decay schedule and one update.
+"""The EMA teacher shared by data2vec 2.0 and 1.0: its decay schedule, one update, and the collapse statistic.
 
 Reference: fairseq ``EMAModule`` and ``get_annealed_rate``; the EMA is fp32 arithmetic on the
 teacher's own copy (``kernels.ema_``), one launch per dtype group.
@@ -13,7 +13,7 @@ from torch import nn
 
 from d2v2.kernels.ema import ema_
 
-__all__ = ["ema_decay_schedule", "ema_update", "frozen_copy"]
+__all__ = ["ema_decay_schedule", "ema_update", "frozen_copy", "weighted_std"]
 
 
 def ema_decay_schedule(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -52,3 +52,15 @@ def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
         setattr(teacher, name, None)
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def weighted_std(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the per-channel std of ``values`` [R, N, D] over the positions, each
+    counted ``weights`` [R, N] times (a bool mask, or clone counts): data2vec's representation-collapse
+    statistic (ref 1.2 item 11). Weights, not a boolean index, so that it makes no host sync."""
+    weights = weights.to(torch.float32)
+    values = values.detach().float()
+    count = weights.sum()
+    mean = torch.einsum("rn,rnd->d", weights, values) / count
+    var = torch.einsum("rn,rnd->d", weights, (values - mean).square()) / (count - 1)
+    return torch.sqrt(var + 1e-6).mean()
