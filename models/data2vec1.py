@@ -91,12 +91,7 @@ class Data2Vec1Encoder(nn.Module):
         self.collect = "block" if cfg.end_of_block_targets else "ffn"
         self.impl = cfg.impl
         dim = cfg.embed_dim
-        self.pos_embed: nn.Parameter | None = None
-        self.cls_token: nn.Parameter | None = None
-        self.pos_conv: nn.Module | None = None
-        self.alibi_scale: nn.Parameter | None = None
-        self.register_buffer("alibi_slopes", None, persistent=False)
-        modality.build_embedding(self)
+        modality.build_embedding(self)  # local_encoder and the positional parts (None where absent)
         self.input_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.input_norm else nn.Identity()
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]

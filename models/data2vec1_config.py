@@ -11,12 +11,12 @@ are copied), never a branch in the method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from .encoders import WAV2VEC2_CONV_LAYERS
 from .modalities import MODALITIES
-from .sizes import encoder_size
+from .sizes import plain_preset
 
 __all__ = ["Data2Vec1Config", "DATA2VEC1_RECIPES", "data2vec1_config"]
 
@@ -326,14 +326,4 @@ def data2vec1_config(modality: str, size: str, **overrides) -> Data2Vec1Config:
     Width and heads come from ``sizes.ENCODER_SIZES``, depth is its ``total_depth`` (no prenet); the
     rest from ``DATA2VEC1_RECIPES`` (ref 2).
     """
-    dims = encoder_size(modality, size)
-    if (modality, size) not in DATA2VEC1_RECIPES:
-        raise ValueError(f"no data2vec 1.0 preset for {modality} {size}; known: {sorted(DATA2VEC1_RECIPES)}")
-    known = {f.name for f in fields(Data2Vec1Config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown Data2Vec1Config fields {unknown}; valid fields: {sorted(known)}")
-    values = dict(modality=modality, embed_dim=dims.embed_dim, num_heads=dims.num_heads, depth=dims.total_depth,
-                  **DATA2VEC1_RECIPES[(modality, size)])  # fmt: skip
-    values.update(overrides)
-    return Data2Vec1Config(**values)
+    return plain_preset(Data2Vec1Config, DATA2VEC1_RECIPES, "data2vec 1.0", modality, size, **overrides)

@@ -46,12 +46,7 @@ class Data2Vec2Encoder(nn.Module):
         self.impl = cfg.impl
         dim = cfg.embed_dim
 
-        self.pos_embed: nn.Parameter | None = None
-        self.cls_token: nn.Parameter | None = None
-        self.pos_conv: nn.Module | None = None
-        self.alibi_scale: nn.Parameter | None = None
-        self.register_buffer("alibi_slopes", None, persistent=False)
-        modality.build_embedding(self)
+        modality.build_embedding(self)  # local_encoder and the positional parts (None where absent)
         has_prenet_norm = modality.has_prenet_norm(cfg)
         self.context_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if has_prenet_norm else nn.Identity()
         self.context_dropout = nn.Dropout(cfg.prenet_dropout)

@@ -90,7 +90,18 @@ class Modality:
     # -- model side ---------------------------------------------------------------------------------
 
     def build_embedding(self, encoder: nn.Module) -> None:
-        """Attach the local encoder (``encoder.local_encoder``) and the positional parts to ``encoder``."""
+        """Attach the local encoder (``encoder.local_encoder``) and the positional parts to ``encoder``.
+
+        Every encoder gets the same optional slots (``pos_embed``, ``cls_token``, ``pos_conv``,
+        ``alibi_scale``, the ``alibi_slopes`` buffer), None where this modality has no such part, so
+        that teacher copies can drop parts by name whatever the modality.
+        """
+        encoder.pos_embed = encoder.cls_token = encoder.pos_conv = encoder.alibi_scale = None
+        encoder.register_buffer("alibi_slopes", None, persistent=False)
+        self.build_parts(encoder)
+
+    def build_parts(self, encoder: nn.Module) -> None:
+        """The modality's own parts (see ``build_embedding``)."""
         raise NotImplementedError
 
     def local_features(
@@ -172,7 +183,7 @@ class ImageModality(Modality):
     def num_positions(self, source: torch.Tensor | None = None) -> int:
         return self.grid[0] * self.grid[1]
 
-    def build_embedding(self, encoder: nn.Module) -> None:
+    def build_parts(self, encoder: nn.Module) -> None:
         cfg, dim = self.cfg, self.cfg.embed_dim
         encoder.local_encoder = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, dim)
         encoder.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, self.grid), requires_grad=False)  # [N, D]
@@ -239,7 +250,7 @@ class AudioModality(Modality):
         """Frames the CNN makes from ``num_samples`` samples (int or integer tensor)."""
         return audio_num_frames(num_samples, self.cfg.conv_feature_layers)
 
-    def build_embedding(self, encoder: nn.Module) -> None:
+    def build_parts(self, encoder: nn.Module) -> None:
         cfg, dim = self.cfg, self.cfg.embed_dim
         encoder.local_encoder = AudioFeatureEncoder(dim, cfg.conv_feature_layers)
         encoder.pos_conv = ConvPositionalEncoder(dim, cfg.conv_pos_width, cfg.conv_pos_depth, cfg.conv_pos_groups, cfg.impl)
@@ -328,7 +339,7 @@ class TextModality(Modality):
     def num_positions(self, source: torch.Tensor) -> int:
         return source.shape[-1]
 
-    def build_embedding(self, encoder: nn.Module) -> None:
+    def build_parts(self, encoder: nn.Module) -> None:
         cfg = self.cfg
         encoder.local_encoder = TokenEmbedding(
             getattr(cfg, "num_embeddings", cfg.vocab_size), cfg.embed_dim, cfg.max_positions, cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout

@@ -9,13 +9,13 @@ fairseq's ``examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from .config_checks import ConfigChecker
 from .encoders import WAV2VEC2_CONV_LAYERS
 from .modalities import AudioModality
-from .sizes import encoder_size
+from .sizes import plain_preset
 
 __all__ = ["Wav2Vec2Config", "WAV2VEC2_RECIPES", "wav2vec2_config"]
 
@@ -168,19 +168,4 @@ WAV2VEC2_RECIPES: dict[tuple[str, str], dict] = {
 
 def wav2vec2_config(modality: str, size: str, **overrides) -> Wav2Vec2Config:
     """The preset ``(modality, size)``'s model config, with ``overrides`` applied (any field)."""
-    dims = encoder_size(modality, size)
-    if (modality, size) not in WAV2VEC2_RECIPES:
-        raise ValueError(f"no wav2vec 2.0 preset for {modality} {size}; known: {sorted(WAV2VEC2_RECIPES)}")
-    known = {f.name for f in fields(Wav2Vec2Config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown Wav2Vec2Config fields {unknown}; valid fields: {sorted(known)}")
-    values = dict(
-        modality=modality,
-        embed_dim=dims.embed_dim,
-        num_heads=dims.num_heads,
-        depth=dims.total_depth,
-        **WAV2VEC2_RECIPES[(modality, size)],
-    )
-    values.update(overrides)
-    return Wav2Vec2Config(**values)
+    return plain_preset(Wav2Vec2Config, WAV2VEC2_RECIPES, "wav2vec 2.0", modality, size, **overrides)
