@@ -1,5 +1,10 @@
 """Checkpoints: ``<run>/checkpoints/step-XXXXXXXX/state.pt`` plus a ``latest`` pointer.
 
+Runs sharded with FSDP2 (``dist.strategy=fsdp``) keep the model and optimizer in a
+``torch.distributed.checkpoint`` (DCP) folder beside it, ``step-XXXXXXXX/sharded/``, written by every
+process and readable by any number of them; their ``state.pt`` holds the rest (``"sharded"`` names
+the folder). ``load_checkpoint`` reads the weights of either kind in one process.
+
 A checkpoint holds only tensors and plain values, so ``torch.load(weights_only=True)`` reads it.
 Writes are atomic: the folder is written under a temporary name, its file fsynced, then renamed
 into place, and only then is ``latest`` replaced (also via a temporary file and rename). A run
@@ -12,12 +17,16 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from .distributed import DistEnv
+
 STATE_FILE = "state.pt"
 LATEST = "latest"
+SHARDED_DIR = "sharded"
 
 
 def step_folder(run_dir: Path, step: int) -> Path:
@@ -50,28 +59,51 @@ def _state_bytes(state) -> int:
     return 0
 
 
+def _staging(run_dir: Path, step: int, tag: int) -> Path:
+    """The temporary folder a checkpoint is written into before it is renamed into place."""
+    final = step_folder(run_dir, step)
+    return final.parent / f".{final.name}.tmp-{tag}"
+
+
+def _begin(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _write_state(tmp: Path, state: dict) -> None:
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step`` atomically, point ``latest`` at it, prune old ones."""
+    tmp = _staging(run_dir, step, os.getpid())
+    try:
+        _begin(tmp)
+        _write_state(tmp, state)
+    except OSError as e:
+        # Nothing has been renamed yet: the previous checkpoint and ``latest`` are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(tmp.parent, e, _state_bytes(state))) from e
+    return _publish(run_dir, step, tmp, keep)
+
+
+def _publish(run_dir: Path, step: int, tmp: Path, keep: int) -> Path:
+    """Rename the complete ``tmp`` folder into place, then point ``latest`` at it; prune old ones."""
     final = step_folder(run_dir, step)
     root = final.parent
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
     pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
         pointer_tmp.write_text(final.name + "\n")
         with open(pointer_tmp, "rb") as f:
             os.fsync(f.fileno())
     except OSError as e:
-        # Nothing has been renamed yet: the previous checkpoint and ``latest`` are untouched.
         shutil.rmtree(tmp, ignore_errors=True)
         pointer_tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(_write_failure(root, e, _state_bytes(state))) from e
+        raise CheckpointWriteError(_write_failure(root, e, 0)) from e
     if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -84,6 +116,66 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Pat
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded(run_dir: Path, step: int, state: dict | None, sharded: dict, env: DistEnv, keep: int = 3) -> Path:
+    """The checkpoint of an FSDP2 run, written by every process (a collective), published as ``save_checkpoint``.
+
+    Args:
+        state: rank 0's plain part (trainer, RNGs, config; None on the other ranks), into ``state.pt``.
+        sharded: this process's ``{"method": ..., "optimizer": ...}`` from ``torch.distributed.checkpoint.
+            state_dict.get_state_dict`` (DTensor shards), into the DCP folder ``sharded/``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    tmp = _staging(run_dir, step, env.broadcast_object(os.getpid()))  # one folder for every rank
+    error = None
+    if env.is_main:
+        try:
+            _begin(tmp)
+        except OSError as e:
+            error = _write_failure(tmp.parent, e, _state_bytes(sharded))  # DTensors count whole
+    if (error := env.broadcast_object(error)) is None:
+        try:
+            dcp.save(sharded, checkpoint_id=tmp / SHARDED_DIR)  # every rank its shards; rank 0 the metadata
+            if env.is_main:
+                _write_state(tmp, {**state, "sharded": SHARDED_DIR})
+        except (OSError, dcp.api.CheckpointException) as e:
+            error = f"cannot write a checkpoint to {tmp.parent}: {e}; make room or make it writable, then continue with --resume auto"
+        error = next((e for e in env.all_gather_object(error) if e), None)
+    if error is None and env.is_main:
+        try:
+            _publish(run_dir, step, tmp, keep)
+        except CheckpointWriteError as e:
+            error = str(e)
+    elif error is not None and env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint and ``latest`` are untouched
+    if (error := env.broadcast_object(error)) is not None:
+        raise CheckpointWriteError(error)
+    return step_folder(run_dir, step)
+
+
+def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
+    """Entry ``key`` ("method" or "optimizer") of a DCP folder as a plain state dict in this process.
+
+    ``tensors=False`` gives meta tensors of the saved shapes and dtypes (reads the metadata only).
+    Under an initialised process group every rank must call it (the read is a collective).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not tensors:
+        entries = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        prefix = f"{key}."
+        return {
+            name[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+            for name, meta in entries.items()
+            if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        return _load_state_dict_from_keys(keys={key}, checkpoint_id=str(folder))[key]
 
 
 def _write_failure(root: Path, error: OSError, needed: int) -> str:
@@ -106,11 +198,12 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
 
 
-def newest_loadable(run_dir: Path, log=print) -> tuple[Path, dict] | None:
+def newest_loadable(run_dir: Path, log=print, tensors: bool = True) -> tuple[Path, dict] | None:
     """The checkpoint ``latest`` names, or else the newest one that loads: (folder, state).
 
     None when the run has no checkpoint at all. When it has some but none loads, a ValueError lists
     each one and why, so that a damaged run is never taken for a new one and restarted over.
+    ``tensors``: as ``load_checkpoint``.
     """
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
@@ -123,7 +216,7 @@ def newest_loadable(run_dir: Path, log=print) -> tuple[Path, dict] | None:
             failures.append(f"{folder.name}: no {STATE_FILE}")
             continue
         try:
-            state = load_checkpoint(file)
+            state = load_checkpoint(file, tensors)
         except ValueError:
             failures.append(f"{folder.name}: unreadable")
             continue
@@ -161,10 +254,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path}; give a run folder, a checkpoints/step-XXXXXXXX folder or its {STATE_FILE}")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint (tensors and plain values only)."""
+def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
+    """Read a checkpoint (tensors and plain values only), the ``method`` weights of a sharded one included.
+
+    ``tensors=False``: a sharded checkpoint's weights as meta tensors (shapes only; its ``optimizer``
+    is never read here: ``Trainer`` loads both shard by shard).
+    """
     file = resolve_checkpoint(path)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if "sharded" in state:
+            state["method"] = read_sharded(file.parent / state["sharded"], "method", tensors)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
         raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a d2v2 checkpoint") from e
+    return state

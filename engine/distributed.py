@@ -42,9 +42,26 @@ before; so is a world size of 1. With W > 1 processes:
   ``rng``), so a resumed run continues exactly on the same world size. Another world size resumes at
   the same data position, and a rank without a saved state reseeds from (seed, rank, step).
 
+FSDP2 (``--set dist.strategy=fsdp``) instead of DDP, for models whose weights, gradients and AdamW
+moments do not fit one GPU several times over (``shard``):
+
+- ``fully_shard`` on every transformer block (student and EMA teacher alike), then on the method
+  (the rest: local encoders, decoder, the teacher's embeddings). Each parameter is split along dim
+  0 over the processes, so a teacher parameter's local shard lines up with its student twin's and
+  the EMA updates the shards where they lie (``d2v2.models.teacher.ema_update``), with no
+  communication. Mixed precision: bf16 compute copies with fp32 gradient reduction under bf16
+  (fp32 shards throughout), plain fp32 otherwise.
+- Checkpoints through ``torch.distributed.checkpoint`` (``checkpoint.save_sharded``): every process
+  writes its shards into the same ``checkpoints/step-XXXXXXXX/`` folder (published atomically as
+  before); they resume on any number of processes, and ``probe``, ``export`` and ``--init-from``
+  read them in one process.
+- One process works too (torchrun with one process, or no torchrun: a one-process group is
+  started), e.g. to continue a sharded run on one GPU.
+- Needs: no LayerDrop (a block skipped on one rank would leave the others waiting in its
+  all-gather; every parameter must take part in every step), and bf16 or fp32 (fp16's GradScaler
+  is not offered on shards). Both are refused with a one-line error.
+
 Limits:
-- FSDP2 (``fully_shard``) is not offered: the EMA teacher and the checkpoints would need sharded
-  (DTensor / DCP) counterparts. DDP covers every released size (the huge image model fits on one GPU).
 - Student buffers are not re-broadcast before each forward: Data2Vec2's are constants.
 - A micro-batch whose every file is unreadable makes that rank read on to its next batch, one group
   ahead of the others (the shards stay disjoint; a resume realigns them at rank 0's position).
@@ -57,14 +74,17 @@ import contextlib
 import inspect
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import Callable, Literal, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from d2v2.models import PostNormBlock, PreNormBlock
 
 from .data.base import derive_seed
 
@@ -112,6 +132,21 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@dataclass(kw_only=True, slots=True)
+class DistConfig:
+    """How the student is spread over the processes of a torchrun job."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """"ddp": every process holds the whole model (DistributedDataParallel; a single process is
+    plain). "fsdp": FSDP2 ``fully_shard`` per transformer block, the EMA teacher sharded alike,
+    checkpoints through ``torch.distributed.checkpoint`` (resumable on another number of
+    processes); also runs in one process. No LayerDrop and no fp16 with fsdp."""
+
+
+# The modules FSDP2 shards one by one: every transformer block of every method (student and teacher).
+SHARDED_UNITS = (PostNormBlock, PreNormBlock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +246,45 @@ class DistEnv:
             **_NO_BUFFER_SYNC,  # the student's buffers are constants (ALiBi slopes)
         )
 
+    def shard(self, method: torch.nn.Module, precision: str) -> torch.nn.Module:
+        """``method`` sharded in place with FSDP2: each transformer block, then the rest (see the module
+        docstring). Call before building the optimizer (the parameters become DTensors).
+
+        Args:
+            precision: the trainer's resolved precision ("bf16": bf16 compute copies, fp32 gradient
+                reduction; "fp32": no mixed precision).
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():
+            raise ValueError(
+                "dist.strategy=fsdp needs torch.distributed initialised (run through d2v2 pretrain, or call "
+                "distributed.setup(env, device, strategy='fsdp') first)"
+            )
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"dist.strategy=fsdp trains in bf16 or fp32, not {precision}; set train.precision=bf16")
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+        # Blocks return their FFN output, a view of the MLP's matmul, which no caller changes in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        units = [m for m in method.modules() if isinstance(m, SHARDED_UNITS)]
+        for unit in units:
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(method, mp_policy=policy)
+        return method
+
+
+def check_strategy(strategy: str, skips_parameters: bool, precision: str) -> None:
+    """A one-line error for what FSDP2 cannot train (see the module docstring); nothing for ddp."""
+    if strategy != "fsdp":
+        return
+    if skips_parameters:
+        raise ValueError(
+            "dist.strategy=fsdp cannot train with LayerDrop (a block skipped on one process leaves the others "
+            "waiting in its all-gather); set model.layerdrop=0 and model.prenet_layerdrop=0, or use dist.strategy=ddp"
+        )
+    if precision == "fp16":
+        raise ValueError("dist.strategy=fsdp does not train in fp16 (no sharded GradScaler); use train.precision=bf16")
+
 
 def detect() -> DistEnv:
     """The job torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
@@ -228,12 +302,14 @@ def detect() -> DistEnv:
     return DistEnv(rank=values["RANK"], local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"])
 
 
-def setup(env: DistEnv, device: str | None = None) -> torch.device:
-    """This process's device (cuda:LOCAL_RANK under torchrun), with the process group started if W > 1.
+def setup(env: DistEnv, device: str | None = None, strategy: str = "ddp") -> torch.device:
+    """This process's device (cuda:LOCAL_RANK under torchrun), with the process group started if W > 1
+    or the strategy is fsdp (a one-process group without torchrun: FSDP2 needs a group, even of one).
 
     Args:
         env: from ``detect()``.
         device: "cpu", "cuda" (or "cuda:N" in a single process); None = cuda when available.
+        strategy: ``DistConfig.strategy``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
@@ -249,11 +325,14 @@ def setup(env: DistEnv, device: str | None = None) -> torch.device:
                 )
             dev = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(dev)  # collectives and pinned memory use the current device
-    if env.distributed and not dist.is_initialized():
+    if (env.distributed or strategy == "fsdp") and not dist.is_initialized():
+        # torchrun's variables name the rendezvous; a lone process without them gets an in-memory store.
+        lone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             timeout=PROCESS_GROUP_TIMEOUT,
             **({"device_id": dev} if dev.type == "cuda" else {}),
+            **lone,
         )
     return dev
 

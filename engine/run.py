@@ -7,7 +7,7 @@ overridden fields), the data's, the optimizer's and the loop's. Resolution order
 is continued from its own ``config.yaml`` instead, and locked while it trains (``runfolder``).
 
 Launched by torchrun, ``pretrain()`` trains data-parallel (see ``distributed``: how to launch, how the
-data is sharded, what rank 0 alone does).
+data is sharded, what rank 0 alone does), with DDP or, with ``--set dist.strategy=fsdp``, FSDP2.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: distributed.DistConfig = field(default_factory=distributed.DistConfig)
 
     def __post_init__(self):
         if self.train.max_steps > self.optim.total_steps:
@@ -136,7 +137,7 @@ def pretrain(
     else:
         cfg = resolve_config(recipe or DEFAULT_RECIPE, overrides)
     env = distributed.detect()
-    dev = distributed.setup(env, device)
+    dev = distributed.setup(env, device, cfg.dist.strategy)
     try:
         return _pretrain(cfg, env, dev, out, resume, init_from, log if env.is_main else _silent)
     finally:
@@ -195,10 +196,11 @@ def _train_in(
     samples_hint = 0 if batches_by_size(dataset) else cfg.data.batch_size
     trainer = Trainer(
         model, loader_fn, cfg.optim, cfg.train, run_dir, dev, samples_hint, resolved, log=log,
-        dist=env, find_unused_parameters=model.skips_parameters,
+        dist=env, find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
     )  # fmt: skip
     encoder_millions = count_parameters(model.encoder) / 1e6
     processes = f" | {env.world_size} processes" if env.distributed else ""
+    processes += " | fsdp" if cfg.dist.strategy == "fsdp" else ""
     log(f"run folder {run_dir} | {cfg.method} {cfg.model.modality} {cfg.model.size} | "
         f"{encoder_millions:.1f} M encoder parameters | {dev}{processes}")
     if not trainer.resume(resume) and init_from:

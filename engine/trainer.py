@@ -17,7 +17,8 @@ The trainer is stateful: its step, samples seen and data position live in its st
 the checkpoint stores with the student, teacher, optimizer, grad scaler and RNG states, so that a
 resumed run continues exactly where the interrupted one stopped.
 
-Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its teacher left out),
+Under torchrun (``dist``, see ``distributed``) the method runs inside DDP (its teacher left out) or,
+with ``strategy="fsdp"``, sharded by FSDP2 (checkpoints through ``torch.distributed.checkpoint``),
 every stop decision is agreed by all ranks (the non-finite flags by an all-reduce on the device,
 which the host does not wait for; counts of samples and skipped files on logging and checkpoint
 steps), and rank 0 alone logs and writes.
@@ -42,10 +43,10 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from .checkpoint import newest_loadable, save_checkpoint, step_folder
+from .checkpoint import newest_loadable, save_checkpoint, save_sharded, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
-from .distributed import DistEnv, seed_all
+from .distributed import DistEnv, check_strategy, seed_all
 from .signals import RunStopped, StopRequest
 
 
@@ -221,6 +222,8 @@ class Trainer:
         config_dict: the resolved run configuration, stored in every checkpoint.
         dist: this process's place in a torchrun job (default: a single process).
         find_unused_parameters: for DDP, when some parameters may get no gradient in a step (LayerDrop).
+        strategy: ``distributed.DistConfig.strategy``: "ddp" (DDP under torchrun, else plain) or
+            "fsdp" (FSDP2 sharding, also in one process; needs an initialised process group).
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class Trainer:
         log=print,
         dist: DistEnv | None = None,
         find_unused_parameters: bool = False,
+        strategy: str = "ddp",
     ):
         self.method, self.loader_fn, self.optim_cfg, self.cfg = method.to(device), loader_fn, optim, train
         self.run_dir, self.device, self.config_dict, self.log = Path(run_dir), device, config_dict, log
@@ -263,6 +267,10 @@ class Trainer:
         if precision in ("bf16", "fp16") and device.type != "cuda":
             raise ValueError(f"train.precision={precision} needs a CUDA device; use fp32 (or auto) on {device.type}")
         self.precision = precision
+        check_strategy(strategy, find_unused_parameters, precision)
+        self.sharded = strategy == "fsdp"
+        if self.sharded:  # before the optimizer: its parameters are the shards
+            self.dist.shard(method, precision)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         # Fused (CUDA and CPU): its step takes a device ``found_inf`` flag and then leaves the
@@ -272,7 +280,7 @@ class Trainer:
             lr=self.peak_lr, betas=optim.betas, eps=optim.eps, fused=True,
         )
         # The optimizer and after_step work on the unwrapped method; only the forward goes through DDP.
-        self.ddp = self.dist.wrap(method, device, find_unused_parameters) if self.dist.distributed else None
+        self.ddp = self.dist.wrap(method, device, find_unused_parameters) if self.dist.distributed and not self.sharded else None
         model = self.ddp if self.ddp is not None else method
         self.forward = torch.compile(model) if train.compile else model
         # Trainer state (Stateful): what a checkpoint needs beyond the modules.
@@ -292,9 +300,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds; sharded (fsdp): all but ``method`` and ``optimizer`` (``sharded_state``)."""
+        modules = {} if self.sharded else {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **modules,
             "scaler": self.scaler.state_dict(),
             "trainer": {
                 "step": self.step,
@@ -308,9 +317,29 @@ class Trainer:
             "config": self.config_dict,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def sharded_state(self) -> dict:
+        """fsdp: this process's shards of the method and optimizer, keyed by parameter name (DCP's input)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        method, optimizer = get_state_dict(self.method, self.optimizer)
+        return {"method": method, "optimizer": optimizer}
+
+    def _load_sharded(self, folder: Path) -> None:
+        """fsdp: the method and optimizer from a DCP folder written by any number of processes."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.sharded_state()
+        dcp.load(state, checkpoint_id=str(folder))  # resharded to this job's processes
+        set_state_dict(self.method, self.optimizer, model_state_dict=state["method"], optim_state_dict=state["optimizer"])
+
+    def load_state_dict(self, state: dict, folder: Path | None = None) -> None:
+        """Restore a checkpoint's ``state``; a sharded one's method and optimizer come from ``folder``."""
+        if self.sharded:
+            self._load_sharded(Path(folder) / state["sharded"])
+        else:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         t = state["trainer"]
@@ -327,10 +356,14 @@ class Trainer:
         """Write a checkpoint (rank 0); every rank calls this, and returns once it is complete."""
         self._settle()  # agreed counts in the checkpoint, and never one written after a non-finite step
         rng_ranks = self.dist.gather_object(rng_state())
+        state = None
         if self.dist.is_main:
             state = self.state_dict()
             if self.dist.distributed:
                 state["rng_ranks"] = rng_ranks
+        if self.sharded:  # every rank writes its shards
+            save_sharded(self.run_dir, self.step, state, self.sharded_state(), self.dist, self.cfg.keep_checkpoints)
+        elif self.dist.is_main:
             save_checkpoint(self.run_dir, self.step, state, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self.last_checkpoint = step_folder(self.run_dir, self.step)
@@ -381,8 +414,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def forward_backward(self, batch: dict, sync: bool = True) -> dict:
-        """One micro-batch; ``sync=False`` keeps DDP from all-reducing its gradients (accumulation)."""
+        """One micro-batch; ``sync=False`` keeps DDP (FSDP) from all-reducing (reduce-scattering) its
+        gradients (accumulation)."""
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        if self.sharded:
+            self.method.set_requires_gradient_sync(sync)
         with no_sync:
             with self._autocast():
                 out = self.forward(batch)
@@ -414,6 +450,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.sharded:  # a replicated DTensor: every rank holds the global norm
+            grad_norm = grad_norm.to_local()
         loss = torch.stack(losses).mean()
         # Decided on the device: [non-finite loss, non-finite gradient norm], the same on every rank
         # (an all-reduce the host does not wait for), so that all skip and stop alike.
@@ -610,19 +648,28 @@ class Trainer:
 
         state = load_checkpoint(path)
         check_same_model(state["method"], self.method, path)
-        self.method.load_state_dict(state["method"])
+        if self.sharded:  # every rank takes its shards of the whole weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.method, state["method"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.method.load_state_dict(state["method"])
         self.log(f"initialised the weights from {path}")
 
     def resume(self, mode: str) -> bool:
         """``auto``: continue from this run's newest checkpoint that loads, if any; a path: from it."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, resolve_checkpoint
 
         if mode == "none":
             return False
         found, error = None, None
         if self.dist.is_main:  # rank 0 picks: every rank loads the same checkpoint
             try:
-                found = newest_loadable(self.run_dir, self.log) if mode == "auto" else (Path(mode), load_checkpoint(mode))
+                found = (
+                    newest_loadable(self.run_dir, self.log, tensors=not self.sharded)
+                    if mode == "auto"
+                    else (Path(mode), load_checkpoint(mode, tensors=not self.sharded))
+                )
             except (ValueError, FileNotFoundError) as e:
                 error = e
         path, message = self.dist.broadcast_object((None if found is None else str(found[0]), error and str(error)))
@@ -630,9 +677,15 @@ class Trainer:
             raise error if error is not None else ValueError(message)
         if path is None:
             return False
-        state = found[1] if found is not None else load_checkpoint(path)
+        state = found[1] if found is not None else load_checkpoint(path, tensors=not self.sharded)
         check_same_model(state["method"], self.method, path)
-        self.load_state_dict(state)
+        if ("sharded" in state) != self.sharded:
+            kinds = ("a sharded (fsdp)", "a ddp") if "sharded" in state else ("a ddp", "a sharded (fsdp)")
+            raise ValueError(
+                f"checkpoint {path} is {kinds[0]} checkpoint and this is {kinds[1]} run; start a new --out "
+                f"with --init-from {path} (weights only), or resume with the strategy it was written by"
+            )
+        self.load_state_dict(state, resolve_checkpoint(path).parent)
         self.last_checkpoint = Path(path)
         self.log(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
         self._note_world_size(int(state["trainer"].get("world_size", len(state.get("rng_ranks") or [0]))))

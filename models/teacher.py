@@ -1,7 +1,8 @@
 """The EMA teacher shared by data2vec 2.0 and 1.0: its decay schedule, one update, and the collapse statistic.
 
 Reference: fairseq ``EMAModule`` and ``get_annealed_rate``; the EMA is fp32 arithmetic on the
-teacher's own copy (``kernels.ema_``), one launch per dtype group.
+teacher's own copy (``kernels.ema_``), one launch per dtype group. Under FSDP2 (``fully_shard``) the
+teacher is sharded like the student, so each process updates its own shards (``local_shard``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import copy as copy_module
 import torch
 from torch import nn
 
+from torch.distributed.tensor import DTensor
+
 from d2v2.kernels.ema import ema_
 
-__all__ = ["ema_decay_schedule", "ema_update", "frozen_copy", "weighted_std"]
+__all__ = ["ema_decay_schedule", "ema_update", "frozen_copy", "local_shard", "weighted_std"]
 
 
 def ema_decay_schedule(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -28,14 +31,17 @@ def ema_decay_schedule(step: int, start: float, end: float, anneal_steps: int) -
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float, impl: str = "auto", copy: tuple[str, ...] = ()) -> None:
     """``teacher <- decay * teacher + (1 - decay) * student`` for every teacher parameter whose student
     twin (same name in ``student``) trains; parameters the student does not train, parameters whose
-    name starts with one of ``copy`` (the reference's ``skip_keys``) and all buffers are copied."""
+    name starts with one of ``copy`` (the reference's ``skip_keys``) and all buffers are copied.
+
+    Sharded (FSDP2) teacher and student: every pair is updated on this process's local shards, which
+    line up because both are sharded alike (dim 0 over the same mesh); no communication."""
     student_params = dict(student.named_parameters())
     averaged_t, averaged_s, copied_t, copied_s = [], [], [], []
     for name, t in teacher.named_parameters():
         s = student_params[name]
         averaged = s.requires_grad and not (copy and name.startswith(copy))
-        (averaged_t if averaged else copied_t).append(t)
-        (averaged_s if averaged else copied_s).append(s)
+        (averaged_t if averaged else copied_t).append(local_shard(t))
+        (averaged_s if averaged else copied_s).append(local_shard(s))
     student_buffers = dict(student.named_buffers())
     for name, t in teacher.named_buffers():
         copied_t.append(t)
@@ -43,6 +49,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, impl: str =
     ema_(averaged_t, averaged_s, decay, impl=impl)
     for t, s in zip(copied_t, copied_s):
         t.copy_(s)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2 parameter), sharing its storage; any other tensor as is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
