@@ -50,7 +50,9 @@ setup(
     extras_require={
         "engine": ENGINE,
         "bench": BENCH,
-        "test": BENCH + ["pytest", "pytest-xdist"],
+        "test": BENCH + ["pytest", "pytest-xdist", "tensorboard"],
+        # TensorBoard event files beside metrics.jsonl (--set train.tensorboard=true).
+        "tensorboard": ["tensorboard"],
         # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
         "providers": ["xformers"],
     },

@@ -37,6 +37,7 @@ CHANGEABLE = {
     "train.keep_checkpoints": "how many checkpoints are kept",
     "train.max_corrupt": "how many unreadable files are tolerated",
     "train.compile": "torch.compile or not",
+    "train.tensorboard": "TensorBoard event files or not",
     "data.num_workers": "loader processes",
     "optim.total_steps": "extends (or shortens) the schedule: the learning rate of the steps to come changes",
 }

@@ -30,7 +30,6 @@ checkpoint is written and ``RunStopped`` tells the caller how to continue.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -47,6 +46,7 @@ from .checkpoint import newest_loadable, save_checkpoint, save_sharded, step_fol
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
 from .distributed import DistEnv, check_strategy, seed_all
+from .metrics_log import MetricsLog, check_tensorboard
 from .signals import RunStopped, StopRequest
 
 
@@ -128,6 +128,9 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."""
     compile: bool = False
     """torch.compile the student's forward."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl scalars as TensorBoard events into ``<run>/tensorboard/`` (rank 0;
+    needs the ``tensorboard`` extra)."""
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -267,6 +270,8 @@ class Trainer:
         if precision in ("bf16", "fp16") and device.type != "cuda":
             raise ValueError(f"train.precision={precision} needs a CUDA device; use fp32 (or auto) on {device.type}")
         self.precision = precision
+        if train.tensorboard:
+            check_tensorboard()  # on every rank, before any work
         check_strategy(strategy, find_unused_parameters, precision)
         self.sharded = strategy == "fsdp"
         if self.sharded:  # before the optimizer: its parameters are the shards
@@ -532,7 +537,7 @@ class Trainer:
         self.num_samples = len(dataset) if dataset is not None else math.inf
         batches = iter(loader)
         main = self.dist.is_main
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        metrics_file = MetricsLog(self.run_dir, self.cfg.tensorboard, self.step) if main else None
         use_bar = main and sys.stderr.isatty()
         bar = None
         if use_bar:
@@ -569,8 +574,7 @@ class Trainer:
                         **{k: float(out[k]) for k in getattr(self.method, "log_keys", ()) if k in out},  # rank 0's
                     }
                     if metrics_file is not None:
-                        metrics_file.write(json.dumps(metrics) + "\n")
-                        metrics_file.flush()
+                        metrics_file.write(metrics)
                     variances = "".join(  # the methods with a teacher log these; the others do not
                         f"{key} {metrics[key]:.3f} " for key in ("target_var", "pred_var") if math.isfinite(metrics[key])
                     )

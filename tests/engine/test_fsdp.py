@@ -18,6 +18,8 @@ from .test_distributed import NO_NOISE, TINY, _checkpoint, _metrics, _torchrun
 
 FSDP = ["--set", "dist.strategy=fsdp"]
 STEPS = ["--max-steps", "3", "--set", "train.checkpoint_every=2"]
+# A fast teacher, so that a skipped or misplaced EMA update of a shard shows above the tolerance.
+EMA = ["--set", "model.ema_decay=0.9", "--set", "model.ema_end_decay=0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def _main(argv: list[str], cache, monkeypatch) -> int:
 def sharded_run(tmp_path_factory, cache):
     """2 ranks, FSDP2, 3 steps, checkpoints at steps 2 and 3."""
     root = tmp_path_factory.mktemp("fsdp")
-    out = _torchrun([*TINY, *NO_NOISE, *FSDP, *STEPS, "--out", str(root / "run")], cache)
+    out = _torchrun([*TINY, *NO_NOISE, *EMA, *FSDP, *STEPS, "--out", str(root / "run")], cache)
     return root / "run", out
 
 
@@ -51,7 +53,7 @@ def test_two_sharded_ranks_train_like_one_process(sharded_run, tmp_path, cache, 
     assert "2 processes | fsdp" in out
     # One unsharded process with 2 micro-batches reads the global batches the 2 ranks read.
     single = tmp_path / "single"
-    assert _main([*TINY, *NO_NOISE, *STEPS, "--out", str(single), "--set", "train.accum_steps=2"], cache, monkeypatch) == 0
+    assert _main([*TINY, *NO_NOISE, *EMA, *STEPS, "--out", str(single), "--set", "train.accum_steps=2"], cache, monkeypatch) == 0
     for a, b in zip(_metrics(run), _metrics(single), strict=True):
         for key in ("loss", "grad_norm", "lr", "ema_decay"):  # (target_var: each rank's last micro-batch)
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
@@ -91,7 +93,7 @@ def test_saved_on_two_ranks_resumes_on_one(sharded_run, tmp_path, cache, monkeyp
             return found
 
     monkeypatch.setattr(run_module, "Trainer", Recording)
-    assert _main([*TINY, *NO_NOISE, *FSDP, "--max-steps", "4", "--out", str(resumed)], cache, monkeypatch) == 0
+    assert _main([*TINY, *NO_NOISE, *EMA, *FSDP, "--max-steps", "4", "--out", str(resumed)], cache, monkeypatch) == 0
     text = capsys.readouterr().out
     assert "at step 2 (epoch 0, batch 4)" in text and "resumed on 1 process(es), the checkpoint's run had 2" in text
     # What one process loaded is what two saved: weights and AdamW moments, whole.
