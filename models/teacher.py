@@ -12,7 +12,10 @@ import copy as copy_module
 import torch
 from torch import nn
 
-from torch.distributed.tensor import DTensor
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: no sharded tensors to meet
+    DTensor = ()
 
 from d2v2.kernels.ema import ema_
 

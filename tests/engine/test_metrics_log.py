@@ -16,7 +16,6 @@ TINY = [
 
 
 def test_tensorboard_holds_the_metrics_jsonl_scalars(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("D2V2_CACHE", str(tmp_path / "cache"))
