@@ -246,14 +246,17 @@ class DistEnv:
             **_NO_BUFFER_SYNC,  # the student's buffers are constants (ALiBi slopes)
         )
 
-    def shard(self, method: torch.nn.Module, precision: str) -> torch.nn.Module:
+    def shard(self, method: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         """``method`` sharded in place with FSDP2: each transformer block, then the rest (see the module
         docstring). Call before building the optimizer (the parameters become DTensors).
 
         Args:
+            device: where this process trains (the mesh's device type: a CPU run on a machine with
+                GPUs stays on the CPU).
             precision: the trainer's resolved precision ("bf16": bf16 compute copies, fp32 gradient
                 reduction; "fp32": no mixed precision).
         """
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():
@@ -266,10 +269,11 @@ class DistEnv:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
         # Blocks return their FFN output, a view of the MLP's matmul, which no caller changes in place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         units = [m for m in method.modules() if isinstance(m, SHARDED_UNITS)]
         for unit in units:
-            fully_shard(unit, mp_policy=policy)
-        fully_shard(method, mp_policy=policy)
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(method, mesh=mesh, mp_policy=policy)
         return method
 
 
@@ -280,7 +284,8 @@ def check_strategy(strategy: str, skips_parameters: bool, precision: str) -> Non
     if skips_parameters:
         raise ValueError(
             "dist.strategy=fsdp cannot train with LayerDrop (a block skipped on one process leaves the others "
-            "waiting in its all-gather); set model.layerdrop=0 and model.prenet_layerdrop=0, or use dist.strategy=ddp"
+            "waiting in its all-gather); set model.layerdrop=0 (data2vec 2.0: and model.prenet_layerdrop=0), "
+            "or use dist.strategy=ddp"
         )
     if precision == "fp16":
         raise ValueError("dist.strategy=fsdp does not train in fp16 (no sharded GradScaler); use train.precision=bf16")

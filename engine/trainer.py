@@ -275,7 +275,7 @@ class Trainer:
         check_strategy(strategy, find_unused_parameters, precision)
         self.sharded = strategy == "fsdp"
         if self.sharded:  # before the optimizer: its parameters are the shards
-            self.dist.shard(method, precision)
+            self.dist.shard(method, device, precision)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         # Fused (CUDA and CPU): its step takes a device ``found_inf`` flag and then leaves the

@@ -70,29 +70,34 @@ def test_two_sharded_ranks_train_like_one_process(sharded_run, tmp_path, cache, 
     }
 
 
-def test_saved_on_two_ranks_resumes_on_one(sharded_run, tmp_path, cache, monkeypatch, capsys):
+def _record_start(monkeypatch) -> dict:
+    """Make ``d2v2 pretrain`` record its whole weights and optimizer state as training starts."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from d2v2.engine import run as run_module
     from d2v2.engine.trainer import Trainer
 
-    straight, resumed = sharded_run[0], tmp_path / "resumed"
-    shutil.copytree(straight, resumed)  # as it stood when stopped right after its step-2 checkpoint
-    shutil.rmtree(resumed / "checkpoints" / "step-00000003")
-    (resumed / "checkpoints" / "latest").write_text("step-00000002\n")
-    loaded = {}
+    start = {}
 
     class Recording(Trainer):
-        def resume(self, mode):
-            found = super().resume(mode)
+        def train(self):
             full = StateDictOptions(full_state_dict=True)
             method, optimizer = get_state_dict(self.method, self.optimizer, options=full)
             # Copies: in one process the whole tensors may share the parameters' storage, which trains on.
             method, optimizer = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (method, optimizer))
-            loaded.update(step=self.step, method=method, optimizer=optimizer)
-            return found
+            start.update(step=self.step, method=method, optimizer=optimizer)
+            return super().train()
 
     monkeypatch.setattr(run_module, "Trainer", Recording)
+    return start
+
+
+def test_saved_on_two_ranks_resumes_on_one(sharded_run, tmp_path, cache, monkeypatch, capsys):
+    straight, resumed = sharded_run[0], tmp_path / "resumed"
+    shutil.copytree(straight, resumed)  # as it stood when stopped right after its step-2 checkpoint
+    shutil.rmtree(resumed / "checkpoints" / "step-00000003")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002\n")
+    loaded = _record_start(monkeypatch)
     assert _main([*TINY, *NO_NOISE, *EMA, *FSDP, "--max-steps", "4", "--out", str(resumed)], cache, monkeypatch) == 0
     text = capsys.readouterr().out
     assert "at step 2 (epoch 0, batch 4)" in text and "resumed on 1 process(es), the checkpoint's run had 2" in text
@@ -113,6 +118,18 @@ def test_saved_on_two_ranks_resumes_on_one(sharded_run, tmp_path, cache, monkeyp
     assert load_checkpoint(last.parent)["trainer"]["world_size"] == 1
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_sharded_checkpoint_initialises_a_new_run(sharded_run, strategy, tmp_path, cache, monkeypatch):
+    checkpoint = sharded_run[0] / "checkpoints" / "step-00000003"
+    start = _record_start(monkeypatch)
+    argv = [*TINY, "--max-steps", "1", "--set", f"dist.strategy={strategy}", "--init-from", str(checkpoint)]
+    assert _main([*argv, "--out", str(tmp_path / "new")], cache, monkeypatch) == 0
+    assert start["step"] == 0  # weights only: no AdamW moments (get_state_dict fills a fresh AdamW with zeros)
+    assert all(not state["exp_avg"].any() for state in start["optimizer"]["state"].values())
+    for name, tensor in load_checkpoint(checkpoint)["method"].items():
+        assert torch.equal(start["method"][name], tensor), name
+
+
 def test_a_sharded_checkpoint_is_not_resumed_by_a_ddp_run(sharded_run, tmp_path, cache, monkeypatch, capsys):
     checkpoint = sharded_run[0] / "checkpoints" / "step-00000002"
     code = _main([*TINY, "--max-steps", "3", "--resume", str(checkpoint), "--out", str(tmp_path / "ddp")], cache, monkeypatch)
@@ -129,7 +146,7 @@ def test_unsupported_combinations_are_one_line_errors(tmp_path, cache, monkeypat
         check_strategy("fsdp", False, "fp16")
     check_strategy("ddp", True, "fp16")  # DDP takes both
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
-        DistEnv().shard(torch.nn.Linear(2, 2), "fp32")
+        DistEnv().shard(torch.nn.Linear(2, 2), torch.device("cpu"), "fp32")
     with pytest.raises(ValueError, match="dist.strategy must be one of 'ddp', 'fsdp', got 'zero'"):
         from d2v2.engine.run import resolve_config
 
