@@ -141,7 +141,11 @@ def save_sharded(run_dir: Path, step: int, state: dict | None, sharded: dict, en
             if env.is_main:
                 _write_state(tmp, {**state, "sharded": SHARDED_DIR})
         except (OSError, dcp.api.CheckpointException) as e:
-            error = f"cannot write a checkpoint to {tmp.parent}: {e}; make room or make it writable, then continue with --resume auto"
+            # DCP gathers every rank's failure into one exception: report the first, as a plain write's.
+            cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+            if not isinstance(cause, OSError):
+                raise
+            error = _write_failure(tmp.parent, cause, _state_bytes(sharded))
         error = next((e for e in env.all_gather_object(error) if e), None)
     if error is None and env.is_main:
         try:

@@ -6,6 +6,7 @@ its checkpoint (``torch.distributed.checkpoint``, written by both ranks) must re
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -151,3 +152,35 @@ def test_unsupported_combinations_are_one_line_errors(tmp_path, cache, monkeypat
         from d2v2.engine.run import resolve_config
 
         resolve_config("image-tiny", ["dist.strategy=zero"])
+
+
+def test_a_failed_sharded_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from d2v2.engine import checkpoint
+    from d2v2.engine.checkpoint import CheckpointWriteError, save_sharded
+    from d2v2.engine.distributed import setup, teardown
+
+    setup(DistEnv(), "cpu", strategy="fsdp")  # a one-process group
+    try:
+        model = DistEnv().shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.device("cpu"), "fp32")
+        optimizer = torch.optim.AdamW(model.parameters())
+        method, moments = get_state_dict(model, optimizer)
+        weight = model[0].weight.full_tensor().clone()
+        state = {"trainer": {"step": 1}}
+        save_sharded(tmp_path, 1, state, {"method": method, "optimizer": moments}, DistEnv())
+
+        def full_disk(tmp, state):
+            raise OSError(28, os.strerror(28))
+
+        monkeypatch.setattr(checkpoint, "_write_state", full_disk)
+        with pytest.raises(CheckpointWriteError, match="No space left on device.*the previous checkpoint is intact"):
+            save_sharded(tmp_path, 2, state, {"method": method, "optimizer": moments}, DistEnv())
+        assert dist.is_initialized()
+    finally:
+        teardown()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001"]  # no temporaries
+    saved = load_checkpoint(tmp_path)
+    assert saved["trainer"] == {"step": 1} and saved["sharded"] == SHARDED_DIR
+    assert torch.equal(saved["method"]["0.weight"], weight)
