@@ -1,4 +1,4 @@
-"""Data-parallel pretraining across processes launched by ``torchrun``: DDP over the student.
+"""Data-parallel pretraining across processes launched by ``torchrun``: DDP over the student, or FSDP2.
 
 Launch one process per GPU; every option of ``d2v2 pretrain`` works as in a single process::
 
@@ -53,8 +53,8 @@ moments do not fit one GPU several times over (``shard``):
   (fp32 shards throughout), plain fp32 otherwise.
 - Checkpoints through ``torch.distributed.checkpoint`` (``checkpoint.save_sharded``): every process
   writes its shards into the same ``checkpoints/step-XXXXXXXX/`` folder (published atomically as
-  before); they resume on any number of processes, and ``probe``, ``export`` and ``--init-from``
-  read them in one process.
+  before); they resume on any number of processes, and whatever reads checkpoints through
+  ``checkpoint.load_checkpoint`` (``probe``, ``--init-from``) reads them whole in one process.
 - One process works too (torchrun with one process, or no torchrun: a one-process group is
   started), e.g. to continue a sharded run on one GPU.
 - Needs: no LayerDrop (a block skipped on one rank would leave the others waiting in its
@@ -62,6 +62,8 @@ moments do not fit one GPU several times over (``shard``):
   is not offered on shards). Both are refused with a one-line error.
 
 Limits:
+- FSDP2 is tested on CPU processes over gloo (fp32); its bf16 policy, NCCL and ``train.compile``
+  with it have not yet run on GPUs.
 - Student buffers are not re-broadcast before each forward: Data2Vec2's are constants.
 - A micro-batch whose every file is unreadable makes that rank read on to its next batch, one group
   ahead of the others (the shards stay disjoint; a resume realigns them at rank 0's position).
