@@ -69,8 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=_device(args.device),
         size=args.size,
         modalities=_flatten(args.modalities) or train.MODALITIES,
-        methods=_flatten(args.methods) or ("data2vec2",),
+        methods=_flatten(args.methods),
         variants=_flatten(args.variants) or train.VARIANTS,
+        baseline_variants=_flatten(args.baseline_variants) or ("kernels",),
         batch=args.batch,
         warmup=1 if args.quick else args.warmup,
         steps=2 if args.quick else args.steps,
@@ -114,13 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="the training step per modality: our kernels vs the PyTorch path vs torch.compile",
+        help="the training step of every method per modality, and our kernels vs the PyTorch path vs torch.compile",
         description="Time Trainer.train_step of each method, modality and variant, alternated (see d2v2.bench.train).",
     )
     p.add_argument("--size", default="base", help="model and batch size of the recipes: tiny or base (default)")
     p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
-    p.add_argument("--methods", type=_names, action="append", help="methods to compare (default: data2vec2)")
-    p.add_argument("--variants", type=_names, action="append", help="kernels, torch, compile (default: all)")
+    p.add_argument("--methods", type=_names, action="append",
+                   help="methods to compare (default: every method with a preset for the modality)")
+    p.add_argument("--variants", type=_names, action="append", help="data2vec2's: kernels, torch, compile (default: all)")
+    p.add_argument("--baseline-variants", type=_names, action="append",
+                   help="the other methods' variants (default: kernels)")
     p.add_argument("--warmup", type=int, default=3, help="steps per variant discarded before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--batch", type=int, help="samples (audio: clips) per step (default: the recipe's per-GPU batch)")
