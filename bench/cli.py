@@ -86,6 +86,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_converge(args: argparse.Namespace) -> int:
+    from . import converge
+
+    quick = dict(budget_s=4.0, probes=2, slice_s=1.0, seeds=(1,), calibration=(1, 2)) if args.quick else {}
+    results, paths = converge.run(
+        device=_device(args.device),
+        size=args.size,
+        modalities=_flatten(args.modalities) or converge.MODALITIES,
+        methods=_flatten(args.methods),
+        **{
+            "budget_s": args.budget_s, "probes": args.probes, "slice_s": args.slice_s,
+            "seeds": [int(s) for s in _flatten(args.seeds)] if args.seeds else (1, 2), **quick,
+        },
+        out_dir=args.out,
+        argv=["d2v2", "bench", *args.argv],
+    )  # fmt: skip
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from . import gpu_check
 
@@ -132,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/train-<device>-<date>)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "converge",
+        help="time to accuracy: every method of a modality for the same wall-clock budget, probed as it trains",
+        description="Pretrain each method of a modality for the same budget on the embedded data, probing the "
+        "frozen encoder at fixed points of its clock; report the time data2vec 2.0 needs to reach the other "
+        "methods' best accuracy (see d2v2.bench.converge).",
+    )
+    p.add_argument("--size", default="tiny", help="recipe size: tiny (default, CPU) or base (GPU)")
+    p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
+    p.add_argument("--methods", type=_names, action="append",
+                   help="methods to race, data2vec2 among them (default: data2vec2, data2vec and the modality's baseline)")
+    p.add_argument("--seeds", type=_names, action="append", help="seeds, each a whole race (default: 1,2)")
+    p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per method and seed (default: 180)")
+    p.add_argument("--probes", type=int, default=6, help="probe points after t = 0, evenly over the budget (default: 6)")
+    p.add_argument("--slice-s", type=float, default=5.0, help="seconds a method trains before the next takes its turn")
+    p.add_argument("--quick", action="store_true", help="4 s per method, 2 probe points, one seed: the plumbing in about a minute")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")
+    p.set_defaults(func=cmd_converge)
 
     p = sub.add_parser(
         "gpu-check",

@@ -85,6 +85,25 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     return float((votes.argmax(1) == test_y).float().mean())
 
 
+def probe_tasks(model: Method, labelled, device: str = "cpu", test_fraction: float = 0.3, seed: int = 0) -> dict[str, dict]:
+    """Linear-probe and kNN accuracy of ``model``'s frozen features on each task of a labelled set
+    (``probe_sets.labelled_set``), on the same held-out split for a given ``seed``."""
+    was_training = model.training
+    feats = frozen_features(model.eval(), labelled.sources, device=device)
+    model.train(was_training)
+    tasks = {}
+    for task, labels in labelled.tasks.items():
+        train, test = split(len(labels), test_fraction, seed)
+        tasks[task] = {
+            "classes": len(labelled.classes[task]),
+            "train_samples": int(len(train)),
+            "test_samples": int(len(test)),
+            "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
+            "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
+        }
+    return tasks
+
+
 def probe(
     checkpoint: str, data: str | None = None, out: str | None = None, device: str | None = None,
     test_fraction: float = 0.3, seed: int = 0, log=print,
@@ -97,17 +116,7 @@ def probe(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config = method_from_checkpoint(checkpoint)
     labelled = labelled_set(model.modality.name, model.cfg, config, data)
-    feats = frozen_features(model, labelled.sources, device=device)
-    tasks = {}
-    for task, labels in labelled.tasks.items():
-        train, test = split(len(labels), test_fraction, seed)
-        tasks[task] = {
-            "classes": len(labelled.classes[task]),
-            "train_samples": int(len(train)),
-            "test_samples": int(len(test)),
-            "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
-            "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
-        }
+    tasks = probe_tasks(model, labelled, device, test_fraction, seed)
     first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
     result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}
     target = Path(out) if out else default_result_path(resolve_checkpoint(checkpoint))
