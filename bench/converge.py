@@ -8,9 +8,11 @@ the same wall-clock budget.
 
 Schedules fitted to the budget
     A recipe's schedule is a length in updates, so each method first takes a few calibration steps,
-    and its schedule (warm-up, total, the EMA anneal, the Gumbel temperature decay) is rescaled to
-    the updates its measured step time allows in the budget: every method runs a whole schedule,
-    not the first part of a longer one. The calibration model is thrown away.
+    and its schedule is rescaled to the updates its measured step time allows in the budget: the
+    learning rate's warm-up and total, the EMA anneal's length, and the per-update decays (EMA
+    decays, the Gumbel temperature decay) so that the teacher averages over, and the temperature
+    falls along, the same fraction of the run. Every method runs a whole schedule, not the first
+    part of a longer one. The calibration model is thrown away.
 
 Fair clocks
     The methods take turns in slices of a few seconds, round robin, so that load on the machine
@@ -77,8 +79,10 @@ def fitted_overrides(cfg, fitted_steps: int) -> list[str]:
     model = cfg.model.build_config()
     if hasattr(model, "ema_anneal_end_step"):
         overrides.append(f"model.ema_anneal_end_step={max(1, round(model.ema_anneal_end_step * scale))}")
-    if hasattr(model, "temp_decay"):  # the same temperature at the same fraction of the schedule
-        overrides.append(f"model.temp_decay={model.temp_decay ** (1 / scale):.10g}")
+    # Per-update decays d: d ** (1 / scale) spans the same fraction of the run (1.0, frozen, stays).
+    for name in ("ema_decay", "ema_end_decay", "temp_decay"):
+        if hasattr(model, name):
+            overrides.append(f"model.{name}={getattr(model, name) ** (1 / scale):.10g}")
     return overrides
 
 
