@@ -70,10 +70,14 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, c: float = 1.0) -> f
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    clf.fit(train_x.numpy(), train_y.numpy())
-    return float(clf.score(test_x.numpy(), test_y.numpy()))
+    # One BLAS thread: these matrices are small, and BLAS threads contending with torch's (or with
+    # another process) make each iteration many times slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        clf.fit(train_x.numpy(), train_y.numpy())
+        return float(clf.score(test_x.numpy(), test_y.numpy()))
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07) -> float:
