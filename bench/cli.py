@@ -89,19 +89,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_converge(args: argparse.Namespace) -> int:
     from . import converge
 
-    quick = dict(budget_s=4.0, probes=2, slice_s=1.0, seeds=(1,), calibration=(1, 2)) if args.quick else {}
+    settings = dict(
+        budget_s=args.budget_s, probes=args.probes, slice_s=args.slice_s, probe_samples=args.probe_samples,
+        seeds=[int(s) for s in _flatten(args.seeds)] if args.seeds else (1, 2),
+    )  # fmt: skip
+    if args.quick:
+        settings.update(budget_s=3.0, probes=1, slice_s=1.0, seeds=(1,), calibration=(1, 2), probe_samples=400)
     results, paths = converge.run(
         device=_device(args.device),
         size=args.size,
         modalities=_flatten(args.modalities) or converge.MODALITIES,
         methods=_flatten(args.methods),
-        **{
-            "budget_s": args.budget_s, "probes": args.probes, "slice_s": args.slice_s,
-            "seeds": [int(s) for s in _flatten(args.seeds)] if args.seeds else (1, 2), **quick,
-        },
         out_dir=args.out,
         argv=["d2v2", "bench", *args.argv],
-    )  # fmt: skip
+        **settings,
+    )
     for path in paths.values():
         print(f"wrote {path}")
     return 0
@@ -169,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per method and seed (default: 180)")
     p.add_argument("--probes", type=int, default=6, help="probe points after t = 0, evenly over the budget (default: 6)")
     p.add_argument("--slice-s", type=float, default=5.0, help="seconds a method trains before the next takes its turn")
-    p.add_argument("--quick", action="store_true", help="4 s per method, 2 probe points, one seed: the plumbing in about a minute")
+    p.add_argument("--probe-samples", type=int, help="probe on this many samples of the labelled set (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 s per method, probed at the start and the end on 400 samples, one seed: the plumbing, not a result")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")
     p.set_defaults(func=cmd_converge)

@@ -30,6 +30,7 @@ The headline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -152,10 +153,15 @@ class Runner:
             "tasks": {k: {"linear": v["linear_accuracy"], "knn": v["knn_accuracy"]} for k, v in tasks.items()},
         }  # fmt: skip
 
-    def labelled_set(self):
+    def labelled_set(self, limit: int | None = None):
+        """The modality's probe set, or a fixed random ``limit`` of its samples."""
         from d2v2.engine.probe_sets import labelled_set
 
-        return labelled_set(self.modality, self.trainer.method.cfg, self.config_dict, None)
+        full = labelled_set(self.modality, self.trainer.method.cfg, self.config_dict, None)
+        if limit is None or limit >= len(full.sources):
+            return full
+        keep = torch.randperm(len(full.sources), generator=torch.Generator().manual_seed(0))[:limit]
+        return dataclasses.replace(full, sources=full.sources[keep], tasks={k: v[keep] for k, v in full.tasks.items()})
 
 
 def calibrate(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, scratch: Path,
@@ -175,7 +181,8 @@ def calibrate(methods: Sequence[str], modality: str, size: str, seed: int, devic
 
 
 def race(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, budget_s: float,
-         probes: int, slice_s: float, calibration: tuple[int, int], scratch: Path, log) -> tuple[list[dict], list[dict]]:  # fmt: skip
+         probes: int, slice_s: float, calibration: tuple[int, int], probe_samples: int | None, scratch: Path,
+         log) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """One seed of one modality: every method for ``budget_s`` of its own clock, probed ``probes``
     times after t = 0. Returns (probe points, one summary per method)."""
     seconds = calibrate(methods, modality, size, seed, device, scratch, calibration, log)
@@ -186,7 +193,7 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
         recipe = resolve_config(recipe_for(m, modality, size))
         fitted = max(10, int(budget_s / seconds[m]))
         runners.append(Runner(m, modality, size, seed, device, scratch / "race", fitted_overrides(recipe, fitted)))
-    labelled = {r.method: r.labelled_set() for r in runners}
+    labelled = {r.method: r.labelled_set(probe_samples) for r in runners}
     marks = [budget_s * (i + 1) / probes for i in range(probes)]
     points = [r.probe(labelled[r.method]) for r in runners]
     next_mark = {r.method: 0 for r in runners}
@@ -256,6 +263,7 @@ def run(
     probes: int = 6,
     slice_s: float = 5.0,
     calibration: tuple[int, int] = CALIBRATION_STEPS,
+    probe_samples: int | None = None,
     out_dir: Path | None = None,
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
@@ -264,8 +272,11 @@ def run(
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"modalities: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(MODALITIES)}")
-    if budget_s <= 0 or probes < 1 or slice_s <= 0 or not seeds:
-        raise ValueError(f"need --budget-s > 0, --probes >= 1, a slice > 0 and a seed; got {budget_s}, {probes}, {slice_s}, {list(seeds)}")
+    if budget_s <= 0 or probes < 1 or slice_s <= 0 or not seeds or (probe_samples is not None and probe_samples < 20):
+        raise ValueError(
+            f"need --budget-s > 0, --probes >= 1, --slice-s > 0, a seed and --probe-samples >= 20; got {budget_s}, "
+            f"{probes}, {slice_s}, {list(seeds)} and {probe_samples}"
+        )
     lineup = {m: [x for x in (methods or default_methods(m))] for m in modalities}
     for modality, chosen in lineup.items():
         for method in chosen:
@@ -278,13 +289,13 @@ def run(
         for modality, chosen in lineup.items():
             for seed in seeds:
                 p, s = race(chosen, modality, size, seed, device, budget_s, probes, slice_s, calibration,
-                            Path(scratch) / f"{modality}-{seed}", log)  # fmt: skip
+                            probe_samples, Path(scratch) / f"{modality}-{seed}", log)  # fmt: skip
                 points += p
                 summaries += s
     results = {"points": points, "methods": summaries, "headline": headline(points)}
     meta = {
         **stamp, "benchmark": "converge", "size": size, "budget_s": budget_s, "probes": probes, "slice_s": slice_s,
-        "seeds": list(seeds), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "seeds": list(seeds), "probe_samples": probe_samples, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
     }  # fmt: skip
     out_dir = Path(out_dir) if out_dir is not None else harness.default_out_dir("converge", device)
