@@ -28,7 +28,7 @@ PACKAGES = _packages(FOLDERS)
 
 # `pip install d2v2` is what d2v2.kernels and d2v2.models import, and nothing more; the engine
 # (command line, data, trainer), the benchmarks and the tests are extras.
-ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "espeakng-loader"]
+ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "threadpoolctl", "espeakng-loader"]
 BENCH = ENGINE + ["matplotlib", "pytest-benchmark"]
 
 setup(

@@ -69,8 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=_device(args.device),
         size=args.size,
         modalities=_flatten(args.modalities) or train.MODALITIES,
-        methods=_flatten(args.methods) or ("data2vec2",),
+        methods=_flatten(args.methods),
         variants=_flatten(args.variants) or train.VARIANTS,
+        baseline_variants=_flatten(args.baseline_variants) or ("kernels",),
         batch=args.batch,
         warmup=1 if args.quick else args.warmup,
         steps=2 if args.quick else args.steps,
@@ -83,6 +84,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} variants failed; see {paths['md']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_converge(args: argparse.Namespace) -> int:
+    from . import converge
+
+    settings = dict(
+        budget_s=args.budget_s, probes=args.probes, slice_s=args.slice_s, probe_samples=args.probe_samples,
+        seeds=[int(s) for s in _flatten(args.seeds)] if args.seeds else (1, 2),
+    )  # fmt: skip
+    if args.quick:
+        settings.update(budget_s=3.0, probes=1, slice_s=1.0, seeds=(1,), calibration=(1, 2), probe_samples=400)
+    results, paths = converge.run(
+        device=_device(args.device),
+        size=args.size,
+        modalities=_flatten(args.modalities) or converge.MODALITIES,
+        methods=_flatten(args.methods),
+        out_dir=args.out,
+        argv=["d2v2", "bench", *args.argv],
+        **settings,
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
@@ -114,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="the training step per modality: our kernels vs the PyTorch path vs torch.compile",
+        help="the training step of every method per modality, and our kernels vs the PyTorch path vs torch.compile",
         description="Time Trainer.train_step of each method, modality and variant, alternated (see d2v2.bench.train).",
     )
     p.add_argument("--size", default="base", help="model and batch size of the recipes: tiny or base (default)")
     p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
-    p.add_argument("--methods", type=_names, action="append", help="methods to compare (default: data2vec2)")
-    p.add_argument("--variants", type=_names, action="append", help="kernels, torch, compile (default: all)")
+    p.add_argument("--methods", type=_names, action="append",
+                   help="methods to compare (default: every method with a preset for the modality)")
+    p.add_argument("--variants", type=_names, action="append", help="data2vec2's: kernels, torch, compile (default: all)")
+    p.add_argument("--baseline-variants", type=_names, action="append",
+                   help="the other methods' variants (default: kernels)")
     p.add_argument("--warmup", type=int, default=3, help="steps per variant discarded before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--batch", type=int, help="samples (audio: clips) per step (default: the recipe's per-GPU batch)")
@@ -128,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/train-<device>-<date>)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "converge",
+        help="time to accuracy: every method of a modality for the same wall-clock budget, probed as it trains",
+        description="Pretrain each method of a modality for the same budget on the embedded data, probing the "
+        "frozen encoder at fixed points of its clock; report the time data2vec 2.0 needs to reach the other "
+        "methods' best accuracy (see d2v2.bench.converge).",
+    )
+    p.add_argument("--size", default="tiny", help="recipe size: tiny (default, CPU) or base (GPU)")
+    p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
+    p.add_argument("--methods", type=_names, action="append",
+                   help="methods to race, data2vec2 among them (default: data2vec2, data2vec and the modality's baseline)")
+    p.add_argument("--seeds", type=_names, action="append", help="seeds, each a whole race (default: 1,2)")
+    p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per method and seed (default: 180)")
+    p.add_argument("--probes", type=int, default=6, help="probe points after t = 0, evenly over the budget (default: 6)")
+    p.add_argument("--slice-s", type=float, default=5.0, help="seconds a method trains before the next takes its turn")
+    p.add_argument("--probe-samples", type=int, help="probe on this many samples of the labelled set (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 s per method, probed at the start and the end on 400 samples, one seed: the plumbing, not a result")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")
+    p.set_defaults(func=cmd_converge)
 
     p = sub.add_parser(
         "gpu-check",

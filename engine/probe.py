@@ -70,10 +70,14 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, c: float = 1.0) -> f
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-    clf.fit(train_x.numpy(), train_y.numpy())
-    return float(clf.score(test_x.numpy(), test_y.numpy()))
+    # One BLAS thread: these matrices are small, and BLAS threads contending with torch's (or with
+    # another process) make each iteration many times slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        clf.fit(train_x.numpy(), train_y.numpy())
+        return float(clf.score(test_x.numpy(), test_y.numpy()))
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07) -> float:
@@ -83,6 +87,25 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     votes = torch.zeros(test_x.shape[0], int(train_y.max()) + 1)
     votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
     return float((votes.argmax(1) == test_y).float().mean())
+
+
+def probe_tasks(model: Method, labelled, device: str = "cpu", test_fraction: float = 0.3, seed: int = 0) -> dict[str, dict]:
+    """Linear-probe and kNN accuracy of ``model``'s frozen features on each task of a labelled set
+    (``probe_sets.labelled_set``), on the same held-out split for a given ``seed``."""
+    was_training = model.training
+    feats = frozen_features(model.eval(), labelled.sources, device=device)
+    model.train(was_training)
+    tasks = {}
+    for task, labels in labelled.tasks.items():
+        train, test = split(len(labels), test_fraction, seed)
+        tasks[task] = {
+            "classes": len(labelled.classes[task]),
+            "train_samples": int(len(train)),
+            "test_samples": int(len(test)),
+            "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
+            "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
+        }
+    return tasks
 
 
 def probe(
@@ -97,17 +120,7 @@ def probe(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config = method_from_checkpoint(checkpoint)
     labelled = labelled_set(model.modality.name, model.cfg, config, data)
-    feats = frozen_features(model, labelled.sources, device=device)
-    tasks = {}
-    for task, labels in labelled.tasks.items():
-        train, test = split(len(labels), test_fraction, seed)
-        tasks[task] = {
-            "classes": len(labelled.classes[task]),
-            "train_samples": int(len(train)),
-            "test_samples": int(len(test)),
-            "linear_accuracy": linear_probe_accuracy(feats[train], labels[train], feats[test], labels[test]),
-            "knn_accuracy": knn_accuracy(feats[train], labels[train], feats[test], labels[test]),
-        }
+    tasks = probe_tasks(model, labelled, device, test_fraction, seed)
     first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
     result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}
     target = Path(out) if out else default_result_path(resolve_checkpoint(checkpoint))

@@ -12,8 +12,8 @@ from d2v2.bench import train
 
 def test_tiny_image_step_per_variant_and_report(tmp_path):
     rows, paths = train.run(
-        device=torch.device("cpu"), size="tiny", modalities=("image",), variants=("kernels", "torch"),
-        warmup=0, steps=2, batch=4, out_dir=tmp_path, log=lambda *_: None,
+        device=torch.device("cpu"), size="tiny", modalities=("image",), methods=("data2vec2",),
+        variants=("kernels", "torch"), warmup=0, steps=2, batch=4, out_dir=tmp_path, log=lambda *_: None,
     )  # fmt: skip
     assert [(r["variant"], r["status"]) for r in rows] == [("kernels", "ok"), ("torch", "ok")]
     for row in rows:
@@ -26,6 +26,30 @@ def test_tiny_image_step_per_variant_and_report(tmp_path):
     report = json.loads(paths["json"].read_text())
     assert report["meta"]["size"] == "tiny" and report["meta"]["timed_steps"] == 2
     assert "| data2vec2 | image | kernels |" in paths["md"].read_text()
+
+
+def test_every_method_of_a_modality_races_with_per_sample_ratios(tmp_path):
+    rows, paths = train.run(
+        device=torch.device("cpu"), size="tiny", modalities=("image",), variants=("kernels",),
+        warmup=0, steps=1, batch=2, out_dir=tmp_path, log=lambda *_: None,
+    )  # fmt: skip
+    assert [(r["method"], r["variant"], r["status"]) for r in rows] == [
+        ("data2vec2", "kernels", "ok"), ("data2vec", "kernels", "ok"), ("mae", "kernels", "ok"),
+    ]  # fmt: skip
+    d2v2 = rows[0]["median_ms"] / rows[0]["samples"]
+    assert rows[0]["data2vec2_speedup"] is None
+    for row in rows[1:]:
+        assert row["data2vec2_speedup"] == pytest.approx(row["median_ms"] / row["samples"] / d2v2)
+        assert row["flops"] > 0 and row["flops"] != rows[0]["flops"]  # counted per method
+    md = paths["md"].read_text()
+    assert "## Ratios" in md and "against mae" in md and "against data2vec (" in md
+
+
+def test_methods_are_matched_to_the_modalities_they_have_presets_for():
+    assert [m for m in ("data2vec2", "data2vec", "mae", "wav2vec2", "mlm") if train.supports(m, "audio")] == [
+        "data2vec2", "data2vec", "wav2vec2",
+    ]  # fmt: skip
+    assert train.supports("mlm", "text") and not train.supports("mae", "text")
 
 
 def test_build_makes_a_registered_method_from_its_recipe():
