@@ -60,7 +60,7 @@ def sample(method, batch: int = 2):
     if cfg.modality == "image":
         return torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size), None
     if cfg.modality == "audio":
-        return torch.randn(batch, 4000), None
+        return torch.randn(batch, 1600), None  # 4 CNN frames
     tokens = torch.randint(4, cfg.vocab_size, (batch, 12))
     padding = torch.zeros(batch, 12, dtype=torch.bool)
     padding[-1, -3:] = True  # the last row ends in padding
@@ -202,3 +202,31 @@ def test_standard_target_explains_every_fallback():
         assert (target.name if target else None) == TARGETS[(name, modality)] and why
     target, why = standard_target("data2vec2", method_config("data2vec2", "text", "tiny", prenet_depth=1))
     assert target is None and "prenet" in why
+
+
+def test_cli_exports_a_text_run_with_its_tokenizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path / "cache"))
+    run, out = tmp_path / "run", tmp_path / "export"
+    fast = ["--set", "data.num_workers=0", "--set", "data.vocab_size=300", "--set", "data.block_size=64"]
+    assert main(["pretrain", "--recipe", "text-tiny", "--out", str(run), "--max-steps", "1", *fast]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert "Data2VecTextModel (transformers)" in capsys.readouterr().out
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "data2vec-text" and config["d2v2"]["weights"] == "teacher"
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["pad_token"] == "<pad>" and tokenizer_config["mask_token"] == "<mask>"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tokenizer.token_to_id("<pad>") == config["pad_token_id"]
+    assert max(tokenizer.get_vocab().values()) < config["vocab_size"]
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert hf_tokenizer("def f(x): return x").input_ids == tokenizer.encode("def f(x): return x").ids
+    assert hf_tokenizer.pad_token_id == config["pad_token_id"]
