@@ -346,7 +346,7 @@ def standard_target(method: str, cfg) -> tuple[Target | None, str]:
     if method in ("data2vec", "mlm") and modality == "text":
         return (ROBERTA if method == "mlm" else DATA2VEC_TEXT), "RoBERTa's encoder"
     if method == "data2vec" and modality == "audio":
-        if cfg.layer_norm_first or not cfg.input_norm or getattr(cfg, "alibi", False) or cfg.norm_eps != 1e-5:
+        if cfg.layer_norm_first or not cfg.input_norm or cfg.alibi or cfg.norm_eps != 1e-5:
             return None, "its config leaves data2vec 1.0 audio's architecture (pre-norm, no input LayerNorm, ALiBi or norm_eps != 1e-5)"
         return DATA2VEC_AUDIO, "wav2vec 2.0's encoder with 5 conv position layers"
     if method == "data2vec" and modality == "image":
@@ -416,7 +416,6 @@ def export(
         raise ValueError(f"--weights teacher: {name} has no EMA teacher; use --weights student")
     cfg = method.cfg
     state = encoder_state(method, weights)
-    mask_emb = getattr(method, "mask_emb", None)  # data2vec 1.0's (the student's): HF has a slot for it
     step = _step_of(state_file)
     provenance = {"method": name, "weights": weights, "source": str(state_file), "step": step}
 
@@ -427,6 +426,8 @@ def export(
         if target is None:
             save_pretrained(state, name, cfg, tmp, weights, source=provenance["source"], step=step)
         else:
+            # data2vec 1.0's mask vector (the student's) lives on the method; HF has a slot for it.
+            mask_emb = getattr(method, "mask_emb", None)
             extra = {} if mask_emb is None or "mask_emb" in state else {"mask_emb": mask_emb}
             _save_standard(target, {**state, **extra}, cfg, tmp, provenance)
         files = [WEIGHTS_FILE, CONFIG_FILE]
@@ -440,11 +441,10 @@ def export(
         raise
     label = f"{target.name} ({target.library})" if target else "d2v2's own format (d2v2.models.load_pretrained)"
     log(f"{name} {cfg.modality}, {weights} weights, step {step} -> {out_dir}: {label}")
-    if target is None:
+    if target is None and fmt == "auto":
         log(f"no standard class: {why}")
     return {"target": target.name if target else "d2v2", "library": target.library if target else "d2v2",
             "weights": weights, "why": why, "files": files, "out": str(out_dir)}  # fmt: skip
-
 
 
 def _step_of(state_file: Path) -> int:

@@ -202,6 +202,8 @@ def test_standard_target_explains_every_fallback():
         assert (target.name if target else None) == TARGETS[(name, modality)] and why
     target, why = standard_target("data2vec2", method_config("data2vec2", "text", "tiny", prenet_depth=1))
     assert target is None and "prenet" in why
+    target, why = standard_target("data2vec", method_config("data2vec", "audio", "tiny", alibi=True))
+    assert target is None and "ALiBi" in why
 
 
 def test_cli_exports_a_text_run_with_its_tokenizer(tmp_path, monkeypatch, capsys):
