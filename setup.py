@@ -26,8 +26,9 @@ def _packages(folders: dict[str, str]) -> dict[str, str]:
 
 PACKAGES = _packages(FOLDERS)
 
-# `pip install d2v2` is what d2v2.kernels and d2v2.models import, and nothing more; the engine
-# (command line, data, trainer), the benchmarks and the tests are extras.
+# `pip install d2v2` is what d2v2.kernels and d2v2.models import, and nothing more (safetensors, tiny
+# and dependency-free, reads exported encoders: d2v2.models.load_pretrained); the engine (command
+# line, data, trainer), the benchmarks and the tests are extras.
 ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "threadpoolctl", "espeakng-loader"]
 BENCH = ENGINE + ["matplotlib", "pytest-benchmark"]
 
@@ -46,13 +47,17 @@ setup(
         # Triton wheels exist for Linux x86-64 only; elsewhere every op runs its PyTorch reference.
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "numpy",
+        "safetensors",
     ],
     extras_require={
         "engine": ENGINE,
         "bench": BENCH,
-        "test": BENCH + ["pytest", "pytest-xdist", "tensorboard"],
+        # transformers checks the Hugging Face exports; it pulls no torch of its own.
+        "test": BENCH + ["pytest", "pytest-xdist", "tensorboard", "transformers"],
         # TensorBoard event files beside metrics.jsonl (--set train.tensorboard=true).
         "tensorboard": ["tensorboard"],
+        # The classes `d2v2 export` targets; timm needs torchvision, so it stays out of "test".
+        "interop": ["transformers", "timm"],
         # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
         "providers": ["xformers"],
     },

@@ -115,6 +115,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's encoder (safetensors + config.json, HF/timm names where a class matches)."""
+    from .export import export
+
+    export(args.checkpoint, args.out, weights=args.weights, fmt=args.format)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     """Write a fairseq manifest (train.tsv, valid.tsv) for a folder of audio files."""
     from .data.audio import write_manifest
@@ -184,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("export", help="a checkpoint's encoder as safetensors + config.json (HF / timm where they match)")
+    p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
+    p.add_argument("--out", required=True, help="a new folder for model.safetensors, config.json (and the tokenizer)")
+    p.add_argument(
+        "--weights", help="teacher (default where the method has an EMA teacher: data2vec2, data2vec) or student",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", default="auto",
+        help="auto (the matching Hugging Face / timm class, else d2v2's own format) or d2v2 (always d2v2's own)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("manifest", help="write a fairseq audio manifest (train.tsv) for a folder")
     p.add_argument("audio_dir", help="folder searched recursively for audio files")

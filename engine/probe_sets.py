@@ -114,7 +114,7 @@ def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
 # -- text --------------------------------------------------------------------------------------------
 
 
-def _run_tokenizer(run_config: dict):
+def run_tokenizer(run_config: dict):
     """The tokenizer the run trained with (its token cache is rebuilt, or found, from its data config)."""
     dataset = build_dataset("text", from_dict(DataConfig, dict(run_config.get("data", {})), "data"))
     return text.load_tokenizer(dataset.folder / "tokenizer.json")
@@ -128,7 +128,7 @@ def _blocks(ids: list[int], count: int) -> list[list[int]]:
 
 
 def text_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
-    tokenizer = _run_tokenizer(run_config)
+    tokenizer = run_tokenizer(run_config)
     if data is None:
         topics = embedded.pydoc_topics()
         names = sorted(sorted(topics, key=lambda k: len(topics[k]), reverse=True)[:TEXT_TOPICS])

@@ -3,7 +3,8 @@
 Every module calls ``d2v2.kernels`` ops and nothing lower. A method is a ``Method`` (``method``):
 ``forward(batch) -> dict`` with ``loss`` and logged values, ``after_step(step)``, ``health``,
 ``param_groups``, ``encoder`` and ``forward_features``; what differs by modality lives in the
-``Modality`` objects (``modalities``). ``methods.METHODS`` names every method.
+``Modality`` objects (``modalities``). ``methods.METHODS`` names every method. ``load_pretrained``
+reads an encoder that ``d2v2 export`` wrote in d2v2's own format (``pretrained``).
 """
 
 from .blocks import Attention, DropPath, Mlp, PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
@@ -41,6 +42,7 @@ from .methods import METHODS, build_method, method_config, method_entry
 from .mlm import MLM, LMHead, MLMEncoder
 from .mlm_config import MLM_RECIPES, MLMConfig, mlm_config
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
+from .pretrained import load_pretrained, save_pretrained
 from .quantizer import GumbelVectorQuantizer
 from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
 from .teacher import ema_decay_schedule, ema_update
@@ -57,7 +59,7 @@ __all__ = [
     "WAV2VEC2_CONV_LAYERS", "WAV2VEC2_RECIPES", "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder",
     "WeightNormConvPositions", "alibi_slopes", "audio_num_frames", "batch_masks", "beit_block_mask", "build_method",
     "count_parameters", "data2vec1_config", "data2vec2_config", "ema_decay_schedule", "ema_update", "encoder_size",
-    "forward_blocks", "frame_padding_mask", "init_bert_params", "inverse_block_mask", "mae_config", "mask_to_ids",
+    "forward_blocks", "frame_padding_mask", "init_bert_params", "inverse_block_mask", "load_pretrained", "mae_config", "mask_to_ids",
     "method_config", "method_entry", "mlm_config", "mlm_span_mask", "modality_for", "random_mask",
-    "sincos_pos_embed_2d", "span_mask", "wav2vec2_config", "wav2vec_span_mask",
+    "save_pretrained", "sincos_pos_embed_2d", "span_mask", "wav2vec2_config", "wav2vec_span_mask",
 ]  # fmt: skip
