@@ -22,10 +22,10 @@ def _flatten(groups: list[list[str]] | None) -> list[str] | None:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from . import kernels
+    from . import harness, kernels
 
     device = _device(args.device)
-    dtype = kernels.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    dtype = harness.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     rows, paths = kernels.run(
         device=device,
         dtype=dtype,
