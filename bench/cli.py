@@ -21,6 +21,15 @@ def _flatten(groups: list[list[str]] | None) -> list[str] | None:
     return None if groups is None else [name for group in groups for name in group]
 
 
+def _finish(paths: dict[str, Path], failed: list, what: str) -> int:
+    """Name the files written and the failures ("N <what>"); 1 when anything failed, else 0."""
+    for path in paths.values():
+        print(f"wrote {path}")
+    if failed:
+        print(f"{len(failed)} {what}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
     from . import harness, kernels
 
@@ -39,12 +48,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         rep_ms=args.rep_ms,
         argv=["d2v2", "bench", *args.argv],
     )
-    for path in paths.values():
-        print(f"wrote {path}")
-    failed = [r for r in rows if r["status"] == "error"]
-    if failed:
-        print(f"{len(failed)} result rows failed; see the notes in {paths['md']}", file=sys.stderr)
-    return 1 if failed else 0
+    return _finish(paths, [r for r in rows if r["status"] == "error"], f"result rows failed; see the notes in {paths['md']}")
 
 
 def _device(name: str | None):
@@ -115,12 +119,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         out_dir=args.out,
         argv=["d2v2", "bench", *args.argv],
     )
-    for path in paths.values():
-        print(f"wrote {path}")
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        print(f"{len(failed)} loaders failed; see {paths['md']}", file=sys.stderr)
-    return 1 if failed else 0
+    return _finish(paths, [r for r in rows if r["status"] != "ok"], f"loaders failed; see {paths['md']}")
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
