@@ -1,18 +1,7 @@
-"""What the bench tests share: the CPU device and one OpenMP thread per test."""
+"""What the bench tests share besides the conftest's one-thread fixture."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    # Tiny ops on a shared, loaded CPU: with several OpenMP threads a busy peer core turns a 0.1 ms
-    # convolution into 100 ms of spin-waiting. One thread keeps these tests fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

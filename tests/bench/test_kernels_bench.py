@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from d2v2.bench import cli, harness, kernels, shapes
-from tests.bench.helpers import CPU, one_cpu_thread  # noqa: F401 - an autouse fixture
+from tests.bench.helpers import CPU
 
 FAST = ["--rep-ms", "1", "--warmup-ms", "1"]
 ROW_FIELDS = {
