@@ -21,11 +21,20 @@ def _flatten(groups: list[list[str]] | None) -> list[str] | None:
     return None if groups is None else [name for group in groups for name in group]
 
 
+def _finish(paths: dict[str, Path], failed: list, what: str) -> int:
+    """Name the files written and the failures ("N <what>"); 1 when anything failed, else 0."""
+    for path in paths.values():
+        print(f"wrote {path}")
+    if failed:
+        print(f"{len(failed)} {what}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from . import kernels
+    from . import harness, kernels
 
     device = _device(args.device)
-    dtype = kernels.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    dtype = harness.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     rows, paths = kernels.run(
         device=device,
         dtype=dtype,
@@ -39,12 +48,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         rep_ms=args.rep_ms,
         argv=["d2v2", "bench", *args.argv],
     )
-    for path in paths.values():
-        print(f"wrote {path}")
-    failed = [r for r in rows if r["status"] == "error"]
-    if failed:
-        print(f"{len(failed)} result rows failed; see the notes in {paths['md']}", file=sys.stderr)
-    return 1 if failed else 0
+    return _finish(paths, [r for r in rows if r["status"] == "error"], f"result rows failed; see the notes in {paths['md']}")
 
 
 def _device(name: str | None):
@@ -78,12 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out_dir=args.out,
         argv=["d2v2", "bench", *args.argv],
     )
-    for path in paths.values():
-        print(f"wrote {path}")
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        print(f"{len(failed)} variants failed; see {paths['md']}", file=sys.stderr)
-    return 1 if failed else 0
+    return _finish(paths, [r for r in rows if r["status"] != "ok"], f"contestants failed; see {paths['md']}")
 
 
 def cmd_converge(args: argparse.Namespace) -> int:
@@ -104,9 +103,41 @@ def cmd_converge(args: argparse.Namespace) -> int:
         argv=["d2v2", "bench", *args.argv],
         **settings,
     )
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
+    stopped = [m for m in results["methods"] if m["status"] != "ok"]
+    return _finish(paths, stopped, f"runs stopped early; see {paths['md']}")
+
+
+def _step_ms(text: str) -> dict[str, float]:
+    """--step-ms: one time for every modality ("180") or per modality ("image=180,audio=320")."""
+    from .data import MODALITIES
+
+    try:
+        if "=" not in text:
+            return dict.fromkeys(MODALITIES, float(text))
+        return {name.strip(): float(ms) for name, ms in (part.split("=", 1) for part in _names(text))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, e.g. 180 or image=180,audio=320; got {text!r}") from None
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    workers = data.QUICK_WORKERS if args.quick else data.WORKERS
+    if args.workers:
+        try:
+            workers = [int(w) for w in _flatten(args.workers)]
+        except ValueError:
+            raise ValueError(f"--workers takes worker counts such as 0,1,2; got {','.join(_flatten(args.workers))!r}") from None
+    rows, paths = data.run(
+        modalities=_flatten(args.modalities) or data.MODALITIES,
+        workers=workers,
+        batches=args.batches if args.batches is not None else (data.QUICK_BATCHES if args.quick else data.BATCHES),
+        step_ms=args.step_ms,
+        overrides=args.set,
+        out_dir=args.out,
+        argv=["d2v2", "bench", *args.argv],
+    )
+    return _finish(paths, [r for r in rows if r["status"] != "ok"], f"loaders failed; see {paths['md']}")
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> int:
@@ -177,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")
     p.set_defaults(func=cmd_converge)
+
+    p = sub.add_parser(
+        "data",
+        help="the training loader's throughput per worker per modality, and the workers one GPU needs",
+        description="Time the base recipes' loaders (decode, augment, masks) with 0, 1, 2... workers "
+        "(see d2v2.bench.data).",
+    )
+    p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
+    p.add_argument("--workers", type=_names, action="append", help="loader worker counts (default: 0,1,2; 0 = main process)")
+    p.add_argument("--batches", type=int, help="timed batches per loader (default: 20; --quick 3)")
+    p.add_argument("--step-ms", type=_step_ms, help="the GPU's base-recipe step time: 180 or image=180,audio=320 "
+                   "(default: an assumed 250 ms; see d2v2.bench.data)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, as d2v2 pretrain's")
+    p.add_argument("--quick", action="store_true", help="workers 0,1 and 3 timed batches each (under a minute)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/data-cpu-<date>)")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser(
         "gpu-check",

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import harness
+from . import harness, report
 
 MODALITIES = ("image", "audio", "text")
 RECIPE_PREFIX = {"data2vec2": "", "data2vec": "d2v1-", "mae": "mae-", "wav2vec2": "wav2vec2-", "mlm": "mlm-"}
@@ -283,7 +283,7 @@ def run(
             recipe_for(method, modality, size)  # every name checked before anything trains
         if "data2vec2" not in chosen:
             raise ValueError("--methods must include data2vec2: the bench measures it against the others")
-    stamp = harness.environment_stamp(device)
+    stamp = report.environment_stamp(device)
     points, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="d2v2-bench-converge-") as scratch:
         for modality, chosen in lineup.items():
@@ -298,7 +298,7 @@ def run(
         "seeds": list(seeds), "probe_samples": probe_samples, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
     }  # fmt: skip
-    out_dir = Path(out_dir) if out_dir is not None else harness.default_out_dir("converge", device)
+    out_dir = Path(out_dir) if out_dir is not None else report.default_out_dir("converge", device)
     return results, write_report(out_dir, meta, results)
 
 
@@ -364,12 +364,12 @@ def write_report(out_dir: Path, meta: Mapping[str, Any], results: Mapping[str, l
         })  # fmt: skip
     sections = [
         "## Time to accuracy\n\n" + ("\n".join(_headline_lines(headline_rows)) or "Nothing to compare.")
-        + "\n\n" + harness.markdown_table(shown, _HEADLINE_COLUMNS)
+        + "\n\n" + report.markdown_table(shown, _HEADLINE_COLUMNS)
         + "\n\nTimes are each method's own training clock at the first probe point reaching the accuracy; the "
         "resolution is the probe interval.",
-        "## Methods\n\n" + harness.markdown_table(methods, _METHOD_COLUMNS),
+        "## Methods\n\n" + report.markdown_table(methods, _METHOD_COLUMNS),
     ]
-    paths["md"] = harness.write_markdown(out_dir / "results.md", "d2v2 convergence benchmark", header, sections)
+    paths["md"] = report.write_markdown(out_dir / "results.md", "d2v2 convergence benchmark", header, sections)
     paths["png"] = write_plot(out_dir / "results.png", meta, points, headline_rows)
     return paths
 

@@ -119,9 +119,9 @@ def _cli(ctx: Context, module: str, *args: str) -> list[str]:
 
 MACHINE_SCRIPT = r"""
 import json, subprocess, sys, torch
-from d2v2.bench import harness
+from d2v2.bench import harness, report
 device = torch.device(sys.argv[2])
-info = harness.environment_stamp(device)
+info = report.environment_stamp(device)
 if device.type == "cuda":
     p = torch.cuda.get_device_properties(device)
     info.update(sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")

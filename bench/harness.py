@@ -1,8 +1,4 @@
-"""Timing and reporting shared by every d2v2 benchmark (kernels now; train and converge later).
-
-A benchmark builds plain-dict result rows, then hands them to the writers here, so every report has the
-same shape: ``results.json`` (a ``meta`` stamp plus the rows), ``results.md`` (a markdown table) and
-``results.png`` (grouped bars), all in one output folder named by what, device and date.
+"""What every d2v2 benchmark shares: timing, ceilings, the case and workload types, and the runner.
 
 Timing
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repetition, gradients of
@@ -15,19 +11,46 @@ Ceilings
     read plus bytes written over the time. Memory-bound ops are judged as a fraction of it (an
     achievable ceiling, not the datasheet figure). ``matmul_tflops`` does the same for compute with one
     large square matmul.
+
+Cases (the contract of every ``bench/<op>.py``)
+    A case module defines ``bench_cases(shapes: Mapping[str, ShapeSpec], dtype) -> list[Case]``: for
+    the run's shape specs (``bench/shapes.py``, reference or quick) and activation dtype, ``Case``
+    objects with ``op``, ``shape`` (a spec name), ``dims`` (a readable size string), ``dtype``,
+    ``modes``, ``providers`` (its own names are fine, e.g. "sdpa", "xformers"), ``bound`` ("memory"
+    or "compute": which ceiling the report compares against), ``targets`` (tuples of (mode or None
+    for all, metric, minimum), e.g. ("full", "speedup_vs_sdpa", 0.9): a speedup over any named
+    provider is computed for the report) and ``setup(provider, device) -> Workload``. ``setup`` raises
+    ValueError for a provider the case does not know and ``Unavailable(reason)`` for one that cannot
+    run here (the report records the reason). ``Workload.fn`` runs one forward on prebuilt inputs and
+    returns the output tensor; ``Workload.grad_inputs`` are the leaves whose .grad is reset between
+    repetitions; ``Workload.bytes`` / ``Workload.flops`` map each mode to its formula's count (leave a
+    mode out where the formula does not apply).
+
+Providers every op has (``op_provider``)
+    triton   the public op with impl="triton" (on CPU only under TRITON_INTERPRET=1, else Unavailable)
+    torch    the op's own ``<op>_ref`` in eager PyTorch: the test oracle is the baseline, never a copy
+    compile  ``torch.compile(<op>_ref)``
+
+Modes
+    fwd   one forward call (inputs that get gradients in training require grad, so the forward
+          saves what its backward needs, as in a training step)
+    bwd   ``out.backward(grad, retain_graph=True)`` on one prebuilt forward graph
+    full  forward then backward
+
+The runner (``run_case``) measures one (case, provider) in each mode: median and 20/80 percentiles,
+peak memory (CUDA), GB/s and TFLOP/s from the workload's formulas and their fractions of the ceilings;
+a provider that is unavailable or fails becomes a "skipped" / "error" row with the reason, never a
+lost run. ``select_cases`` filters by name, ``apply_targets`` judges the triton rows on CUDA.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
+import functools
+import importlib
 import math
-import platform
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -163,50 +186,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = N
     return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model ("model name" in /proc/cpuinfo on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(text: str) -> str:
-    """A file-name-safe, lower-case form of ``text`` ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def environment_stamp(device: torch.device) -> dict[str, Any]:
-    """Device and versions: recorded in every report's ``meta`` and in every result row."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
-def default_out_dir(what: str, device: torch.device, root: str | Path = "bench-out") -> Path:
-    """``<root>/<what>-<device>-<YYYY-MM-DD>``: e.g. ``bench-out/kernels-nvidia-h100-80gb-hbm3-2025-01-31``."""
-    name = "cpu" if device.type == "cpu" else device_name(device)
-    return Path(root) / f"{what}-{slug(name)}-{_dt.date.today().isoformat()}"
-
-
 def speedups(
     rows: list[dict[str, Any]],
     *,
@@ -231,85 +210,257 @@ def speedups(
         r[out_key] = ref / r[value_key] if ref is not None and r.get(value_key) else None
 
 
-def write_json(path: Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": dict(meta), "rows": list(rows)}, indent=2, default=str) + "\n")
-    return path
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return format(value, fmt) if math.isfinite(value) else str(value)
-    return str(value).replace("|", "\\|").replace("\n", " ")
+# ----------------------------------------------------------------------------------------------
+# Cases and workloads
+
+MODES = ("fwd", "bwd", "full")
+TRAIN_MODES = MODES
+NO_GRAD_MODES = ("fwd",)  # teacher-side ops (targets, EMA) run without autograd in training
+BASE_PROVIDERS = ("triton", "torch", "compile")
+PROVIDERS = BASE_PROVIDERS + ("apex",)  # every op's providers, plus apex where it has an equivalent
+
+# (mode or None for every mode, metric, minimum): the issue's targets for our Triton kernels on H100.
+MEMORY_TARGETS = ((None, "frac_copy_bw", 0.85), (None, "speedup_vs_torch", 1.5), (None, "speedup_vs_compile", 1.2))
+CONV_TARGETS = (("full", "speedup_vs_torch", 1.3),)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A markdown table; ``columns`` are (header, row key, format spec for floats)."""
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(key), fmt) for _, key, fmt in columns) + " |")
-    return "\n".join(lines)
+class Unavailable(RuntimeError):
+    """A provider that applies to a case but cannot run here (not installed, no GPU...)."""
 
 
-def write_markdown(path: Path, title: str, meta: Mapping[str, Any], sections: Sequence[str]) -> Path:
-    """``# title``, a bullet list of ``meta``, then each section (already-formatted markdown) in order."""
-    header = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items() if v is not None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n")
-    return path
+@dataclass
+class Workload:
+    """Prebuilt inputs behind one callable: what the harness times for one (case, provider)."""
+
+    fn: Callable[[], torch.Tensor | None]  # one forward call; returns the output for bwd/full
+    grad_inputs: tuple[torch.Tensor, ...] = ()  # leaves whose .grad is reset between repetitions
+    bytes: Mapping[str, int] = field(default_factory=dict)  # mode -> bytes moved (formula)
+    flops: Mapping[str, float] = field(default_factory=dict)  # mode -> floating-point operations
 
 
-def write_bar_plot(
-    path: Path,
-    rows: Sequence[Mapping[str, Any]],
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape spec and dtype; see the module docstring for the contract."""
+
+    op: str
+    shape: str
+    dims: str
+    dtype: torch.dtype
+    modes: tuple[str, ...]
+    providers: tuple[str, ...]
+    bound: str  # "memory" | "compute"
+    setup: Callable[[str, torch.device], Workload]
+    targets: tuple[tuple[str | None, str, float], ...] = ()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"fp32" / "bf16" / "fp16" (else torch's own name without the prefix)."""
+    return _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Providers
+
+
+def kernel_module(name: str):
+    """``d2v2.kernels.<name>``; Unavailable when it cannot be imported here."""
+    try:
+        return importlib.import_module(f"d2v2.kernels.{name}")
+    except ImportError as e:
+        raise Unavailable(f"d2v2.kernels.{name} is not importable: {e}") from e
+
+
+def require_triton(device: torch.device) -> None:
+    """Unavailable unless Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
+    from d2v2.kernels import HAS_TRITON, triton_interpret
+
+    if not HAS_TRITON:
+        raise Unavailable("triton is not installed")
+    if device.type != "cuda" and not triton_interpret():
+        raise Unavailable("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to interpret them on CPU")
+
+
+def op_provider(module_name: str, op: str, provider: str, device: torch.device) -> Callable[..., Any]:
+    """The callable behind a generic provider: the op (triton), its ``<op>_ref`` (torch) or the compiled ref."""
+    check_provider(op, provider, BASE_PROVIDERS)
+    module = kernel_module(module_name)
+    reference = getattr(module, f"{op.rstrip('_')}_ref")  # ema_ -> ema_ref
+    if provider == "triton":
+        require_triton(device)
+        # The bench's ids are valid by construction: no per-call range check (a host sync) in the timing.
+        unchecked = {"check_ids": False} if op in ("gather_tokens", "scatter_tokens") else {}
+        return functools.partial(getattr(module, op), impl="triton", **unchecked)
+    if provider == "torch":
+        return reference
+    torch._dynamo.reset()  # a fresh cache per case: recompiles never hit the cache-size limit
+    return torch.compile(reference)
+
+
+def check_provider(op: str, provider: str, allowed: Sequence[str]) -> None:
+    if provider not in allowed:
+        raise ValueError(f"provider must be one of {tuple(allowed)} for {op}, got {provider!r}")
+
+
+def require_cuda_for_apex(device: torch.device) -> None:
+    # apex's fused modules quietly fall back to PyTorch on CPU tensors: that would not be apex's number.
+    if device.type != "cuda":
+        raise Unavailable("apex runs on CUDA only")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def generator(device: torch.device, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape, device, dtype, gen, requires_grad=False, std=1.0) -> torch.Tensor:
+    t = (torch.randn(shape, device=device, generator=gen) * std).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def ids_keep(rows: int, length: int, kept: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """[rows, kept] int64: ``kept`` distinct positions of ``length`` per row, sorted, as the masking code makes them."""
+    noise = torch.rand(rows, length, device=device, generator=gen)
+    return noise.argsort(dim=1)[:, :kept].sort(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+
+
+def select_cases(
+    cases: Sequence[Case],
     *,
-    panel_key: str,
-    group: Callable[[Mapping[str, Any]], str],
-    series_key: str,
-    value_key: str,
-    ylabel: str,
-    title: str,
-    reference_line: float | None = None,
-    log_scale: bool = False,
-) -> Path:
-    """Grouped bars: one panel per ``panel_key`` value, groups along x, one bar colour per series.
+    ops: Sequence[str] | None = None,
+    shapes: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
+) -> tuple[list[Case], tuple[str, ...], tuple[str, ...]]:
+    """Filter ``cases``; raise ValueError for a name that no case knows. Returns (cases, providers, modes)."""
 
-    Rows whose value is None are left out; a panel with nothing to draw says so.
-    """
-    import matplotlib
+    def check(arg: str, wanted: Sequence[str] | None, known: Sequence[str]) -> None:
+        unknown = [w for w in wanted or () if w not in known]
+        if unknown:
+            raise ValueError(f"{arg}: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(known)}")
 
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
+    known_ops = list(dict.fromkeys(c.op for c in cases))
+    known_shapes = list(dict.fromkeys(c.shape for c in cases))
+    known_providers = list(dict.fromkeys(PROVIDERS + tuple(p for c in cases for p in c.providers)))
+    check("ops", ops, known_ops)
+    check("shapes", shapes, known_shapes)
+    check("providers", providers, known_providers)
+    check("modes", modes, MODES)
+    chosen = [c for c in cases if (not ops or c.op in ops) and (not shapes or c.shape in shapes)]
+    return chosen, tuple(providers or known_providers), tuple(modes or MODES)
 
-    drawn = [r for r in rows if r.get(value_key) is not None]
-    panels = list(dict.fromkeys(r[panel_key] for r in rows)) or ["(none)"]
-    series = list(dict.fromkeys(r[series_key] for r in drawn))
-    width_in = max(6.0, 0.9 * max((len({group(r) for r in drawn if r[panel_key] == p}) for p in panels), default=1))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.8 * len(panels)), squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels):
-        here = [r for r in drawn if r[panel_key] == panel]
-        groups = list(dict.fromkeys(group(r) for r in here))
-        bar = 0.8 / max(len(series), 1)
-        for i, s in enumerate(series):
-            values = {group(r): r[value_key] for r in here if r[series_key] == s}
-            xs = [g for g, name in enumerate(groups) if name in values]
-            ax.bar([x + (i - (len(series) - 1) / 2) * bar for x in xs], [values[groups[x]] for x in xs], bar, label=s)
-        if not groups:
-            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xticks(range(len(groups)), groups, fontsize=7, rotation=30, ha="right", rotation_mode="anchor")
-        ax.set_title(f"{panel_key} = {panel}", fontsize=9)
-        ax.set_ylabel(ylabel)
-        if log_scale and groups:
-            ax.set_yscale("log")
-        if reference_line is not None:
-            ax.axhline(reference_line, color="grey", linewidth=0.8, linestyle="--")
-        if series and groups:
-            ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+def mode_fn(work: Workload, mode: str) -> Callable[[], Any]:
+    """The function to time for ``mode`` (see the module docstring)."""
+    if mode == "fwd":
+        return work.fn
+    out = work.fn()
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        raise ValueError(f"mode {mode!r} needs a forward that returns a tensor requiring grad")
+    grad = None if out.dim() == 0 else torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: out.backward(grad, retain_graph=True)
+    return lambda: work.fn().backward(grad)
+
+
+def _row(case: Case, provider: str, mode: str, stamp: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "op": case.op, "shape": case.shape, "dims": case.dims, "dtype": dtype_name(case.dtype),
+        "provider": provider, "mode": mode, "bound": case.bound, "status": "ok", "note": "",
+        "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None,
+        "bytes": None, "gbps": None, "frac_copy_bw": None, "flops": None, "tflops": None, "frac_matmul": None,
+        "device": stamp["device"], "torch": stamp["torch"], "triton": stamp["triton"], "date": stamp["date"],
+    }  # fmt: skip
+
+
+def run_case(
+    case: Case,
+    provider: str,
+    modes: Sequence[str],
+    device: torch.device,
+    ceilings: Mapping[str, float | None],
+    stamp: Mapping[str, Any],
+    *,
+    warmup_ms: float,
+    rep_ms: float,
+) -> list[dict[str, Any]]:
+    """Rows for one (case, provider): measured, or marked skipped / error with the reason."""
+    modes = [m for m in modes if m in case.modes]
+    rows = [_row(case, provider, m, stamp) for m in modes]
+    try:
+        work = case.setup(provider, device)
+        for row in rows:
+            fn = mode_fn(work, row["mode"])
+            timing = measure(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=work.grad_inputs)
+            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
+            row["peak_mem_mb"] = peak_memory_mb(fn, device)
+            _add_rates(row, work.bytes.get(row["mode"]), work.flops.get(row["mode"]), ceilings)
+            del fn
+    except Unavailable as e:
+        for row in rows:
+            if row["median_ms"] is None:
+                row.update(status="skipped", note=str(e))
+    except Exception as e:  # noqa: BLE001 - one failing provider must not lose the rest of the run
+        message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        for row in rows:
+            if row["median_ms"] is None:
+                row.update(status="error", note=message)
+    return rows
+
+
+def _add_rates(row: dict[str, Any], nbytes: int | None, flops: float | None, ceilings: Mapping[str, float | None]):
+    seconds = row["median_ms"] * 1e-3
+    if nbytes is not None:
+        row["bytes"] = int(nbytes)
+        row["gbps"] = nbytes / seconds / 1e9
+        if ceilings.get("copy_gbps"):
+            row["frac_copy_bw"] = row["gbps"] / ceilings["copy_gbps"]
+    if flops is not None:
+        row["flops"] = float(flops)
+        row["tflops"] = flops / seconds / 1e12
+        if ceilings.get("matmul_tflops"):
+            row["frac_matmul"] = row["tflops"] / ceilings["matmul_tflops"]
+
+
+def baselines(cases: Sequence[Case]) -> list[str]:
+    """torch and compile, plus every provider a case's targets compare against (e.g. "sdpa")."""
+    named = (m.removeprefix("speedup_vs_") for c in cases for _, m, _ in c.targets if m.startswith("speedup_vs_"))
+    return list(dict.fromkeys(("torch", "compile", *named)))
+
+
+def apply_targets(rows: list[dict[str, Any]], cases: Sequence[Case], device: torch.device) -> None:
+    """Mark each triton row on CUDA with the targets that apply and whether it meets all of them."""
+    by_key = {(c.op, c.shape, dtype_name(c.dtype)): c for c in cases}
+    for row in rows:
+        row["targets"], row["meets_targets"] = None, None
+        case = by_key.get((row["op"], row["shape"], row["dtype"]))
+        if device.type != "cuda" or row["provider"] != "triton" or row["status"] != "ok" or case is None:
+            continue
+        wanted = {metric: minimum for mode, metric, minimum in case.targets if mode in (None, row["mode"])}
+        if not wanted:
+            continue
+        row["targets"] = wanted
+        values = [row.get(metric) for metric in wanted]
+        if all(v is not None for v in values):
+            row["meets_targets"] = all(v >= wanted[m] for m, v in zip(wanted, values))

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from . import harness
+from . import harness, report
 
 VARIANTS = ("kernels", "torch", "compile")
 MODALITIES = ("image", "audio", "text")
@@ -229,7 +229,7 @@ def run(
     }  # fmt: skip
     if not any(lineup.values()):
         raise ValueError(f"none of the methods {', '.join(methods or ())} has a preset for {', '.join(modalities)}")
-    stamp = harness.environment_stamp(device)
+    stamp = report.environment_stamp(device)
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceiling = harness.matmul_tflops(device, gemm_dtype)
     log(f"{str(gemm_dtype).removeprefix('torch.')} matmul ceiling {ceiling:.2f} TFLOP/s")
@@ -246,7 +246,7 @@ def run(
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
     }  # fmt: skip
-    out_dir = Path(out_dir) if out_dir is not None else harness.default_out_dir("train", device)
+    out_dir = Path(out_dir) if out_dir is not None else report.default_out_dir("train", device)
     return rows, write_report(out_dir, meta, rows)
 
 
@@ -372,16 +372,16 @@ def _ratios_section(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_report(out_dir: Path, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
     """results.json (meta + rows), results.md (table, ratios, failures) and results.png (step time per method)."""
-    paths = {"json": harness.write_json(out_dir / "results.json", meta, rows)}
+    paths = {"json": report.write_json(out_dir / "results.json", meta, rows)}
     header = {k: meta.get(k) for k in ("device", "torch", "triton", "cuda", "date", "size", "batch", "precision")}
     header["steps"] = f"{meta['warmup_steps']} warm-up (discarded) + {meta['timed_steps']} timed per contestant, round robin"
     header["matmul ceiling"] = f"{meta['matmul_tflops']:.2f} TFLOP/s ({meta['matmul_dtype']})"
     header["command"] = meta.get("command")
-    table = "## Results\n\n" + harness.markdown_table([_display(r) for r in rows if r["status"] == "ok"], _COLUMNS)
+    table = "## Results\n\n" + report.markdown_table([_display(r) for r in rows if r["status"] == "ok"], _COLUMNS)
     failed = [f"- {r['method']} {r['modality']} {r['variant']}: {r['note']}" for r in rows if r["status"] != "ok"]
     sections = [table, _ratios_section(rows), "## Failed\n\n" + ("\n".join(failed) or "Nothing failed.")]
-    paths["md"] = harness.write_markdown(out_dir / "results.md", "d2v2 training-step benchmark", header, sections)
-    paths["png"] = harness.write_bar_plot(
+    paths["md"] = report.write_markdown(out_dir / "results.md", "d2v2 training-step benchmark", header, sections)
+    paths["png"] = report.write_bar_plot(
         out_dir / "results.png", rows, panel_key="modality", group=lambda r: r["method"], series_key="variant",
         value_key="median_ms", ylabel="median step ms (lower is better)",
         title=f"d2v2 train step, {meta['size']} size, on {meta['device']} ({meta['date'][:10]})",

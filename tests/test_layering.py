@@ -1,5 +1,6 @@
 """The package's import rules: engine -> models -> kernels, bench may import all, kernels only torch/triton,
-and nothing outside kernels/ touches its private modules (not even through import strings)."""
+nothing outside kernels/ touches its private modules (not even through import strings), and no module
+imports itself back through others at import time (no cycles)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,48 @@ def test_imports_point_one_way(folder):
                     assert not any(p.startswith("_") for p in parts[2:]), f"{path.relative_to(ROOT)} imports private {name}"
             elif folder == "kernels" and parts[0] and parts[0] not in sys.stdlib_module_names:
                 assert parts[0] in THIRD_PARTY_IN_KERNELS, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def _import_time_modules(path: Path) -> set[str]:
+    """Our modules a file imports when it is imported: imports inside functions run later and are left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.body = []
+    package = ["d2v2", *path.relative_to(ROOT).parent.parts]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            candidates = [module] + [f"{module}.{alias.name}" for alias in node.names]  # a name may be a submodule
+        else:
+            continue
+        found |= {name for name in candidates if name in _MODULES}
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = ["d2v2", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+_FILES = {path: _module_name(path) for folder in ALLOWED for path in sorted((ROOT / folder).rglob("*.py"))}
+_MODULES = set(_FILES.values())
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_no_import_cycles(folder):
+    graph = {name: _import_time_modules(path) for path, name in _FILES.items()}
+    for start in sorted(name for path, name in _FILES.items() if path.relative_to(ROOT).parts[0] == folder):
+        # Depth-first from each module: reaching it again is a cycle; the path says which.
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            name, trail = stack.pop()
+            for nxt in graph[name] - {name.rpartition(".")[0]}:  # a submodule's own package is never a cycle
+                assert nxt != start, "import cycle: " + " -> ".join((*trail, nxt))
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*trail, nxt)))

@@ -2,8 +2,8 @@
 bf16 and fp16, at the bench's toy shapes and at the reference shapes (ViT-B B=16 K=16, audio base
 999 frames, text 512 tokens), where launch grids, autotuned configs and shared memory are the real ones.
 
-The inputs come from ``d2v2.bench.kernels``' own case setups (the benchmark and this test cannot drift
-apart): the "triton" and "torch" providers of a case build identical inputs from one seed, so the
+The inputs come from the bench's own case setups (``d2v2.bench.kernels.collect_cases``: the benchmark
+and this test cannot drift apart): the "triton" and "torch" providers of a case build identical inputs from one seed, so the
 reference runs on exactly the values the kernel sees, in fp32 arithmetic inside.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2v2.bench import kernels as bench
+from d2v2.bench import harness, kernels as bench, shapes
 from d2v2.kernels import ema_
 from d2v2.kernels.ema import ema_ref
 from tests.helpers import TEST_DEVICE, assert_close, lowp_tolerance
@@ -20,7 +20,7 @@ from tests.helpers import TEST_DEVICE, assert_close, lowp_tolerance
 pytestmark = pytest.mark.cuda
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SHAPE_SETS = {"quick": bench.QUICK_SHAPES, "reference": bench.REFERENCE_SHAPES}
+SHAPE_SETS = {"quick": shapes.QUICK_SHAPES, "reference": shapes.REFERENCE_SHAPES}
 # The reference side is the same dtype as the kernel (both read the same rounded inputs); fp32 gets
 # looser bounds than the unit tests because sums over thousands of terms (dx over clones, dweight,
 # dslopes) are formed in different orders.
@@ -29,10 +29,9 @@ TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: lowp_tolerance(torch.b
 
 def _cases():
     params = []
-    for set_name, shapes in SHAPE_SETS.items():
+    for set_name, specs in SHAPE_SETS.items():
         for dtype in DTYPES:
-            contributed, _ = bench.contributed_cases(shapes, dtype)
-            for case in bench.builtin_cases(shapes, dtype) + contributed:
+            for case in bench.collect_cases(specs, dtype):
                 if case.op == "ema_":  # in place, returns nothing: test_ema_at_vit_scale below
                     continue
                 dtype_name = str(dtype).removeprefix("torch.")
@@ -40,7 +39,7 @@ def _cases():
     return params
 
 
-def check_case(case: bench.Case, device: torch.device) -> None:
+def check_case(case: harness.Case, device: torch.device) -> None:
     """The case's "triton" provider against its "torch" provider: output, then every input gradient."""
     ours, ref = case.setup("triton", device), case.setup("torch", device)
     out, out_ref = ours.fn(), ref.fn()
@@ -73,17 +72,14 @@ def test_kernel_matches_reference(case):
     check_case(case, torch.device(TEST_DEVICE))
 
 
-# (dim, depth, patch) of ViT-B and ViT-H: the launch over ~0.6 G parameters is a known risk.
-VIT_SIZES = {"vit-b": (768, 12, 16), "vit-h": (1280, 32, 14)}
-
-
-@pytest.mark.parametrize("size", VIT_SIZES)
+# The image teachers of ViT-B and ViT-H (from the presets): the launch over ~0.6 G parameters is a known risk.
+@pytest.mark.parametrize("size", ("base", "huge"))
 @pytest.mark.parametrize("student_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_ema_at_vit_scale(student_dtype, size):
     # Every parameter of the ViT in one call (the real multi-tensor launch), fp32 teacher.
-    shapes = bench.vit_parameter_shapes(*VIT_SIZES[size])
-    teacher = [torch.randn(s) * 0.02 for s in shapes]
-    student = [(torch.randn(s) * 0.02).to(student_dtype) for s in shapes]
+    params = shapes.ema_parameter_shapes("image", size)
+    teacher = [torch.randn(s) * 0.02 for s in params]
+    student = [(torch.randn(s) * 0.02).to(student_dtype) for s in params]
     expected = [t.clone() for t in teacher]
     ema_(teacher, student, 0.9998, impl="triton")
     ema_ref(expected, student, 0.9998)
