@@ -51,6 +51,14 @@ def test_headline_is_the_time_to_the_other_methods_best_accuracy():
     assert never["data2vec2_time_s"] is None and never["time_ratio"] is None and not never["met"]
 
 
+def test_untrained_accuracy_does_not_count_as_reaching_a_target():
+    # MAE's untrained encoder (t = 0) probes best; training is what the comparison is about
+    points = _points("data2vec2", [0.9, 0.6, 0.8]) + _points("mae", [0.95, 0.7, 0.75])
+    (row,) = converge.headline(points)
+    assert row["other_best_accuracy"] == 0.75 and row["other_time_s"] == 20.0
+    assert row["data2vec2_time_s"] == 20.0 and row["time_ratio"] == 1.0
+
+
 def test_unknown_names_fail_before_anything_trains(tmp_path):
     with pytest.raises(ValueError, match="mae has no audio recipe"):
         converge.run(device=None, modalities=("audio",), methods=("data2vec2", "mae"), out_dir=tmp_path)
