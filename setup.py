@@ -50,7 +50,8 @@ setup(
     extras_require={
         "engine": ENGINE,
         "bench": BENCH,
-        "test": BENCH + ["pytest", "pytest-xdist"],
+        # omegaconf only builds the test suite's fairseq-style checkpoints; the import never needs it.
+        "test": BENCH + ["pytest", "pytest-xdist", "omegaconf"],
         # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
         "providers": ["xformers"],
     },

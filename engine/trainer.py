@@ -631,6 +631,9 @@ class Trainer:
         if path is None:
             return False
         state = found[1] if found is not None else load_checkpoint(path)
+        if "optimizer" not in state:  # weights only, e.g. a fairseq import: nothing to continue
+            raise ValueError(f"checkpoint {path} holds weights only (no optimizer or trainer state), so it "
+                             "cannot be resumed; start a new run from it with --init-from and a new --out")
         check_same_model(state["method"], self.method, path)
         self.load_state_dict(state)
         self.last_checkpoint = Path(path)
