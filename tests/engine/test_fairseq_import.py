@@ -319,3 +319,20 @@ def test_omegaconf_objects_become_plain_data(fairseq_enum_module):
 def test_disallowed_globals_are_refused_before_any_call(payload):
     with pytest.raises(UnsafePickleError, match="not allowed"):
         loads(pickle.dumps(payload, protocol=2))
+
+
+# -- the run folder in the engine ---------------------------------------------------------------------
+
+
+def test_pretrain_starts_from_an_import_and_refuses_to_resume_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path / "cache"))
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_model("image"))
+    run, _ = import_run(tmp_path, capsys)
+    fast = ["--set", "data.num_workers=0", "--set", "data.batch_size=4", "--set", "train.log_every=1"]
+    new = tmp_path / "new"
+    argv = ["pretrain", "--recipe", str(run / "config.yaml"), "--init-from", str(run), "--out", str(new)]
+    assert main([*argv, "--max-steps", "1", *fast]) == 0
+    assert f"initialised the weights from {run}" in capsys.readouterr().out
+    err = one_line_error(capsys, ["pretrain", "--out", str(run), "--max-steps", "1"])
+    assert "holds weights only" in err and "--init-from" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000000"]
