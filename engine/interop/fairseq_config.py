@@ -44,6 +44,10 @@ def pretraining_config(model_cfg: dict) -> tuple[dict, str | None]:
             inner_model = inner.get("model", inner)
             if isinstance(inner_model, dict):
                 return inner_model, str(model_cfg.get("_name", key))
+    for key in ("w2v_path", "model_path"):
+        if key in model_cfg:
+            raise ValueError(f"the checkpoint is a fine-tune ({model_cfg.get('_name')}) without the pretraining "
+                             f"run's config (w2v_args / pretrained_model_args); import its {key} instead")  # fmt: skip
     return model_cfg, None
 
 
@@ -142,6 +146,8 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
     for key, default in (("dropout_input", 0.0), ("recon_loss", 0.0), ("mae_init", False)):
         if get(model_cfg, key, default) != default:
             notes.append(f"model.{key}={model_cfg[key]!r} (training only) is not carried over")
+    if modality == "audio" and mod.get("learned_alibi_scale") is False:
+        notes.append(f"{where}.learned_alibi_scale=False: d2v2 trains the ALiBi scale when pretraining goes on")
     if get(mod, "local_grad_mult", 1.0) != 1.0:
         notes.append(f"{where}.local_grad_mult={mod['local_grad_mult']!r} (training only) is not carried over")
     if get(model_cfg, "start_drop_path_rate", 0.0) or get(mod, "start_drop_path_rate", 0.0):

@@ -7,13 +7,14 @@ the tensors and storages of its own zip and legacy formats):
 
 - tensors: torch's tensor and parameter rebuild functions, ``torch.Size``, dtypes, devices, and
   numpy scalars and arrays (fairseq's meters keep numpy values);
-- plain data: ``dict``, ``list``, ``tuple``, ``set``, numbers, strings, ``collections.OrderedDict``
-  and ``collections.defaultdict`` (of a plain type);
+- plain data: ``dict``, ``list``, ``tuple``, ``set``, numbers, strings, bytes (protocol 2 writes them
+  as ``_codecs.encode(text, "latin1")``), ``collections.OrderedDict`` and ``collections.defaultdict``
+  (of a plain type);
 - configuration objects, rebuilt as plain data by stand-ins that never import the original classes:
   OmegaConf's ``DictConfig`` / ``ListConfig`` and value nodes (pickled as ``_content`` / ``_val``
   with ``_metadata`` and ``_parent``), its metadata, ``typing`` annotations, ``argparse.Namespace``,
-  and the enum members and dataclass types of fairseq's own modules (``fairseq.*``, ``examples.*``),
-  which become strings.
+  ``pathlib`` paths, and the enum members and dataclass types of fairseq's own modules
+  (``fairseq.*``, ``examples.*``), which become strings.
 
 Anything else is refused with ``UnsafePickleError`` naming the class, before it is called.
 ``plain(obj)`` turns the stand-ins into dicts, lists and scalars, resolving OmegaConf
@@ -105,6 +106,20 @@ def _defaultdict(factory=None, *args):
     return {}
 
 
+def _latin1_bytes(text, encoding="latin1") -> bytes:
+    """Protocol 2 pickles ``bytes`` (numpy's scalar payloads) as ``_codecs.encode(text, "latin1")``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("the checkpoint calls _codecs.encode with other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _path(*parts) -> str:
+    """A pickled ``pathlib`` path (OmegaConf's PathNode) as its string."""
+    if not all(isinstance(part, str) for part in parts):
+        raise UnsafePickleError("the checkpoint would build a pathlib path from non-strings")
+    return "/".join(parts)
+
+
 _OMEGACONF = {
     "omegaconf.dictconfig": {"DictConfig": _Container},
     "omegaconf.listconfig": {"ListConfig": _Container},
@@ -132,7 +147,10 @@ class SafeUnpickler(pickle.Unpickler):
         elif module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in _NUMPY:
             import numpy
 
-            return getattr(numpy if name in ("dtype", "ndarray") else numpy.core.multiarray, name)
+            if name in ("dtype", "ndarray"):
+                return getattr(numpy, name)
+            core = getattr(numpy, "_core", None) or numpy.core  # numpy 2 renamed numpy.core
+            return getattr(core.multiarray, name)
         elif module.startswith("numpy.dtypes") and name.endswith("DType"):
             import numpy
 
@@ -143,6 +161,10 @@ class SafeUnpickler(pickle.Unpickler):
             return _Node
         elif module == "typing":
             return _TypeRef(f"typing.{name}")
+        elif module == "_codecs" and name == "encode":
+            return _latin1_bytes
+        elif module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return _path
         elif module == "argparse" and name == "Namespace":
             return _Namespace
         elif module.startswith(_FOREIGN_MODULES) or module in ("fairseq", "examples"):

@@ -11,6 +11,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -105,7 +106,9 @@ def fairseq_state(model: Data2Vec2, ema: bool = True) -> dict:
 def write_checkpoint(path, model: Data2Vec2, as_args: bool = False, **extra) -> None:
     root = {"common": {"seed": 1}, "optimization": {"max_update": MAX_UPDATE, "lr": [0.001]},
             "task": {"_name": "mae_image_pretraining"}, "model": fairseq_model_config(model)}  # fmt: skip
-    ckpt = {"model": fairseq_state(model), "optimizer_history": [{"num_updates": 7}], "extra_state": {"epoch": 2}}
+    # fairseq's extra_state keeps its meters' numpy values
+    extra_state = {"epoch": 2, "metrics": {"loss": np.float64(1.5), "counts": np.arange(3)}}
+    ckpt = {"model": fairseq_state(model), "optimizer_history": [{"num_updates": 7}], "extra_state": extra_state}
     if as_args:  # fairseq before Hydra: a flat argparse Namespace
         flat = {**root["model"], "ema_anneal_end_step": MAX_UPDATE, "max_update": MAX_UPDATE, "seed": 1}
         ckpt.update(args=argparse.Namespace(**flat), cfg=None)
@@ -195,23 +198,46 @@ def test_argparse_args_checkpoint(tmp_path, capsys):
     assert config["model"]["ema_anneal_end_step"] == MAX_UPDATE
 
 
-def test_fine_tuned_checkpoint_imports_its_encoder_and_says_what_it_dropped(tmp_path, capsys):
-    original = tiny_model("audio")
+FINE_TUNES = [
+    # (modality, fairseq model, its key prefix, the config key holding the pretraining run's config, head,
+    #  how the import names the head)
+    ("audio", "wav2vec_ctc", "w2v_encoder.w2v_model.", "w2v_args",
+     {"w2v_encoder.proj.weight": (32, 64), "w2v_encoder.proj.bias": (32,)}, "w2v_encoder.proj (2)"),
+    ("image", "mae_image_classification", "model.", "pretrained_model_args",
+     {"fc_norm.weight": (64,), "head.weight": (10, 64)}, "fc_norm.weight, head.weight"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("modality, name, prefix, args_key, head, said", FINE_TUNES, ids=[f[1] for f in FINE_TUNES])
+def test_fine_tuned_checkpoint_imports_its_encoder_and_says_what_it_dropped(
+    tmp_path, capsys, modality, name, prefix, args_key, head, said
+):
+    original = tiny_model(modality)
     pretraining = {"model": fairseq_model_config(original), "optimization": {"max_update": MAX_UPDATE}}
     encoder = {k: v for k, v in fairseq_state(original, ema=False).items() if ".decoder." not in k}
-    state = {f"w2v_encoder.w2v_model.{k}": v for k, v in encoder.items()}
-    state.update({"w2v_encoder.proj.weight": torch.randn(32, 64), "w2v_encoder.proj.bias": torch.randn(32)})
-    cfg = OmegaConf.create({"model": {"_name": "wav2vec_ctc", "w2v_path": "pretrained.pt", "w2v_args": pretraining}})
+    state = {prefix + k: v for k, v in encoder.items()}
+    state.update({k: torch.randn(shape) for k, shape in head.items()})
+    cfg = OmegaConf.create({"model": {"_name": name, "model_path": "pretrained.pt", args_key: pretraining}})
     torch.save({"model": state, "cfg": cfg}, tmp_path / "ckpt.pt")
     out, printed = import_run(tmp_path, capsys)
-    assert "dropped 2 tensors outside the encoder: w2v_encoder.proj (2)" in printed
+    assert f"dropped 2 tensors outside the encoder: {said}" in printed
     assert "decoder: newly initialised" in printed and "teacher: a copy of the student" in printed
     model, _ = method_from_checkpoint(str(out))
     source = source_for(original)
     with torch.no_grad():
         assert_close(model.eval().forward_features(source), original.forward_features(source), atol=1e-5, rtol=1e-5)
-        assert_close(model.probe_features(source), original.forward_features(source), atol=1e-5, rtol=1e-5)
-    assert load_checkpoint(out)["imported"]["format"] == "fairseq data2vec 2.0 (fine-tuned: wav2vec_ctc)"
+        student = original.forward_features(source)[:, original.cfg.num_extra_tokens :]
+        assert_close(model.probe_features(source), student, atol=1e-5, rtol=1e-5)  # the teacher is the student
+    assert load_checkpoint(out)["imported"]["format"] == f"fairseq data2vec 2.0 (fine-tuned: {name})"
+
+
+def test_fine_tune_without_its_pretraining_config_is_refused(tmp_path, capsys):
+    original = tiny_model("image")
+    state = {"model." + k: v for k, v in fairseq_state(original, ema=False).items()}
+    cfg = OmegaConf.create({"model": {"_name": "mae_image_classification", "model_path": "pretrained.pt"}})
+    torch.save({"model": state, "cfg": cfg}, tmp_path / "ckpt.pt")
+    err = one_line_error(capsys, ["import-fairseq", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "run")])
+    assert "without the pretraining run's config" in err and "model_path" in err
 
 
 def test_unsupported_variant_is_refused_naming_the_field(tmp_path, capsys):
