@@ -65,9 +65,10 @@ def read_fairseq(path: str | Path) -> tuple[dict, dict, dict | None, str, str | 
 
     weights = dict(ckpt["model"])
     prefixes = {key[: key.index(ENCODERS)] for key in weights if ENCODERS in key}
-    if len(prefixes) != 1:
-        raise ValueError(f"{path} has no data2vec 2.0 encoder weights ({ENCODERS}*)" if not prefixes
-                         else f"{path} has data2vec 2.0 encoders under several prefixes {sorted(prefixes)}")  # fmt: skip
+    if not prefixes:
+        raise ValueError(f"{path} has no data2vec 2.0 encoder weights ({ENCODERS}*)")
+    if len(prefixes) > 1:
+        raise ValueError(f"{path} has data2vec 2.0 encoders under several prefixes {sorted(prefixes)}")
     prefix = prefixes.pop()
     ema = weights.pop(prefix + "_ema", None)
     student = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix) and torch.is_tensor(v)}

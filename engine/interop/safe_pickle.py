@@ -27,6 +27,7 @@ import builtins
 import pickle
 import re
 import types
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -188,8 +189,9 @@ def load_checkpoint_safely(path: str | Path) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
-        with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", pickle_module=_safe_module(), weights_only=False)
+        # Zip-format files are memory-mapped: a checkpoint's optimizer state need not fit in memory.
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", pickle_module=_safe_module(), weights_only=False, mmap=mmap)
     except UnsafePickleError as e:
         raise UnsafePickleError(f"refusing {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails in many ways

@@ -72,7 +72,8 @@ def fairseq_model_config(model: Data2Vec2) -> dict:
     elif modality == "audio":
         spec = " + ".join(f"[({c}, {k}, {s})]" for c, k, s in cfg.conv_feature_layers)
         mod.update(extractor_mode="layer_norm", feature_encoder_spec=spec, conv_pos_width=cfg.conv_pos_width,
-                   conv_pos_groups=cfg.conv_pos_groups, conv_pos_depth=cfg.conv_pos_depth, conv_pos_pre_ln=False)  # fmt: skip
+                   conv_pos_groups=cfg.conv_pos_groups, conv_pos_depth=cfg.conv_pos_depth,
+                   conv_pos_pre_ln=False)  # fmt: skip
     else:
         mod.update(max_source_positions=cfg.max_positions, learned_pos=True, dropout=0.0, no_scale_embedding=True,
                    layernorm_embedding=True, no_token_positional_embeddings=False)  # fmt: skip
@@ -82,7 +83,8 @@ def fairseq_model_config(model: Data2Vec2) -> dict:
         activation_dropout=0.0, dropout_input=0.0, layerdrop=0.0, embed_dim=cfg.embed_dim, mlp_ratio=cfg.mlp_ratio,
         layer_norm_first=False, average_top_k_layers=cfg.average_top_k_layers, end_of_block_targets=False,
         clone_batch=cfg.clone_batch, instance_norm_target_layer=cfg.target_layer_norm == "instance",
-        layer_norm_target_layer=cfg.target_layer_norm == "layer", instance_norm_targets=cfg.target_final_norm == "instance",
+        layer_norm_target_layer=cfg.target_layer_norm == "layer",
+        instance_norm_targets=cfg.target_final_norm == "instance",
         layer_norm_targets=cfg.target_final_norm == "layer", ema_decay=cfg.ema_decay, ema_end_decay=cfg.ema_end_decay,
         ema_anneal_end_step="${optimization.max_update}", ema_encoder_only=modality == "text",
         max_update="${optimization.max_update}", modalities={modality: mod}, shared_decoder=None,
@@ -103,7 +105,7 @@ def fairseq_state(model: Data2Vec2, ema: bool = True) -> dict:
     return state
 
 
-def write_checkpoint(path, model: Data2Vec2, as_args: bool = False, **extra) -> None:
+def write_checkpoint(path, model: Data2Vec2, as_args: bool = False, legacy: bool = False, **extra) -> None:
     root = {"common": {"seed": 1}, "optimization": {"max_update": MAX_UPDATE, "lr": [0.001]},
             "task": {"_name": "mae_image_pretraining"}, "model": fairseq_model_config(model)}  # fmt: skip
     # fairseq's extra_state keeps its meters' numpy values
@@ -115,7 +117,7 @@ def write_checkpoint(path, model: Data2Vec2, as_args: bool = False, **extra) -> 
     else:
         ckpt["cfg"] = OmegaConf.create(root)
     ckpt.update(extra)
-    torch.save(ckpt, path)
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)  # legacy: torch < 1.6's format
 
 
 def import_run(tmp_path, capsys, ckpt_name="ckpt.pt", out_name="run"):
@@ -139,14 +141,16 @@ def test_fairseq_names_are_fairseqs_own():
         assert key in names["image"], key
     for key in ("modality_encoders.AUDIO.local_encoder.conv_layers.0.0.weight",
                 "modality_encoders.AUDIO.local_encoder.conv_layers.6.2.1.bias",
-                "modality_encoders.AUDIO.project_features.1.weight", "modality_encoders.AUDIO.project_features.2.weight",
+                "modality_encoders.AUDIO.project_features.1.weight",
+                "modality_encoders.AUDIO.project_features.2.weight",
                 "modality_encoders.AUDIO.relative_positional_encoder.1.0.weight",
                 "modality_encoders.AUDIO.relative_positional_encoder.5.0.bias",
                 "modality_encoders.AUDIO.alibi_scale"):  # fmt: skip
         assert key in names["audio"], key
     for key in ("modality_encoders.TEXT.local_encoder.embed_tokens.weight",
                 "modality_encoders.TEXT.local_encoder.layernorm_embedding.weight",
-                "modality_encoders.TEXT.decoder.proj.0.weight", "modality_encoders.TEXT.decoder.proj.2.weight"):  # fmt: skip
+                "modality_encoders.TEXT.decoder.proj.0.weight",
+                "modality_encoders.TEXT.decoder.proj.2.weight"):  # fmt: skip
         assert key in names["text"], key
     image_ema = fairseq_state(image)["_ema"]
     assert "modality_encoders.IMAGE.extra_tokens" in image_ema and not any(".decoder." in k for k in image_ema)
@@ -187,9 +191,9 @@ def test_import_gives_the_same_student_and_teacher(tmp_path, capsys, modality):
     assert imported["format"] == "fairseq data2vec 2.0" and imported["dropped"] == []
 
 
-def test_argparse_args_checkpoint(tmp_path, capsys):
+def test_argparse_args_checkpoint_in_the_legacy_format(tmp_path, capsys):
     original = tiny_model("image")
-    write_checkpoint(tmp_path / "ckpt.pt", original, as_args=True)
+    write_checkpoint(tmp_path / "ckpt.pt", original, as_args=True, legacy=True)
     out, _ = import_run(tmp_path, capsys)
     model, config = method_from_checkpoint(str(out))
     source = source_for(original)
@@ -275,9 +279,10 @@ class Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_malicious_pickle_is_refused_with_no_side_effect(tmp_path, capsys):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_malicious_pickle_is_refused_with_no_side_effect(tmp_path, capsys, legacy):
     marker = tmp_path / "pwned"
-    write_checkpoint(tmp_path / "ckpt.pt", tiny_model("image"), extra_state={"hook": Exploit(marker)})
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_model("image"), legacy=legacy, extra_state={"hook": Exploit(marker)})
     err = one_line_error(capsys, ["import-fairseq", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "run")])
     assert "refusing" in err and ("posix.system" in err or "os.system" in err)
     assert not marker.exists() and not (tmp_path / "run").exists()
