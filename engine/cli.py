@@ -123,6 +123,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_fairseq(args: argparse.Namespace) -> int:
+    """Import a released fairseq data2vec 2.0 checkpoint (no fairseq needed, no pickled code run)."""
+    from .interop import import_fairseq
+
+    import_fairseq(args.checkpoint, args.out)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     """Write a fairseq manifest (train.tsv, valid.tsv) for a folder of audio files."""
     from .data.audio import write_manifest
@@ -204,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (the matching Hugging Face / timm class, else d2v2's own format) or d2v2 (always d2v2's own)",
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-fairseq", help="a fairseq data2vec 2.0 checkpoint as a d2v2 run folder")
+    p.add_argument("checkpoint", help="the fairseq .pt file (pretrained or fine-tuned data2vec 2.0)")
+    p.add_argument("--out", required=True, help="the new run folder (must not exist, or be empty)")
+    p.set_defaults(func=cmd_import_fairseq)
 
     p = sub.add_parser("manifest", help="write a fairseq audio manifest (train.tsv) for a folder")
     p.add_argument("audio_dir", help="folder searched recursively for audio files")

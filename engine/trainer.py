@@ -682,6 +682,9 @@ class Trainer:
         if path is None:
             return False
         state = found[1] if found is not None else load_checkpoint(path, tensors=not self.sharded)
+        if "optimizer" not in state and "sharded" not in state:  # weights only, e.g. a fairseq import
+            raise ValueError(f"checkpoint {path} holds weights only (no optimizer or trainer state), so it "
+                             "cannot be resumed; start a new run from it with --init-from and a new --out")
         check_same_model(state["method"], self.method, path)
         if ("sharded" in state) != self.sharded:
             kinds = ("a sharded (fsdp)", "a ddp") if "sharded" in state else ("a ddp", "a sharded (fsdp)")
