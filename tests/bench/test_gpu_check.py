@@ -10,11 +10,13 @@ import pytest
 from d2v2.bench import gpu_check
 from d2v2.bench.gpu_check import Stage, junit_summary, run_command
 
-# Writes "interrupted" when SIGINT arrives (as pytest writes its junit), then hangs on.
+# Writes "interrupted" when SIGINT arrives (as pytest writes its junit), then hangs on. Run with -S
+# (no site-packages) so that it starts in milliseconds even on a loaded machine, and "started" is
+# printed inside the try, so that an interrupt after it always lands in the handler.
 STUBBORN = """
 import sys, time
-print("started", flush=True)
 try:
+    print("started", flush=True)
     time.sleep(60)
 except KeyboardInterrupt:
     open(sys.argv[1], "w").write("interrupted")
@@ -25,7 +27,7 @@ except KeyboardInterrupt:
 def test_a_command_past_its_limit_is_interrupted_then_killed(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "GRACE_S", 2.0)
     marker = tmp_path / "marker"
-    record = run_command([sys.executable, "-c", STUBBORN, str(marker)], 3.0)
+    record = run_command([sys.executable, "-S", "-c", STUBBORN, str(marker)], 3.0)
     assert record["status"] == "timeout" and "started" in record["log_tail"]
     assert marker.read_text() == "interrupted"  # SIGINT came first
 
