@@ -277,11 +277,15 @@ def run(
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"modalities: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(MODALITIES)}")
-    if budget_s <= 0 or probes < 1 or slice_s <= 0 or not seeds or (probe_samples is not None and probe_samples < 20):
-        raise ValueError(
-            f"need --budget-s > 0, --probes >= 1, --slice-s > 0, a seed and --probe-samples >= 20; got {budget_s}, "
-            f"{probes}, {slice_s}, {list(seeds)} and {probe_samples}"
-        )
+    for bad, message in (
+        (budget_s <= 0, f"--budget-s must be > 0 seconds, got {budget_s:g}"),
+        (probes < 1, f"--probes must be >= 1, got {probes}"),
+        (slice_s <= 0, f"--slice-s must be > 0 seconds, got {slice_s:g}"),
+        (not seeds, "--seeds needs at least one seed"),
+        (probe_samples is not None and probe_samples < 20, f"--probe-samples must be >= 20, got {probe_samples}"),
+    ):
+        if bad:
+            raise ValueError(message)
     lineup = {m: [x for x in (methods or default_methods(m))] for m in modalities}
     for modality, chosen in lineup.items():
         for method in chosen:

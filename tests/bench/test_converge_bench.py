@@ -64,7 +64,7 @@ def test_unknown_names_fail_before_anything_trains(tmp_path):
         converge.run(device=None, modalities=("audio",), methods=("data2vec2", "mae"), out_dir=tmp_path)
     with pytest.raises(ValueError, match="must include data2vec2"):
         converge.run(device=None, modalities=("image",), methods=("mae", "data2vec"), out_dir=tmp_path)
-    with pytest.raises(ValueError, match="budget"):
+    with pytest.raises(ValueError, match="--budget-s must be > 0 seconds, got 0"):
         converge.run(device=None, modalities=("image",), budget_s=0, out_dir=tmp_path)
 
 
