@@ -50,7 +50,7 @@ from .blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_param
 from .data2vec1_config import DATA2VEC1_RECIPES, Data2Vec1Config, data2vec1_config
 from .data2vec2 import Data2Vec2
 from .masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
-from .method import Method
+from .method import Method, check_mask
 from .modalities import Masker, Modality, modality_for
 from .teacher import ema_update, frozen_copy, weighted_std
 
@@ -210,7 +210,7 @@ class Data2Vec1(Method):
         """
         cfg = self.cfg
         source, padding_mask = batch["source"], batch.get("padding_mask")
-        mask = self._check_mask(batch, source)
+        mask = check_mask(batch, source.shape[0], 1, self.modality.num_positions(source)).to(source.device)
         if self.mask_emb is None:  # text: the student embeds <mask> ids at the masked positions
             clean = None
             feats, padding_mask = self.encoder.local_features(source.masked_fill(mask, cfg.mask_token), padding_mask)
@@ -253,14 +253,6 @@ class Data2Vec1(Method):
         layers = [layer[:, cfg.num_extra_tokens :] for layer in layers]  # drop CLS: [B, N, D] each
         return layer_targets(layers, per_layer=cfg.target_layer_norm, final=cfg.target_final_norm, impl=cfg.impl)
 
-    def _check_mask(self, batch: dict, source: torch.Tensor) -> torch.Tensor:
-        rows, length = source.shape[0], self.modality.num_positions(source)
-        mask = batch.get("mask")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, length):
-            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise ValueError(f"batch['mask'] must be bool [B, N] = [{rows}, {length}] (True = masked, one mask per "
-                             f"sample), got {got}; make it with modality.make_masks")  # fmt: skip
-        return mask.to(source.device)
 
     # -- EMA, health ------------------------------------------------------------------------------------
 

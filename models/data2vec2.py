@@ -56,7 +56,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss

@@ -14,7 +14,7 @@ from torch import nn
 from .masking import mask_to_ids
 from .modalities import Modality
 
-__all__ = ["Method", "batch_masks"]
+__all__ = ["Method", "batch_masks", "check_mask"]
 
 
 class Method(nn.Module):
@@ -93,13 +93,7 @@ def batch_masks(
     host sync), so the kernels may be told to skip their own checks (``check_ids=False``).
     """
     rows = batch_size * clones
-    mask = batch.get("mask")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, length):
-        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-        raise ValueError(
-            f"batch['mask'] must be bool [B*K, N] = [{batch_size}*{clones}, {length}] "
-            f"(True = masked, clone-major), got {got}; make it with modality.make_masks"
-        )
+    mask = check_mask(batch, batch_size, clones, length)
     ids_keep = batch.get("ids_keep")
     if ids_keep is None:
         ids_keep = mask_to_ids(mask)  # in range by construction
@@ -114,6 +108,23 @@ def batch_masks(
     else:
         _check_ids_range(ids_keep, length)
     return mask.to(device), ids_keep.to(device)
+
+
+def check_mask(batch: dict, batch_size: int, clones: int, length: int) -> torch.Tensor:
+    """``batch["mask"]``, checked to be bool [B*clones, N] (clone-major; clones 1: one mask per
+    sample), as it came; a ValueError naming the expected shape otherwise."""
+    mask = batch.get("mask")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch_size * clones, length):
+        got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
+        shape, dims, layout = (
+            ("[B, N]", f"[{batch_size}, {length}]", "one mask per sample") if clones == 1
+            else ("[B*K, N]", f"[{batch_size}*{clones}, {length}]", "clone-major")
+        )  # fmt: skip
+        raise ValueError(
+            f"batch['mask'] must be bool {shape} = {dims} (True = masked, {layout}), got {got}; "
+            "make it with the method's modality.make_masks"
+        )
+    return mask
 
 
 def _check_ids_range(ids_keep: torch.Tensor, length: int) -> None:

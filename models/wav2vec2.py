@@ -46,7 +46,7 @@ from d2v2.kernels.gather_tokens import gather_tokens
 from .blocks import PostNormBlock, forward_blocks, init_bert_params
 from .encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
 from .masking import mask_to_ids, wav2vec_span_mask
-from .method import Method
+from .method import Method, check_mask
 from .modalities import modality_for
 from .quantizer import GumbelVectorQuantizer
 from .wav2vec2_config import WAV2VEC2_RECIPES, Wav2Vec2Config, wav2vec2_config
@@ -230,13 +230,7 @@ class Wav2Vec2(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B, N] on ``device``, masked positions [B, M] ascending) without a host sync when
         the loader's ``ids_keep`` gives M."""
-        mask = batch.get("mask")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, length):
-            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else repr(mask)
-            raise ValueError(
-                f"batch['mask'] must be bool [B, N] = [{batch_size}, {length}] (True = masked, one mask per "
-                f"utterance), got {got}; make it with the method's modality.make_masks"
-            )
+        mask = check_mask(batch, batch_size, 1, length)
         ids_keep = batch.get("ids_keep")
         num_kept = mask_to_ids(mask).shape[1] if ids_keep is None else ids_keep.shape[1]  # the former syncs
         num_masked = length - num_kept
