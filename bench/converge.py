@@ -165,19 +165,19 @@ class Runner:
 
 
 def calibrate(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, scratch: Path,
-              steps: tuple[int, int], log) -> dict[str, float]:  # fmt: skip
-    """Median seconds per update of each method on its recipe, taken round robin (models thrown away)."""
-    runners = [Runner(m, modality, size, seed, device, scratch / "calibration") for m in methods]
+              steps: tuple[int, int], log) -> dict[str, Runner]:  # fmt: skip
+    """Each method's runner on its recipe after ``steps`` (discarded, timed) updates taken round robin,
+    with the timed ones in ``step_ms``; the caller keeps their configs and throws the models away."""
+    runners = {m: Runner(m, modality, size, seed, device, scratch / "calibration") for m in methods}
     warmup, timed = steps
     for i in range(warmup + timed):
-        for r in runners:
+        for r in runners.values():
             r.train_until(r.clock_s + 1e-9)  # one step
             if i < warmup:
                 r.step_ms.clear()
-    seconds = {r.method: statistics.median(r.step_ms) / 1e3 for r in runners}
-    for m, s in seconds.items():
-        log(f"{modality} {m:<10} calibration: {1e3 * s:.1f} ms per update")
-    return seconds
+    for m, r in runners.items():
+        log(f"{modality} {m:<10} calibration: {statistics.median(r.step_ms):.1f} ms per update")
+    return runners
 
 
 def race(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, budget_s: float,
@@ -185,14 +185,11 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
          log) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """One seed of one modality: every method for ``budget_s`` of its own clock, probed ``probes``
     times after t = 0. Returns (probe points, one summary per method)."""
-    seconds = calibrate(methods, modality, size, seed, device, scratch, calibration, log)
-    from d2v2.engine.run import resolve_config
-
-    runners = []
-    for m in methods:
-        recipe = resolve_config(recipe_for(m, modality, size))
+    seconds, runners = {}, []
+    for m, calibrated in calibrate(methods, modality, size, seed, device, scratch, calibration, log).items():
+        seconds[m] = statistics.median(calibrated.step_ms) / 1e3
         fitted = max(10, int(budget_s / seconds[m]))
-        runners.append(Runner(m, modality, size, seed, device, scratch / "race", fitted_overrides(recipe, fitted)))
+        runners.append(Runner(m, modality, size, seed, device, scratch / "race", fitted_overrides(calibrated.cfg, fitted)))
     labelled = {r.method: r.labelled_set(probe_samples) for r in runners}
     marks = [budget_s * (i + 1) / probes for i in range(probes)]
     points = [r.probe(labelled[r.method]) for r in runners]
@@ -221,9 +218,14 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
     return points, summaries
 
 
+def trained(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The probe points taken after some training (t > 0)."""
+    return [p for p in points if p["time_s"] > 0]
+
+
 def first_time(points: Sequence[Mapping[str, Any]], accuracy: float) -> float | None:
     """The first trained probe time (t > 0) at which the linear accuracy reaches ``accuracy`` (None: never)."""
-    reached = [p["time_s"] for p in points if p["time_s"] > 0 and p["linear_accuracy"] >= accuracy - 1e-12]
+    reached = [p["time_s"] for p in trained(points) if p["linear_accuracy"] >= accuracy - 1e-12]
     return min(reached) if reached else None
 
 
@@ -242,15 +244,14 @@ def headline(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             theirs = [p for p in points if (p["modality"], p["seed"], p["method"]) == (modality, seed, other)]
             if other == "data2vec2" or not mine or not theirs:
                 continue
-            trained = [p for p in theirs if p["time_s"] > 0] or theirs
-            best = max(p["linear_accuracy"] for p in trained)
+            best = max(p["linear_accuracy"] for p in trained(theirs) or theirs)
             t_other, t_mine = first_time(theirs, best), first_time(mine, best)
             target = TARGETS.get(other, 1.0)
             ratio = t_mine / t_other if t_mine is not None and t_other else None
             rows.append({
                 "modality": modality, "seed": seed, "other": other, "other_best_accuracy": best,
                 "other_time_s": t_other, "data2vec2_time_s": t_mine,
-                "data2vec2_best_accuracy": max(p["linear_accuracy"] for p in [q for q in mine if q["time_s"] > 0] or mine),
+                "data2vec2_best_accuracy": max(p["linear_accuracy"] for p in trained(mine) or mine),
                 "time_ratio": ratio, "target_ratio": target,
                 "met": ratio is not None and ratio <= target + 1e-9,
             })  # fmt: skip
@@ -368,7 +369,7 @@ def write_report(out_dir: Path, meta: Mapping[str, Any], results: Mapping[str, l
         methods.append({
             **s, "updates": f"{s['steps']} ({s['scheduled_steps']})",
             "initial_pct": _pct(own[0]["linear_accuracy"]) if own else None,
-            "best_pct": _pct(max((p["linear_accuracy"] for p in own if p["time_s"] > 0), default=None)),
+            "best_pct": _pct(max((p["linear_accuracy"] for p in trained(own)), default=None)),
             "final_pct": _pct(own[-1]["linear_accuracy"]) if own else None,
             "final_knn_pct": _pct(own[-1]["knn_accuracy"]) if own else None,
         })  # fmt: skip
