@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from . import report
+from . import harness, report
 
 MODALITIES = ("image", "audio", "text")
 WORKERS = (0, 1, 2)
@@ -165,7 +165,7 @@ def run(
                 row = measure(modality, loader, w, batches)
             except Exception as e:  # noqa: BLE001 - one failing loader must not lose the others
                 row = {"modality": modality, "workers": w, "status": "error", "unit": UNITS[modality],
-                       "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}  # fmt: skip
+                       "note": harness.error_line(e)}  # fmt: skip
             row.update(device=stamp["device"], torch=stamp["torch"], date=stamp["date"])
             rows.append(row)
             log(_progress_line(row))

@@ -67,6 +67,11 @@ class Timing:
     p80_ms: float
 
 
+def error_line(e: BaseException) -> str:
+    """An error as one report cell: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -422,7 +427,7 @@ def run_case(
             if row["median_ms"] is None:
                 row.update(status="skipped", note=str(e))
     except Exception as e:  # noqa: BLE001 - one failing provider must not lose the rest of the run
-        message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        message = error_line(e)
         for row in rows:
             if row["median_ms"] is None:
                 row.update(status="error", note=message)

@@ -263,10 +263,6 @@ def per_sample_speedups(rows: list[dict[str, Any]]) -> None:
         r["data2vec2_speedup"] = own / ref if own and ref and r["method"] != "data2vec2" else None
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def _race(modality, lineup, size, batch, device, warmup, steps, ceiling, stamp, scratch, log) -> list[dict]:
     """One modality: build every (method, variant), count each method's FLOPs once, then alternate their steps."""
     contestants: dict[tuple[str, str], Contestant] = {}
@@ -277,21 +273,21 @@ def _race(modality, lineup, size, batch, device, warmup, steps, ceiling, stamp, 
         try:
             contestants[method, variant] = Contestant(method, modality, size, variant, device, scratch, batch)
         except Exception as e:  # noqa: BLE001 - one failing contestant must not lose the others
-            row.update(status="error", note=_first_line(e))
+            row.update(status="error", note=harness.error_line(e))
     flops = {}
     for method in dict.fromkeys(m for m, _ in lineup):
         eager = [c for (m, v), c in contestants.items() if m == method and v != "compile"]
         try:  # on an eager model (a compiled one runs code the counter cannot see)
             flops[method] = (eager[0] if eager else Contestant(method, modality, size, "torch", device, scratch, batch)).flops()
         except Exception as e:  # noqa: BLE001 - the times still mean something without it
-            log(f"{method} {modality}: FLOP count failed: {_first_line(e)}")
+            log(f"{method} {modality}: FLOP count failed: {harness.error_line(e)}")
     alive = dict(contestants)
     for i in range(warmup + steps):
         for key, c in list(alive.items()):
             try:
                 c.step(record=i >= warmup)
             except Exception as e:  # noqa: BLE001
-                c.error = _first_line(e)
+                c.error = harness.error_line(e)
                 del alive[key]
     syncs = {}
     if device.type == "cuda":
@@ -299,7 +295,7 @@ def _race(modality, lineup, size, batch, device, warmup, steps, ceiling, stamp, 
             try:
                 syncs[key] = c.host_syncs()
             except Exception as e:  # noqa: BLE001 - a report, not a measurement
-                syncs[key] = (None, [_first_line(e)])
+                syncs[key] = (None, [harness.error_line(e)])
     for row in rows:
         key = (row["method"], row["variant"])
         c = contestants.get(key)
