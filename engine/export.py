@@ -40,9 +40,10 @@ from typing import Callable
 import torch
 
 from d2v2.models import save_pretrained
-from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 from .checkpoint import resolve_checkpoint
+from .runfolder import require_new
 from .probe import method_from_checkpoint
 
 WEIGHTS = ("teacher", "student")
@@ -383,11 +384,6 @@ def encoder_state(method, weights: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder; export refuses to overwrite it, give a new folder")
-
-
 def export(
     checkpoint: str, out: str, weights: str | None = None, fmt: str = "auto", tokenizer: bool = True, log=print
 ) -> dict:
@@ -406,7 +402,7 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"--format must be auto or d2v2, got {fmt!r}")
     out_dir = Path(out)
-    _check_out(out_dir)
+    require_new(out_dir, "export")
     state_file = resolve_checkpoint(checkpoint)
     method, run_config = method_from_checkpoint(checkpoint)
     name = run_config.get("method", "data2vec2")
@@ -453,14 +449,9 @@ def _step_of(state_file: Path) -> int:
 
 
 def _save_standard(target: Target, state: dict, cfg, folder: Path, provenance: dict) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in target.state(state, cfg).items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = target.config(cfg)
     config["d2v2"] = provenance  # where the weights came from; the libraries ignore unknown keys
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    write_folder(folder, target.state(state, cfg), config)
 
 
 def _copy_tokenizer(run_config: dict, cfg, folder: Path, log) -> list[str]:

@@ -48,6 +48,13 @@ class RunFolderError(ValueError):
     """The run folder cannot be used as asked (in use, a file, not writable, would be overwritten)."""
 
 
+def require_new(out: Path, what: str) -> None:
+    """Refuse an ``--out`` that exists and is not an empty folder: ``what`` (a command) never writes
+    over anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunFolderError(f"--out {out} already exists and is not an empty folder; {what} refuses to overwrite it: give a new --out")
+
+
 def read_config(run_dir: Path) -> dict | None:
     """The resolved configuration an existing run was started with, or None for a new folder."""
     path = Path(run_dir) / CONFIG_FILE

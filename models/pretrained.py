@@ -26,7 +26,7 @@ from torch import nn
 
 from .methods import build_method, method_entry
 
-__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_pretrained", "config_from_dict"]
+__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "write_folder", "load_pretrained", "config_from_dict"]
 
 FORMAT = "d2v2-encoder"
 FORMAT_VERSION = 1
@@ -65,10 +65,6 @@ def save_pretrained(
     ``weights`` says whose weights they are ("teacher" or "student"); ``info`` (e.g. source, step)
     is stored in config.json as is. Returns the folder.
     """
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -78,6 +74,16 @@ def save_pretrained(
         "config": {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init},
         **info,
     }
+    return write_folder(out, state, config)
+
+
+def write_folder(out: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """``model.safetensors`` (``state``, contiguous on the CPU) and ``config.json`` in folder ``out``
+    (made if needed): the layout of every export, d2v2's own or a library's. Returns the folder."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")

@@ -29,7 +29,7 @@ from d2v2.models.data2vec2 import Data2Vec2
 
 from ..checkpoint import save_checkpoint, step_folder
 from ..config import recipe_names, to_dict
-from ..runfolder import RunFolderError, write_config
+from ..runfolder import require_new, write_config
 from .fairseq_config import data2vec2_from_fairseq, pretraining_config
 from .fairseq_keys import d2v2_tensor, fairseq_name
 from .safe_pickle import load_checkpoint_safely, plain
@@ -90,8 +90,7 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, log=print) -> Path:
     once the checkpoint has been read and mapped completely.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunFolderError(f"--out {out} already exists and is not an empty folder; pick a new --out")
+    require_new(out, "import-fairseq")
     model_cfg, student, ema, prefix, fine_tune, dropped = read_fairseq(checkpoint)
     imported = data2vec2_from_fairseq(model_cfg, student)
     cfg = imported.config
