@@ -54,7 +54,7 @@ setup(
         "bench": BENCH,
         # transformers checks the Hugging Face exports (it pulls no torch of its own); omegaconf only builds
         # the tests' fairseq-style checkpoints, the import never needs it.
-        "test": BENCH + ["pytest", "pytest-xdist", "tensorboard", "transformers", "omegaconf"],
+        "test": BENCH + ["pytest>=8.2", "pytest-xdist", "tensorboard", "transformers", "omegaconf"],
         # TensorBoard event files beside metrics.jsonl (--set train.tensorboard=true).
         "tensorboard": ["tensorboard"],
         # The classes `d2v2 export` targets; timm needs torchvision, so it stays out of "test".

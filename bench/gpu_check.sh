@@ -9,6 +9,9 @@ out="${1:?usage: bench/gpu_check.sh OUT_DIR [--dry-run]}"
 shift
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+# `python -m` from the repository root must not put the root on sys.path: its top-level folders would shadow
+# installed packages of the same names (Python 3.11+; README, "Run the tests").
+export PYTHONSAFEPATH=1
 
 if ! "$py" -c 'import soundfile, espeakng_loader' 2>/dev/null; then
   tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')

@@ -14,8 +14,19 @@
 
 import os
 import random
+import sys
+from pathlib import Path
 
-from tests.helpers import TEST_DEVICE
+# d2v2 is imported as installed, never from the repository root: there, the top-level folders kernels/,
+# models/, engine/ and bench/ would shadow installed distributions of the same names (transformers imports
+# Hugging Face's `kernels`). .pytest.ini's importlib mode adds nothing to sys.path; `python -m pytest`
+# has put the working directory first, so it goes, and so for every Python the tests start (PYTHONSAFEPATH,
+# Python 3.11+: `python -m` and `python -c` then leave the working directory off sys.path).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != REPO_ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+from tests.helpers import TEST_DEVICE  # noqa: E402
 
 # Triton reads this when a kernel is decorated, so it must be set before d2v2.kernels is imported.
 if TEST_DEVICE == "cpu":
