@@ -59,3 +59,38 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def closing_summary(
+    run_dir: Path, *, step: int, max_steps: int, start_step: int, seconds: float, samples: float,
+    checkpoint: Path | None, stopped_by: str | None = None,
+) -> list[str]:
+    """The lines a pretraining run ends with: updates, final and best loss (over the whole run's
+    ``metrics.jsonl``), wall time and samples/s of this session, the checkpoint, and what to run next."""
+    losses = []
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line; truncate_metrics drops it on resume
+            if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
+                losses.append((row["step"], row["loss"]))
+    ended = f"stopped on {stopped_by}" if stopped_by else "done"
+    rate = f", {samples / seconds:.1f} samples/s" if seconds > 0 and samples else ""
+    lines = [f"pretrain {ended}: {step}/{max_steps} updates ({step - start_step} in this session) "
+             f"in {_duration(seconds)}{rate}"]  # fmt: skip
+    if losses:
+        best_step, best = min(losses, key=lambda sl: sl[1])
+        lines.append(f"loss: final {losses[-1][1]:.4f} (update {losses[-1][0]}), best {best:.4f} (update {best_step})")
+    lines.append(f"checkpoint: {checkpoint if checkpoint is not None else 'none written'}")
+    lines.append(f"probe:      d2v2 probe --checkpoint {run_dir}")  # a stopped run's continue command follows it
+    lines.append(f"export:     d2v2 export --checkpoint {run_dir} --out {Path('exports') / Path(run_dir).name}")
+    return lines

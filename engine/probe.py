@@ -12,6 +12,7 @@ Each task's set is split once into train and test with a fixed seed.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,7 @@ def probe(
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
     model, config = method_from_checkpoint(checkpoint)
     labelled = labelled_set(model.modality.name, model.cfg, config, data)
     tasks = probe_tasks(model, labelled, device, test_fraction, seed)
@@ -129,5 +131,12 @@ def probe(
     for task, r in tasks.items():
         log(f"{task}: linear probe {100 * r['linear_accuracy']:.1f} % | kNN {100 * r['knn_accuracy']:.1f} % "
             f"({r['classes']} classes, {r['test_samples']} test samples)")
-    log(f"-> {target}")
+    main_task, r = next(iter(tasks.items()))
+    folder = resolve_checkpoint(checkpoint).parent.name  # step-00000020, or a folder of the user's
+    which = f"step {int(folder[5:])}" if folder.startswith("step-") and folder[5:].isdigit() else folder
+    log(f"probe done: {which} of {checkpoint} "
+        f"in {time.perf_counter() - start:.1f} s: {main_task} linear probe {100 * r['linear_accuracy']:.1f} % | "
+        f"kNN {100 * r['knn_accuracy']:.1f} %")
+    log(f"results:    {target}")
+    log(f"export:     d2v2 export --checkpoint {checkpoint} --out {Path('exports') / Path(checkpoint).name}")
     return result

@@ -46,7 +46,7 @@ from .checkpoint import newest_loadable, save_checkpoint, save_sharded, step_fol
 from .data.base import derive_seed
 from .data.loader import DataPosition, position_after
 from .distributed import DistEnv, check_strategy, seed_all
-from .metrics_log import MetricsLog, check_tensorboard
+from .metrics_log import MetricsLog, check_tensorboard, closing_summary
 from .signals import RunStopped, StopRequest
 
 
@@ -545,7 +545,8 @@ class Trainer:
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         metrics: dict = {}
-        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        session_start, session_samples, stopped_by = time.perf_counter(), 0.0, None
+        window_start, window_samples, window_tokens = session_start, 0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -558,6 +559,7 @@ class Trainer:
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
                     logged = self._logged_values(result, window_samples, window_tokens)  # the sync
+                    session_samples += logged["samples"]
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     metrics = {
                         "step": self.step,
@@ -588,22 +590,35 @@ class Trainer:
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self._stop_agreed(stop) and self.step < self.max_steps:
                     self.save()
-                    command = f"d2v2 pretrain --out {self.run_dir} --resume auto"
-                    raise RunStopped(
-                        f"{stop.name or 'stop request'} at step {self.step}: checkpoint {self.last_checkpoint} written; "
-                        f"continue with: {command}",
-                        stop.exit_code,
-                    )
+                    stopped_by = stop.name or "stop request"
+                    break
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:
                     self.save()
-            if self.step > resume_step or self.last_checkpoint is None:
+            if not stopped_by and (self.step > resume_step or self.last_checkpoint is None):
                 self.save()
         finally:
             if metrics_file is not None:
                 metrics_file.close()
             if bar is not None:
                 bar.close()
+        self._summarise(resume_step, session_start, session_samples, stopped_by)
+        if stopped_by:
+            command = f"d2v2 pretrain --out {self.run_dir} --resume auto"
+            raise RunStopped(
+                f"{stopped_by} at step {self.step}: checkpoint {self.last_checkpoint} written; continue with: {command}",
+                stop.exit_code,
+            )
         return metrics
+
+    def _summarise(self, start_step: int, start: float, samples: float, stopped_by: str | None = None) -> None:
+        """Rank 0's closing lines: how the run ended and what to run next (``metrics_log.closing_summary``)."""
+        if not self.dist.is_main:
+            return
+        for line in closing_summary(
+            self.run_dir, step=self.step, max_steps=self.max_steps, start_step=start_step,
+            seconds=time.perf_counter() - start, samples=samples, checkpoint=self.last_checkpoint, stopped_by=stopped_by,
+        ):  # fmt: skip
+            self.log(line)
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether to stop after this step on a signal; under torchrun every rank stops at the same step.

@@ -35,9 +35,15 @@ def losses(run) -> list[float]:
         ("text-tiny", ["--set", "data.batch_size=4"]),
     ],
 )
-def test_pretrain_writes_config_metrics_and_checkpoint(tmp_path, recipe, extra):
+def test_pretrain_writes_config_metrics_and_checkpoint(tmp_path, capsys, recipe, extra):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", recipe, "--out", str(run), "--max-steps", "2", *FAST, *extra]) == 0
+    summary = capsys.readouterr().out.splitlines()[-5:]  # the run says how it ended and what comes next
+    assert summary[0].startswith("pretrain done: 2/2 updates (2 in this session) in ") and "samples/s" in summary[0]
+    final, best = losses(run)[-1], min(losses(run))
+    assert summary[1].startswith(f"loss: final {final:.4f} (update 2), best {best:.4f}")
+    assert summary[2] == f"checkpoint: {run / 'checkpoints' / 'step-00000002'}"
+    assert summary[3:] == [f"probe:      d2v2 probe --checkpoint {run}", f"export:     d2v2 export --checkpoint {run} --out exports/run"]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["recipe"] == recipe and config["model"]["modality"] == recipe.split("-")[0]
     lines = losses(run)
@@ -63,10 +69,16 @@ def test_resume_continues_exactly(tmp_path):
 def test_probe_beats_chance_after_a_short_pretraining(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "20", *FAST]) == 0
+    capsys.readouterr()
     assert main(["probe", "--checkpoint", str(run)]) == 0
     result = json.loads((run / "probe" / "step-00000020.json").read_text())  # in the run folder: never pruned
     assert result["classes"] == 10 and result["linear_accuracy"] > 0.5  # chance is 0.1
-    assert "linear probe" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "linear probe" in out
+    summary = out.splitlines()[-3:]  # the probe says what it measured, where it wrote it and what comes next
+    assert summary[0].startswith(f"probe done: step 20 of {run} in ") and f"linear probe {100 * result['linear_accuracy']:.1f} %" in summary[0]
+    assert summary[1] == f"results:    {run / 'probe' / 'step-00000020.json'}"
+    assert summary[2] == f"export:     d2v2 export --checkpoint {run} --out exports/run"
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""TensorBoard beside metrics.jsonl (``train.tensorboard``): the same scalars, read back from the event file."""
+"""metrics.jsonl and TensorBoard beside it (``train.tensorboard``), and the closing summary read from them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from d2v2.engine.cli import main
+from d2v2.engine.metrics_log import closing_summary
 
 TINY = [
     "pretrain", "--recipe", "image-tiny", "--device", "cpu", "--set", "data.num_workers=0",
@@ -39,3 +40,23 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the tensorboard package: pip install 'd2v2[tensorboard]'" in err[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any work
+
+
+def test_closing_summary_reads_the_whole_run_and_names_what_comes_next(tmp_path):
+    rows = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 1.5}, {"step": 30, "loss": float("nan")}, {"step": 40, "loss": 2.0}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 50, "lo'  # a torn last line
+    (tmp_path / "metrics.jsonl").write_text(text)
+    checkpoint = tmp_path / "checkpoints" / "step-00000040"
+    lines = closing_summary(
+        tmp_path, step=40, max_steps=100, start_step=20, seconds=90.0, samples=1800, checkpoint=checkpoint, stopped_by="SIGTERM"
+    )
+    assert lines[0] == "pretrain stopped on SIGTERM: 40/100 updates (20 in this session) in 1 min 30 s, 20.0 samples/s"
+    assert lines[1] == "loss: final 2.0000 (update 40), best 1.5000 (update 20)"
+    assert lines[2] == f"checkpoint: {checkpoint}"
+    assert lines[3] == f"probe:      d2v2 probe --checkpoint {tmp_path}"
+
+
+def test_closing_summary_without_metrics_or_checkpoint(tmp_path):
+    lines = closing_summary(tmp_path, step=0, max_steps=5, start_step=0, seconds=0.2, samples=0, checkpoint=None)
+    assert lines[0] == "pretrain done: 0/5 updates (0 in this session) in 0.2 s"
+    assert lines[1] == "checkpoint: none written"

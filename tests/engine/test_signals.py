@@ -54,6 +54,9 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum, c
     stopped = logged[-1]
     assert f"{signal.Signals(signum).name} at step {stopped}: checkpoint" in err
     assert f"continue with: d2v2 pretrain --out {run} --resume auto" in err
+    summary = out.splitlines()[-5:]  # and how far it got, on stdout
+    assert summary[0].startswith(f"pretrain stopped on {signal.Signals(signum).name}: {stopped}/1000 updates")
+    assert summary[2] == f"checkpoint: {run / 'checkpoints' / f'step-{stopped:08d}'}"
     state = torch.load(run / "checkpoints" / f"step-{stopped:08d}" / "state.pt", weights_only=True)
     assert state["trainer"]["step"] == stopped >= 2
     # Continuing loses nothing and repeats nothing.
