@@ -35,17 +35,22 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     dtype = harness.dtype_from_name(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    providers = _flatten(args.providers)
+    if providers is None and args.quick and device.type == "cpu":
+        quick_cases = kernels.collect_cases(kernels.QUICK_SHAPES, dtype)
+        providers = [p for p in dict.fromkeys(p for case in quick_cases for p in case.providers) if p != "compile"]
+        print("providers: all but compile, which spends minutes compiling on a CPU (--providers compile adds it)")
     rows, paths = kernels.run(
         device=device,
         dtype=dtype,
         quick=args.quick,
         ops=_flatten(args.ops),
         shapes=_flatten(args.shapes),
-        providers=_flatten(args.providers),
+        providers=providers,
         modes=_flatten(args.modes),
         out_dir=args.out,
-        warmup_ms=args.warmup_ms,
-        rep_ms=args.rep_ms,
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0),
+        rep_ms=args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0),
         argv=["d2v2", "bench", *args.argv],
     )
     return _finish(paths, [r for r in rows if r["status"] == "error"], f"result rows failed; see the notes in {paths['md']}")
@@ -74,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         size=args.size,
         modalities=_flatten(args.modalities) or train.MODALITIES,
         methods=_flatten(args.methods),
-        variants=_flatten(args.variants) or train.VARIANTS,
+        variants=_flatten(args.variants),
         baseline_variants=_flatten(args.baseline_variants) or ("kernels",),
         batch=args.batch,
         warmup=1 if args.quick else args.warmup,
@@ -85,15 +90,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _finish(paths, [r for r in rows if r["status"] != "ok"], f"contestants failed; see {paths['md']}")
 
 
+# `bench converge` settings: (full run, --quick). --quick changes only what was not given.
+CONVERGE_DEFAULTS = {"budget_s": (180.0, 3.0), "probes": (6, 1), "slice_s": (5.0, 1.0), "probe_samples": (None, 400)}
+
+
+def _seeds(groups: list[list[str]] | None, quick: bool) -> list[int]:
+    if groups is None:
+        return [1] if quick else [1, 2]
+    names = _flatten(groups)
+    try:
+        return [int(name) for name in names]
+    except ValueError:
+        raise ValueError(f"--seeds takes integers such as 1,2; got {','.join(names)!r}") from None
+
+
 def cmd_converge(args: argparse.Namespace) -> int:
     from . import converge
 
-    settings = dict(
-        budget_s=args.budget_s, probes=args.probes, slice_s=args.slice_s, probe_samples=args.probe_samples,
-        seeds=[int(s) for s in _flatten(args.seeds)] if args.seeds else (1, 2),
-    )  # fmt: skip
+    settings = {name: getattr(args, name) for name in CONVERGE_DEFAULTS}
+    settings = {name: CONVERGE_DEFAULTS[name][args.quick] if value is None else value for name, value in settings.items()}
+    settings["seeds"] = _seeds(args.seeds, args.quick)
     if args.quick:
-        settings.update(budget_s=3.0, probes=1, slice_s=1.0, seeds=(1,), calibration=(1, 2), probe_samples=400)
+        settings["calibration"] = (1, 2)
     results, paths = converge.run(
         device=_device(args.device),
         size=args.size,
@@ -161,10 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_names, action="append", help="fwd, bwd, full (default: all)")
     p.add_argument("--dtype", help="activation dtype: fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
-    p.add_argument("--quick", action="store_true", help="toy shapes of the same structure (seconds on a CPU)")
+    p.add_argument("--quick", action="store_true", help="toy shapes of the same structure, shorter timing budgets "
+                   "(5 + 20 ms) and, on a CPU, no compile provider: seconds on a CPU")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/kernels-<device>-<date>)")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget per measurement (do_bench's)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per measurement (do_bench's)")
+    p.add_argument("--warmup-ms", type=float, help="warm-up budget per measurement (do_bench's; default 25, --quick 5)")
+    p.add_argument("--rep-ms", type=float, help="timing budget per measurement (do_bench's; default 100, --quick 20)")
     p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser(
@@ -172,17 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the training step of every method per modality, and our kernels vs the PyTorch path vs torch.compile",
         description="Time Trainer.train_step of each method, modality and variant, alternated (see d2v2.bench.train).",
     )
-    p.add_argument("--size", default="base", help="model and batch size of the recipes: tiny or base (default)")
+    p.add_argument("--size", help="model and batch size of the recipes: tiny or base (default: base on a GPU, tiny on "
+                   "a CPU; base on a CPU is refused when its memory estimate exceeds the free memory)")
     p.add_argument("--modalities", type=_names, action="append", help="image, audio, text (default: all)")
     p.add_argument("--methods", type=_names, action="append",
                    help="methods to compare (default: every method with a preset for the modality)")
-    p.add_argument("--variants", type=_names, action="append", help="data2vec2's: kernels, torch, compile (default: all)")
+    p.add_argument("--variants", type=_names, action="append", help="data2vec2's: kernels, torch, compile (default: all on a GPU, kernels and torch on a CPU)")
     p.add_argument("--baseline-variants", type=_names, action="append",
                    help="the other methods' variants (default: kernels)")
     p.add_argument("--warmup", type=int, default=3, help="steps per variant discarded before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--batch", type=int, help="samples (audio: clips) per step (default: the recipe's per-GPU batch)")
-    p.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
+    p.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps (on a CPU: seconds, at the tiny size)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/train-<device>-<date>)")
     p.set_defaults(func=cmd_train)
@@ -199,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, action="append",
                    help="methods to race, data2vec2 among them (default: data2vec2, data2vec and the modality's baseline)")
     p.add_argument("--seeds", type=_names, action="append", help="seeds, each a whole race (default: 1,2)")
-    p.add_argument("--budget-s", type=float, default=180.0, help="training seconds per method and seed (default: 180)")
-    p.add_argument("--probes", type=int, default=6, help="probe points after t = 0, evenly over the budget (default: 6)")
-    p.add_argument("--slice-s", type=float, default=5.0, help="seconds a method trains before the next takes its turn")
+    p.add_argument("--budget-s", type=float, help="training seconds per method and seed (default: 180)")
+    p.add_argument("--probes", type=int, help="probe points after t = 0, evenly over the budget (default: 6)")
+    p.add_argument("--slice-s", type=float, help="seconds a method trains before the next takes its turn (default: 5)")
     p.add_argument("--probe-samples", type=int, help="probe on this many samples of the labelled set (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="3 s per method, probed at the start and the end on 400 samples, one seed: the plumbing, not a result")
+                   help="defaults of 3 s per method, probed at the start and the end on 400 samples, one seed: the "
+                   "plumbing, not a result (options given explicitly still count)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")
     p.set_defaults(func=cmd_converge)

@@ -279,9 +279,9 @@ def run(
     if unknown:
         raise ValueError(f"modalities: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(MODALITIES)}")
     for bad, message in (
-        (budget_s <= 0, f"--budget-s must be > 0 seconds, got {budget_s:g}"),
+        (not 0 < budget_s < math.inf, f"--budget-s must be a positive number of seconds, got {budget_s:g}"),
         (probes < 1, f"--probes must be >= 1, got {probes}"),
-        (slice_s <= 0, f"--slice-s must be > 0 seconds, got {slice_s:g}"),
+        (not 0 < slice_s < math.inf, f"--slice-s must be a positive number of seconds, got {slice_s:g}"),
         (not seeds, "--seeds needs at least one seed"),
         (probe_samples is not None and probe_samples < 20, f"--probe-samples must be >= 20, got {probe_samples}"),
     ):

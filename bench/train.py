@@ -69,6 +69,11 @@ def build(method: str, modality: str, size: str):
     return build_method(method, cfg.model.build_config(**fields)), cfg
 
 
+def default_size(device: torch.device) -> str:
+    """The released base sizes on a GPU; on a CPU the tiny recipes, which run in seconds (base takes many GB)."""
+    return "base" if device.type == "cuda" else "tiny"
+
+
 def supports(method: str, modality: str) -> bool:
     """Whether ``method`` has a preset for ``modality`` (MAE is image-only, wav2vec 2.0 audio-only, ...)."""
     from d2v2.models import method_config
@@ -103,6 +108,53 @@ def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> I
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         yield {**tensors, "skipped": [], "epoch": 0, "batch": index}
         index += 1
+
+
+def memory_estimate(lineup: Sequence[tuple[str, str]], modality: str, size: str, batch: int | None = None) -> int:
+    """Bytes one modality's race needs on the CPU, estimated from models built on ``meta`` (no memory).
+
+    Every contestant lives for the whole race: its weights (the teacher's too), gradients and AdamW's two
+    moments, in fp32. One step runs at a time: the student's activations, about 20 saved tensors of
+    its width per block and kept token (what a pre-LN transformer block keeps for backward), plus about
+    10 per masked-copy position for the decoder, head and targets. A fifth on top for the allocator,
+    the batches and the interpreter. Measured against it: the image base race held 18 GB resident.
+    """
+    state, step = 0, 0
+    for method, _variant in lineup:
+        with torch.device("meta"):
+            model, cfg = build(method, modality, size)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        state += 4 * (sum(t.numel() for t in model.state_dict().values()) + 3 * trainable)
+        mask = next(synthetic_batches(model, cfg, batch))["mask"]
+        kept = int((~mask).sum())
+        step = max(step, 4 * model.cfg.embed_dim * (20 * model.cfg.depth * kept + 10 * mask.numel()))
+    return int(1.2 * (state + step))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new process can take without swapping (Linux's MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(lineup: Mapping[str, Sequence[tuple[str, str]]], size: str, batch: int | None, log) -> None:
+    """On the CPU: refuse, before building anything, a race whose estimate exceeds the free memory."""
+    needed = max(memory_estimate(contestants, modality, size, batch) for modality, contestants in lineup.items() if contestants)
+    free = available_memory()
+    if free is None:
+        return
+    gib = 2**30
+    if needed > free:
+        raise ValueError(
+            f"--size {size} on the CPU needs about {needed / gib:.1f} GiB (every contestant's weights and optimizer "
+            f"state, one step's activations), {free / gib:.1f} GiB is free: use --size tiny, fewer --methods or "
+            f"--variants, a smaller --batch, or a GPU"
+        )
+    log(f"memory: about {needed / gib:.1f} GiB needed of {free / gib:.1f} GiB free")
 
 
 @contextlib.contextmanager
@@ -195,10 +247,10 @@ class Contestant:
 def run(
     *,
     device: torch.device,
-    size: str = "base",
+    size: str | None = None,
     modalities: Sequence[str] = MODALITIES,
     methods: Sequence[str] | None = None,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     baseline_variants: Sequence[str] = ("kernels",),
     warmup: int = 3,
     steps: int = 10,
@@ -210,10 +262,19 @@ def run(
     """Time every (modality, method, variant); write results.json, results.md and results.png.
 
     ``methods`` None: every registered method with a preset for the modality. ``variants`` are data2vec
-    2.0's; the other methods run ``baseline_variants``.
+    2.0's (None: all on a GPU; kernels and torch on a CPU); the other methods run ``baseline_variants``.
+    ``size`` None: ``default_size(device)``. On a CPU the memory the race needs is estimated first
+    (``memory_estimate``) and a race that cannot fit is refused before anything is built.
     """
     from d2v2.models import METHODS
 
+    if size is None:
+        size = default_size(device)
+        log(f"size {size}: " + ("the tiny recipes on the CPU (the released sizes: --size base)" if size == "tiny" else "the released sizes"))
+    if variants is None:
+        variants = VARIANTS if device.type == "cuda" else ("kernels", "torch")
+        if device.type == "cpu":
+            log("variants kernels, torch: torch.compile takes minutes to compile on a CPU (--variants compile adds it)")
     for name, chosen, known in (("size", [size], SIZES), ("modalities", modalities, MODALITIES),
                                 ("methods", methods or (), tuple(METHODS)), ("variants", variants, VARIANTS),
                                 ("baseline variants", baseline_variants, VARIANTS)):  # fmt: skip
@@ -229,6 +290,8 @@ def run(
     }  # fmt: skip
     if not any(lineup.values()):
         raise ValueError(f"none of the methods {', '.join(methods or ())} has a preset for {', '.join(modalities)}")
+    if device.type == "cpu":
+        check_memory(lineup, size, batch, log)
     stamp = report.environment_stamp(device)
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceiling = harness.matmul_tflops(device, gemm_dtype)

@@ -64,7 +64,7 @@ def test_unknown_names_fail_before_anything_trains(tmp_path):
         converge.run(device=None, modalities=("audio",), methods=("data2vec2", "mae"), out_dir=tmp_path)
     with pytest.raises(ValueError, match="must include data2vec2"):
         converge.run(device=None, modalities=("image",), methods=("mae", "data2vec"), out_dir=tmp_path)
-    with pytest.raises(ValueError, match="--budget-s must be > 0 seconds, got 0"):
+    with pytest.raises(ValueError, match="--budget-s must be a positive number of seconds, got 0"):
         converge.run(device=None, modalities=("image",), budget_s=0, out_dir=tmp_path)
 
 
@@ -85,3 +85,25 @@ def test_quick_race_end_to_end_writes_the_three_outputs(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "## Time to accuracy" in md and "| image | mae | 1 | mae-image-tiny |" in md
     assert (out / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--budget-s", "-1"], "--budget-s must be a positive number of seconds, got -1"),
+        (["--budget-s", "nan"], "--budget-s must be a positive number of seconds, got nan"),
+        (["--probes", "0"], "--probes must be >= 1, got 0"),
+        (["--slice-s", "0"], "--slice-s must be a positive number of seconds, got 0"),
+        (["--probe-samples", "0"], "--probe-samples must be >= 20, got 0"),
+        (["--seeds", ""], "--seeds needs at least one seed"),
+        (["--seeds", "x"], "--seeds takes integers such as 1,2; got 'x'"),
+    ],
+)
+def test_quick_changes_defaults_only_and_explicit_bad_settings_are_errors(tmp_path, capsys, given, message):
+    from d2v2.engine.cli import main
+
+    out = tmp_path / "converge"
+    assert main(["bench", "converge", "--quick", *given, "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()

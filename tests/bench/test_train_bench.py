@@ -73,3 +73,34 @@ def test_build_makes_a_registered_method_from_its_recipe():
 def test_bad_names_are_value_errors(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.run(device=torch.device("cpu"), out_dir=tmp_path, **kwargs)
+
+
+def test_quick_on_a_cpu_takes_the_tiny_recipes_and_says_so(tmp_path, capsys):
+    from d2v2.engine.cli import main
+
+    argv = ["bench", "train", "--quick", "--device", "cpu", "--modalities", "text", "--methods", "mlm", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "size tiny: the tiny recipes on the CPU (the released sizes: --size base)" in out
+    assert "GiB needed of" in out
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["meta"]["size"] == "tiny" and report["meta"]["timed_steps"] == 2
+    assert [(r["method"], r["size"], r["variant"]) for r in report["rows"]] == [("mlm", "tiny", "kernels")]
+
+
+def test_base_on_a_cpu_is_refused_when_its_estimate_exceeds_the_free_memory(tmp_path, monkeypatch, capsys):
+    from d2v2.engine.cli import main
+
+    monkeypatch.setattr(train, "available_memory", lambda: 2 * 2**30)
+    argv = ["bench", "train", "--size", "base", "--device", "cpu", "--modalities", "image", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size base on the CPU needs about" in err[0] and "2.0 GiB is free: use --size tiny" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was built or written
+
+
+def test_the_memory_estimate_of_the_base_image_race_is_near_what_it_held():
+    lineup = [("data2vec2", "kernels"), ("data2vec2", "torch"), ("data2vec2", "compile"), ("data2vec", "kernels"), ("mae", "kernels")]
+    gib = train.memory_estimate(lineup, "image", "base") / 2**30
+    assert 12 < gib < 30  # the whole race was measured at 18 GB resident
+    assert train.memory_estimate(lineup[:1], "image", "tiny") < 2**30
