@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # `bench converge` settings: (full run, --quick). --quick changes only what was not given.
-CONVERGE_DEFAULTS = {"budget_s": (180.0, 3.0), "probes": (6, 1), "slice_s": (5.0, 1.0), "probe_samples": (None, 400)}
+CONVERGE_DEFAULTS = {"budget_s": (180.0, 2.0), "probes": (6, 1), "slice_s": (5.0, 1.0), "probe_samples": (None, 400)}
 
 
 def _seeds(groups: list[list[str]] | None, quick: bool) -> list[int]:
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-s", type=float, help="seconds a method trains before the next takes its turn (default: 5)")
     p.add_argument("--probe-samples", type=int, help="probe on this many samples of the labelled set (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="defaults of 3 s per method, probed at the start and the end on 400 samples, one seed: the "
+                   help="defaults of 2 s per method, probed at the start and the end on 400 samples, one seed: the "
                    "plumbing, not a result (options given explicitly still count)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/converge-<device>-<date>)")

@@ -73,7 +73,7 @@ def test_quick_race_end_to_end_writes_the_three_outputs(tmp_path, capsys):
     assert cli.main(["converge", "--quick", "--modalities", "image", "--methods", "data2vec2,mae",
                      "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "results.json").read_text())
-    assert report["meta"]["benchmark"] == "converge" and report["meta"]["budget_s"] == 3.0 and report["meta"]["probe_samples"] == 400
+    assert report["meta"]["benchmark"] == "converge" and report["meta"]["budget_s"] == 2.0 and report["meta"]["probe_samples"] == 400
     for method in ("data2vec2", "mae"):
         curve = [p for p in report["points"] if p["method"] == method]
         assert curve[0]["time_s"] == 0.0 and curve[0]["step"] == 0  # probed before training
