@@ -67,6 +67,24 @@ def split(num: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return order[n_test:], order[:n_test]
 
 
+def check_split(task: str, labels: torch.Tensor, classes: list[str], train: np.ndarray, test: np.ndarray, test_fraction: float) -> None:
+    """A one-line error where a task cannot be probed: a class with a single sample, or a split that
+    leaves the classifier fewer than two classes to fit or nothing to test."""
+    counts = torch.bincount(labels, minlength=len(classes))
+    lonely = [classes[c] for c in range(len(classes)) if counts[c] < 2]
+    if lonely:
+        raise ValueError(
+            f"probe task {task!r}: class(es) {', '.join(lonely[:5])} have fewer than 2 samples; the probe needs at "
+            "least 2 per class (one to fit, one to test): add samples or remove those classes"
+        )
+    if len(test) == 0 or len(np.unique(labels.numpy()[train])) < 2:
+        raise ValueError(
+            f"--test-fraction {test_fraction:g} leaves {len(train)} training and {len(test)} test samples of "
+            f"{len(labels)} for task {task!r}; the classifier needs two classes to fit and a sample to test: "
+            "use a fraction nearer 0.3, or more data"
+        )
+
+
 def linear_probe_accuracy(train_x, train_y, test_x, test_y, c: float = 1.0) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -93,12 +111,15 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
 def probe_tasks(model: Method, labelled, device: str = "cpu", test_fraction: float = 0.3, seed: int = 0) -> dict[str, dict]:
     """Linear-probe and kNN accuracy of ``model``'s frozen features on each task of a labelled set
     (``probe_sets.labelled_set``), on the same held-out split for a given ``seed``."""
+    splits = {task: split(len(labels), test_fraction, seed) for task, labels in labelled.tasks.items()}
+    for task, (train, test) in splits.items():  # before the features are computed
+        check_split(task, labelled.tasks[task], labelled.classes[task], train, test, test_fraction)
     was_training = model.training
     feats = frozen_features(model.eval(), labelled.sources, device=device)
     model.train(was_training)
     tasks = {}
     for task, labels in labelled.tasks.items():
-        train, test = split(len(labels), test_fraction, seed)
+        train, test = splits[task]
         tasks[task] = {
             "classes": len(labelled.classes[task]),
             "train_samples": int(len(train)),

@@ -21,10 +21,12 @@ import torch
 
 from .config import from_dict
 from .data import audio, embedded, images, text
+from .data.base import CorruptSample
 from .data.build import DataConfig, build_dataset
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 MAX_CLIP_SECONDS = 4.0
+MIN_CLIP_SECONDS = 0.25  # shorter clips would crop every other clip to less than the feature encoder sees well
 TEXT_BLOCK = 64
 TEXT_TOPICS = 16
 BLOCKS_PER_DOCUMENT = 24
@@ -84,11 +86,30 @@ def image_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
 # -- speech ------------------------------------------------------------------------------------------
 
 
-def _clips(paths: list[str]) -> torch.Tensor:
-    """Normalised waveforms cropped from their start to the shortest one (at most MAX_CLIP_SECONDS)."""
-    waves = [audio.normalize_waveform(audio.read_waveform(p)) for p in paths]
+def _clips(paths: list[str], labels: list[int] | None = None, log=print) -> tuple[torch.Tensor, list[int] | None]:
+    """Normalised waveforms cropped from their start to the shortest one (at most MAX_CLIP_SECONDS).
+
+    Unreadable files and clips shorter than MIN_CLIP_SECONDS (too short to crop the others to) are
+    skipped, counted and named; returns the clips and the labels of those kept.
+    """
+    waves, kept, skipped = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            wave = audio.read_waveform(path)
+        except CorruptSample as e:
+            skipped.append(f"{path} (unreadable: {str(e.__cause__ or e).splitlines()[0]})")
+            continue
+        if wave.shape[0] < MIN_CLIP_SECONDS * audio.SAMPLE_RATE:
+            skipped.append(f"{path} ({wave.shape[0]} samples, under {MIN_CLIP_SECONDS:g} s)")
+            continue
+        waves.append(audio.normalize_waveform(wave))
+        kept.append(i)
+    if skipped:
+        log(f"probe: skipped {len(skipped)} of {len(paths)} audio files: {'; '.join(skipped[:3])}" + (" ..." if len(skipped) > 3 else ""))
+    if not waves:
+        raise ValueError(f"none of the {len(paths)} audio files could be used by the probe (see above); give readable 16 kHz clips of {MIN_CLIP_SECONDS:g} s or more")
     length = min(min(w.shape[0] for w in waves), int(MAX_CLIP_SECONDS * audio.SAMPLE_RATE))
-    return torch.from_numpy(np.stack([w[:length] for w in waves]))
+    return torch.from_numpy(np.stack([w[:length] for w in waves])), None if labels is None else [labels[i] for i in kept]
 
 
 def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
@@ -99,7 +120,7 @@ def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
         voices, rates = embedded.synthetic_speech_labels(len(paths))
         tasks = {"voice": torch.tensor(voices), "rate": torch.tensor(rates)}
         classes = {"voice": list(embedded.SPEECH_VOICES), "rate": [str(r) for r in embedded.SPEECH_RATES]}
-        return LabelledSet(_clips(paths), tasks, classes, "embedded synthetic speech")
+        return LabelledSet(_clips(paths)[0], tasks, classes, "embedded synthetic speech")
     folders = _class_folders(data, "audio files")
     paths, labels = [], []
     for label, folder in enumerate(folders):
@@ -108,7 +129,8 @@ def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
         labels += [label] * len(found)
     if not paths:
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {data}")
-    return LabelledSet(_clips(paths), {"class": torch.tensor(labels)}, {"class": [f.name for f in folders]}, str(data))
+    clips, labels = _clips(paths, labels)
+    return LabelledSet(clips, {"class": torch.tensor(labels)}, {"class": [f.name for f in folders]}, str(data))
 
 
 # -- text --------------------------------------------------------------------------------------------
@@ -129,6 +151,12 @@ def _blocks(ids: list[int], count: int) -> list[list[int]]:
 
 def text_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
     tokenizer = run_tokenizer(run_config)
+    if tokenizer.get_vocab_size() > model_cfg.vocab_size:  # its ids would index past the embedding table
+        raise ValueError(
+            f"the tokenizer this run's data settings build has {tokenizer.get_vocab_size()} tokens, the model's "
+            f"vocabulary {model_cfg.vocab_size}: the run was not trained with it (an imported checkpoint?); probe a "
+            "run pretrained by d2v2 on its own data, or give the run the data (and tokenizer) it was trained with"
+        )
     if data is None:
         topics = embedded.pydoc_topics()
         names = sorted(sorted(topics, key=lambda k: len(topics[k]), reverse=True)[:TEXT_TOPICS])

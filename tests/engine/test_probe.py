@@ -59,3 +59,46 @@ def test_probe_runs_on_a_text_checkpoint(tmp_path):
     assert main(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "probe.json")]) == 0
     result = json.loads((tmp_path / "probe.json").read_text())
     assert result["tasks"]["document"]["classes"] == TEXT_TOPICS and 0 <= result["linear_accuracy"] <= 1
+
+
+def test_unreadable_and_too_short_audio_files_are_skipped_counted_and_named(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            sf.write(tmp_path / label / f"{i}.wav", np.random.default_rng(i).standard_normal(8000).astype(np.float32), 16000)
+    (tmp_path / "a" / "notes.wav").write_text("not audio")
+    sf.write(tmp_path / "b" / "click.wav", np.ones(50, np.float32), 16000)
+    lines = []
+    from d2v2.engine import probe_sets
+
+    clips, labels = probe_sets._clips(
+        [str(p) for p in sorted(tmp_path.rglob("*.wav"))], [0, 0, 0, 1, 1, 1], log=lines.append
+    )  # sorted: a/0, a/1, a/notes, b/0, b/1, b/click
+    assert clips.shape == (4, 8000) and labels == [0, 0, 1, 1]
+    assert len(lines) == 1 and lines[0].startswith("probe: skipped 2 of 6 audio files:")
+    assert "notes.wav (unreadable:" in lines[0] and "click.wav (50 samples, under 0.25 s)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "labels, fraction, message",
+    [
+        ([0, 1, 2], 0.3, "class(es) 0, 1, 2 have fewer than 2 samples"),
+        ([0, 0, 1, 1, 2, 2], 0.99, "--test-fraction 0.99 leaves 0 training and 6 test samples of 6"),
+    ],
+)
+def test_a_task_that_cannot_be_probed_is_refused_before_any_feature(labels, fraction, message):
+    import torch
+
+    from d2v2.engine.probe import probe_tasks
+    from d2v2.engine.probe_sets import LabelledSet
+
+    labelled = LabelledSet(torch.zeros(len(labels), 3), {"class": torch.tensor(labels)}, {"class": ["0", "1", "2"]}, "test")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        probe_tasks(None, labelled, test_fraction=fraction)  # no model: refused before it is used
+
+
+def test_a_text_model_whose_vocabulary_is_smaller_than_the_tokenizer_is_refused():
+    cfg = data2vec2_config("text", "tiny")
+    cfg.vocab_size = 50  # an imported checkpoint's vocabulary, not the run's BPE
+    with pytest.raises(ValueError, match="tokenizer this run's data settings build has 2000 tokens, the model's vocabulary 50"):
+        labelled_set("text", cfg, {"data": {"vocab_size": 2000}}, None)
