@@ -17,12 +17,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from .distributed import DistEnv
+from .safe_load import UnsafePickleError, load_torch
 
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -163,23 +163,22 @@ def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
     """Entry ``key`` ("method" or "optimizer") of a DCP folder as a plain state dict in this process.
 
     ``tensors=False`` gives meta tensors of the saved shapes and dtypes (reads the metadata only).
-    Under an initialised process group every rank must call it (the read is a collective).
+    Under an initialised process group every rank must call it (the read is a collective). Neither runs
+    code pickled in the folder (``safe_dcp``).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    from .safe_dcp import load_sharded, read_metadata
+
+    entries = read_metadata(folder).state_dict_metadata
     if not tensors:
-        entries = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         prefix = f"{key}."
         return {
             name[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
             for name, meta in entries.items()
             if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
         }
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*load in a single process.*")
-        return _load_state_dict_from_keys(keys={key}, checkpoint_id=str(folder))[key]
+    return load_sharded(folder, keys={key})[key]
 
 
 def _write_failure(root: Path, error: OSError, needed: int) -> str:
@@ -221,6 +220,8 @@ def newest_loadable(run_dir: Path, log=print, tensors: bool = True) -> tuple[Pat
             continue
         try:
             state = load_checkpoint(file, tensors)
+        except UnsafePickleError:
+            raise  # not damage to fall back from: a planted file, which nothing may read on
         except ValueError:
             failures.append(f"{folder.name}: unreadable")
             continue
@@ -266,9 +267,17 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
     """
     file = resolve_checkpoint(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_torch(file)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a dict")
         if "sharded" in state:
-            state["method"] = read_sharded(file.parent / state["sharded"], "method", tensors)
+            if state["sharded"] != SHARDED_DIR:
+                raise ValueError(f"its 'sharded' entry is {state['sharded']!r}, not {SHARDED_DIR!r}")
+            state["method"] = read_sharded(file.parent / SHARDED_DIR, "method", tensors)
+    except UnsafePickleError:
+        raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a d2v2 checkpoint") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated "
+                         "or not a d2v2 checkpoint") from e
     return state

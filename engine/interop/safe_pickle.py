@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..safe_load import UnsafePickleError
+
 __all__ = ["UnsafePickleError", "SafeUnpickler", "load_checkpoint_safely", "plain"]
-
-
-class UnsafePickleError(ValueError):
-    """A checkpoint names a class or function that is not allowed (it would run foreign code)."""
 
 
 # Callables torch's own formats need to rebuild tensors (storages are resolved by torch.load itself).
