@@ -163,14 +163,14 @@ def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
     """Entry ``key`` ("method" or "optimizer") of a DCP folder as a plain state dict in this process.
 
     ``tensors=False`` gives meta tensors of the saved shapes and dtypes (reads the metadata only).
-    Under an initialised process group every rank must call it (the read is a collective). Neither runs
-    code pickled in the folder (``safe_dcp``).
+    Under an initialised process group every rank must call it (the read is a collective). Both check
+    that every shard the metadata names is there whole (``check_shards``), and run no pickled code.
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .safe_dcp import load_sharded, read_metadata
+    from .safe_dcp import load_sharded
 
-    entries = read_metadata(folder).state_dict_metadata
+    entries = check_shards(folder).state_dict_metadata
     if not tensors:
         prefix = f"{key}."
         return {
@@ -179,6 +179,34 @@ def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
             if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
         }
     return load_sharded(folder, keys={key})[key]
+
+
+def check_shards(folder: Path):
+    """The metadata of the DCP folder ``folder`` once every shard file it names is present and holds
+    the bytes it names; else a ValueError naming the shard (a sharded checkpoint is complete only then)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from .safe_dcp import read_metadata
+
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(name, str) or Path(name).name != name:
+            raise ValueError(f"{folder / '.metadata'} names a shard {name!r} outside its folder; it is not a d2v2 checkpoint")
+        ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        if not file.is_file():
+            raise IncompleteCheckpoint(f"shard {folder.name}/{name} is missing")
+        if file.stat().st_size < end:
+            raise IncompleteCheckpoint(f"shard {folder.name}/{name} is truncated ({file.stat().st_size} of {end} bytes)")
+    return metadata
+
+
+class IncompleteCheckpoint(ValueError):
+    """A sharded checkpoint lacks a shard (or part of one) that its metadata names."""
 
 
 def _write_failure(root: Path, error: OSError, needed: int) -> str:
@@ -222,8 +250,9 @@ def newest_loadable(run_dir: Path, log=print, tensors: bool = True) -> tuple[Pat
             state = load_checkpoint(file, tensors)
         except UnsafePickleError:
             raise  # not damage to fall back from: a planted file, which nothing may read on
-        except ValueError:
-            failures.append(f"{folder.name}: unreadable")
+        except ValueError as e:
+            incomplete = isinstance(e.__cause__, IncompleteCheckpoint)
+            failures.append(f"{folder.name}: {e.__cause__ if incomplete else 'unreadable'}")
             continue
         if failures:
             log(f"{'; '.join(failures)}; resuming from {folder.name}, the newest checkpoint that loads")
@@ -278,6 +307,6 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated "
-                         "or not a d2v2 checkpoint") from e
+        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated, "
+                         "incomplete or not a d2v2 checkpoint") from e
     return state
