@@ -32,7 +32,7 @@ from ..config import recipe_names, to_dict
 from ..runfolder import require_new, write_config
 from .fairseq_config import data2vec2_from_fairseq, pretraining_config
 from .fairseq_keys import d2v2_tensor, fairseq_name
-from .safe_pickle import load_checkpoint_safely, plain
+from .safe_pickle import ConfigShapeError, load_checkpoint_safely, plain
 
 __all__ = ["import_fairseq", "read_fairseq"]
 
@@ -51,14 +51,17 @@ def read_fairseq(path: str | Path) -> tuple[dict, dict, dict | None, str, str | 
     ckpt = load_checkpoint_safely(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
-    if ckpt.get("cfg") is not None:
-        root = plain(ckpt["cfg"])
-        model_cfg = root.get("model") if isinstance(root, dict) else None
-    elif ckpt.get("args") is not None:  # fairseq before Hydra: one flat argparse Namespace
-        root = plain(ckpt["args"])
-        model_cfg = root.get("model") if isinstance(root, dict) and isinstance(root.get("model"), dict) else root
-    else:
+    key = "cfg" if ckpt.get("cfg") is not None else "args"  # fairseq before Hydra: one flat argparse Namespace
+    if ckpt.get(key) is None:
         raise ValueError(f"{path} holds neither 'cfg' nor 'args': its model config is unknown")
+    try:
+        root = plain(ckpt[key])
+    except ConfigShapeError as e:
+        raise ValueError(f"{path}: {e}; it is not a config fairseq writes") from None
+    if key == "cfg":
+        model_cfg = root.get("model") if isinstance(root, dict) else None
+    else:
+        model_cfg = root.get("model") if isinstance(root, dict) and isinstance(root.get("model"), dict) else root
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{path}: the checkpoint's config has no model section")
     model_cfg, fine_tune = pretraining_config(model_cfg)
