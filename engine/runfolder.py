@@ -49,10 +49,30 @@ class RunFolderError(ValueError):
 
 
 def require_new(out: Path, what: str) -> None:
-    """Refuse an ``--out`` that exists and is not an empty folder: ``what`` (a command) never writes
-    over anything."""
+    """Refuse an ``--out`` that exists and is not an empty folder (``what``, a command, never writes
+    over anything), or that cannot be made: the nearest folder that exists is read-only (``os.access``
+    says so for a read-only mount and for permissions alike)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(f"--out {out} already exists and is not an empty folder; {what} refuses to overwrite it: give a new --out")
+    base = Path(os.path.abspath(out))
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RunFolderError(f"--out {out} cannot be made: {base} is a file, not a folder; give another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {out} cannot be written: {base} is read-only; give a writable --out")
+
+
+def write_failure(out: Path, error: Exception, created: bool) -> RunFolderError:
+    """The one-line error of a command's ``--out`` that failed mid-write, once what it wrote is removed:
+    ``out`` itself where the command ``created`` it, else (an empty folder before) its contents."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        for path in out.iterdir():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    cause = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+    return RunFolderError(f"--out {out} cannot be written ({cause}); give a writable --out with free space (nothing was left there)")
 
 
 def read_config(run_dir: Path) -> dict | None:
