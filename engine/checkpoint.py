@@ -304,9 +304,24 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
                 raise ValueError(f"its 'sharded' entry is {state['sharded']!r}, not {SHARDED_DIR!r}")
             state["method"] = read_sharded(file.parent / SHARDED_DIR, "method", tensors)
     except UnsafePickleError:
+        if _is_fairseq(file):
+            raise ValueError(f"{file} is a fairseq checkpoint, not a d2v2 one; import it first with "
+                             f"`d2v2 import-fairseq {file} --out RUN`, then give RUN") from None
         raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated, "
                          "incomplete or not a d2v2 checkpoint") from e
     return state
+
+
+def _is_fairseq(file: Path) -> bool:
+    """Whether ``file`` reads as a fairseq checkpoint through import-fairseq's restricted unpickler
+    (which runs no pickled code either): a ``model`` state dict and a ``cfg`` or ``args`` config."""
+    from .interop.safe_pickle import load_checkpoint_safely
+
+    try:
+        ckpt = load_checkpoint_safely(file)
+    except (ValueError, OSError):
+        return False
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and ("cfg" in ckpt or "args" in ckpt)

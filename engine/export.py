@@ -43,7 +43,7 @@ from d2v2.models import save_pretrained
 from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 from .checkpoint import resolve_checkpoint
-from .runfolder import require_new
+from .runfolder import require_new, write_failure
 from .probe import method_from_checkpoint
 
 WEIGHTS = ("teacher", "student")
@@ -416,7 +416,10 @@ def export(
     provenance = {"method": name, "weights": weights, "source": str(state_file), "step": step}
 
     target, why = standard_target(name, cfg) if fmt == "auto" else (None, "--format d2v2")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    # An empty --out (perhaps a mount point, which can be neither removed nor renamed over) is written
+    # into; a new one is written whole under a temporary name beside it, then renamed.
+    into = out_dir.is_dir()
+    tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if target is None:
@@ -429,9 +432,15 @@ def export(
         files = [WEIGHTS_FILE, CONFIG_FILE]
         if tokenizer and cfg.modality == "text":
             files += _copy_tokenizer(run_config, cfg, tmp, log)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
+        if into:
+            for path in tmp.iterdir():
+                os.replace(path, out_dir / path.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as e:  # read-only or full: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(out_dir, e, created=not into) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
