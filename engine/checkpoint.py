@@ -274,6 +274,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if (folder / STATE_FILE).exists() else None
 
 
+def run_folder_of(state_file: Path) -> Path | None:
+    """The run folder a checkpoint's ``state.pt`` lies in (``RUN/checkpoints/step-X/state.pt``), if any."""
+    folder = Path(state_file).parent
+    return folder.parent.parent if folder.parent.name == "checkpoints" else None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint given as its folder, its state file, a run folder or a checkpoints folder."""
     p = Path(path)

@@ -130,6 +130,15 @@ def write_config(run_dir: Path, resolved: dict) -> None:
     os.replace(tmp, path)
 
 
+def keep_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically (temporary file, then rename), if it differs."""
+    if not Path(source).is_file() or (target.is_file() and target.read_bytes() == Path(source).read_bytes()):
+        return
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def truncate_metrics(run_dir: Path, step: int) -> int:
     """Drop the lines of ``metrics.jsonl`` after ``step`` (and any torn last line), atomically.
 
