@@ -25,7 +25,7 @@ from d2v2.models import build_method, count_parameters, method_entry
 
 from . import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
-from .data.build import DataConfig, batches_by_size, build_dataset, build_loader
+from .data.build import DataConfig, batches_by_size, build_dataset, build_loader, fingerprint
 from .data.loader import DataPosition
 from .probe_sets import TOKENIZER_FILE
 from .trainer import OptimConfig, TrainConfig, Trainer
@@ -197,6 +197,15 @@ def _train_in(
     # stream is the same on every rank whoever built what.
     with torch.random.fork_rng(devices=[]):
         dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
+    data_print = fingerprint(dataset, cfg.data.path) if cfg.data.path is not None else None
+    refusal = None
+    if env.is_main:  # before anything is written: data that moved must be the same data
+        try:
+            runfolder.check_moved_data(run_dir, cfg.data.path, data_print, log)
+        except runfolder.RunFolderError as e:
+            refusal = str(e)
+    if (refusal := env.broadcast_object(refusal)) is not None:  # every rank stops, not rank 0 alone
+        raise runfolder.RunFolderError(refusal)
     # The data decides some model fields (the text vocabulary and padding id, the image size).
     model_cfg = cfg.model.build_config(**dataset.model_fields())
     model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
@@ -224,6 +233,7 @@ def _train_in(
         trainer.init_from(init_from)
     if env.is_main:  # only now that the run is known to be valid: its config, its metrics up to here
         runfolder.write_config(run_dir, resolved)
+        runfolder.record_data(run_dir, cfg.data.path, data_print)
         if isinstance(getattr(dataset, "folder", None), Path):  # a text run: its probe and export read it here
             runfolder.keep_file(dataset.folder / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
         dropped = runfolder.truncate_metrics(run_dir, trainer.step)

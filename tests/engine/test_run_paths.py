@@ -55,3 +55,34 @@ def test_export_without_the_tokenizer_is_refused(text_run, tmp_path, capsys):
     err = one_line_error(capsys, ["export", "--checkpoint", str(text_run), "--out", str(tmp_path / "exp")])
     assert "the text run's tokenizer cannot be found" in err and f"put it at {text_run / 'tokenizer.json'}" in err
     assert not (tmp_path / "exp").exists()
+
+
+def _images(folder, count: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(folder / c / f"{i}.png")
+
+
+IMAGE = ["--set", "data.num_workers=0", "--set", "train.log_every=1", "--set", "data.batch_size=8"]
+
+
+def test_a_continued_run_accepts_its_data_moved_and_refuses_other_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path / "cache"))
+    _images(tmp_path / "imgs", 8)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "image-tiny", "--data", str(tmp_path / "imgs"), "--out", str(run),
+                 "--max-steps", "1", *IMAGE]) == 0  # fmt: skip
+    shutil.move(tmp_path / "imgs", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--data", str(tmp_path / "moved"), "--max-steps", "2", *IMAGE]) == 0
+    out = capsys.readouterr().out
+    assert f"the run's data moved from {tmp_path / 'imgs'} to {tmp_path / 'moved'} (the same 16 samples)" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == str(tmp_path / "moved")
+    _images(tmp_path / "other", 5)
+    err = one_line_error(capsys, ["pretrain", "--out", str(run), "--data", str(tmp_path / "other"), "--max-steps", "3", *IMAGE])
+    assert f"--data {tmp_path / 'other'} is not the data run {run} trained on" in err and "16 samples; here 10" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == str(tmp_path / "moved")
