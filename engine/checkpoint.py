@@ -17,12 +17,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from .distributed import DistEnv
+from .safe_load import UnsafePickleError, load_torch
 
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -163,23 +163,50 @@ def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
     """Entry ``key`` ("method" or "optimizer") of a DCP folder as a plain state dict in this process.
 
     ``tensors=False`` gives meta tensors of the saved shapes and dtypes (reads the metadata only).
-    Under an initialised process group every rank must call it (the read is a collective).
+    Under an initialised process group every rank must call it (the read is a collective). Both check
+    that every shard the metadata names is there whole (``check_shards``), and run no pickled code.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    from .safe_dcp import load_sharded
+
+    entries = check_shards(folder).state_dict_metadata
     if not tensors:
-        entries = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         prefix = f"{key}."
         return {
             name[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
             for name, meta in entries.items()
             if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
         }
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*load in a single process.*")
-        return _load_state_dict_from_keys(keys={key}, checkpoint_id=str(folder))[key]
+    return load_sharded(folder, keys={key})[key]
+
+
+def check_shards(folder: Path):
+    """The metadata of the DCP folder ``folder`` once every shard file it names is present and holds
+    the bytes it names; else a ValueError naming the shard (a sharded checkpoint is complete only then)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from .safe_dcp import read_metadata
+
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(name, str) or Path(name).name != name:
+            raise ValueError(f"{folder / '.metadata'} names a shard {name!r} outside its folder; it is not a d2v2 checkpoint")
+        ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        if not file.is_file():
+            raise IncompleteCheckpoint(f"shard {folder.name}/{name} is missing")
+        if file.stat().st_size < end:
+            raise IncompleteCheckpoint(f"shard {folder.name}/{name} is truncated ({file.stat().st_size} of {end} bytes)")
+    return metadata
+
+
+class IncompleteCheckpoint(ValueError):
+    """A sharded checkpoint lacks a shard (or part of one) that its metadata names."""
 
 
 def _write_failure(root: Path, error: OSError, needed: int) -> str:
@@ -221,8 +248,11 @@ def newest_loadable(run_dir: Path, log=print, tensors: bool = True) -> tuple[Pat
             continue
         try:
             state = load_checkpoint(file, tensors)
-        except ValueError:
-            failures.append(f"{folder.name}: unreadable")
+        except UnsafePickleError:
+            raise  # not damage to fall back from: a planted file, which nothing may read on
+        except ValueError as e:
+            incomplete = isinstance(e.__cause__, IncompleteCheckpoint)
+            failures.append(f"{folder.name}: {e.__cause__ if incomplete else 'unreadable'}")
             continue
         if failures:
             log(f"{'; '.join(failures)}; resuming from {folder.name}, the newest checkpoint that loads")
@@ -242,6 +272,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     folder = pointer.parent / pointer.read_text().strip()
     return folder if (folder / STATE_FILE).exists() else None
+
+
+def run_folder_of(state_file: Path) -> Path | None:
+    """The run folder a checkpoint's ``state.pt`` lies in (``RUN/checkpoints/step-X/state.pt``), if any."""
+    folder = Path(state_file).parent
+    return folder.parent.parent if folder.parent.name == "checkpoints" else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -266,9 +302,32 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
     """
     file = resolve_checkpoint(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_torch(file)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a dict")
         if "sharded" in state:
-            state["method"] = read_sharded(file.parent / state["sharded"], "method", tensors)
+            if state["sharded"] != SHARDED_DIR:
+                raise ValueError(f"its 'sharded' entry is {state['sharded']!r}, not {SHARDED_DIR!r}")
+            state["method"] = read_sharded(file.parent / SHARDED_DIR, "method", tensors)
+    except UnsafePickleError:
+        if _is_fairseq(file):
+            raise ValueError(f"{file} is a fairseq checkpoint, not a d2v2 one; import it first with "
+                             f"`d2v2 import-fairseq {file} --out RUN`, then give RUN") from None
+        raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a d2v2 checkpoint") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated, "
+                         "incomplete or not a d2v2 checkpoint") from e
     return state
+
+
+def _is_fairseq(file: Path) -> bool:
+    """Whether ``file`` reads as a fairseq checkpoint through import-fairseq's restricted unpickler
+    (which runs no pickled code either): a ``model`` state dict and a ``cfg`` or ``args`` config."""
+    from .interop.safe_pickle import load_checkpoint_safely
+
+    try:
+        ckpt = load_checkpoint_safely(file)
+    except (ValueError, OSError):
+        return False
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and ("cfg" in ckpt or "args" in ckpt)

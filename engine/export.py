@@ -42,8 +42,8 @@ import torch
 from d2v2.models import save_pretrained
 from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
-from .checkpoint import resolve_checkpoint
-from .runfolder import require_new
+from .checkpoint import resolve_checkpoint, run_folder_of
+from .runfolder import require_new, write_failure
 from .probe import method_from_checkpoint
 
 WEIGHTS = ("teacher", "student")
@@ -416,7 +416,10 @@ def export(
     provenance = {"method": name, "weights": weights, "source": str(state_file), "step": step}
 
     target, why = standard_target(name, cfg) if fmt == "auto" else (None, "--format d2v2")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    # An empty --out (perhaps a mount point, which can be neither removed nor renamed over) is written
+    # into; a new one is written whole under a temporary name beside it, then renamed.
+    into = out_dir.is_dir()
+    tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if target is None:
@@ -428,10 +431,16 @@ def export(
             _save_standard(target, {**state, **extra}, cfg, tmp, provenance)
         files = [WEIGHTS_FILE, CONFIG_FILE]
         if tokenizer and cfg.modality == "text":
-            files += _copy_tokenizer(run_config, cfg, tmp, log)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
+            files += _copy_tokenizer(run_config, cfg, tmp, run_folder_of(state_file))
+        if into:
+            for path in tmp.iterdir():
+                os.replace(path, out_dir / path.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as e:  # read-only or full: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(out_dir, e, created=not into) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -454,16 +463,17 @@ def _save_standard(target: Target, state: dict, cfg, folder: Path, provenance: d
     write_folder(folder, target.state(state, cfg), config)
 
 
-def _copy_tokenizer(run_config: dict, cfg, folder: Path, log) -> list[str]:
-    """The run's tokenizer.json and an HF tokenizer_config.json beside it; a run whose data cannot be
-    found any more exports without them, saying so."""
-    from .probe_sets import run_tokenizer
+def _copy_tokenizer(run_config: dict, cfg, folder: Path, run_dir: Path | None) -> list[str]:
+    """The run's tokenizer.json and an HF tokenizer_config.json beside it. A text encoder is useless
+    without the tokenizer it was trained with, so a run whose tokenizer cannot be found stops the export."""
+    from .probe_sets import TOKENIZER_FILE, run_tokenizer
 
     try:
-        tok = run_tokenizer(run_config)
+        tok = run_tokenizer(run_config, run_dir)
     except (ValueError, FileNotFoundError) as e:
-        log(f"warning: tokenizer not exported ({str(e).splitlines()[0]})")
-        return []
+        where = f"{run_dir / TOKENIZER_FILE}" if run_dir is not None else "the run folder's tokenizer.json"
+        raise ValueError(f"the text run's tokenizer cannot be found ({str(e).splitlines()[0]}); put it at {where}, "
+                         f"or restore the run's data.path {run_config.get('data', {}).get('path')!r}") from e
     tok.save(str(folder / "tokenizer.json"))
     special = {name: token for name, token in (("bos_token", "<s>"), ("pad_token", "<pad>"), ("eos_token", "</s>"),
                ("unk_token", "<unk>"), ("mask_token", "<mask>")) if tok.token_to_id(token) is not None}  # fmt: skip

@@ -20,7 +20,7 @@ import torch
 
 from d2v2.models import Method, build_method, method_entry
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, run_folder_of
 from .config import from_dict
 from .probe_sets import labelled_set
 
@@ -142,7 +142,7 @@ def probe(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, config = method_from_checkpoint(checkpoint)
-    labelled = labelled_set(model.modality.name, model.cfg, config, data)
+    labelled = labelled_set(model.modality.name, model.cfg, config, data, run_folder_of(resolve_checkpoint(checkpoint)))
     tasks = probe_tasks(model, labelled, device, test_fraction, seed)
     first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
     result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}

@@ -43,10 +43,12 @@ class LabelledSet:
     extra: dict = field(default_factory=dict)
 
 
-def labelled_set(modality: str, model_cfg, run_config: dict, data: str | None) -> LabelledSet:
-    """The probe's labelled set for a checkpoint of ``modality``."""
+def labelled_set(modality: str, model_cfg, run_config: dict, data: str | None, run_dir: Path | None = None) -> LabelledSet:
+    """The probe's labelled set for a checkpoint of ``modality`` (of the run in ``run_dir``, if known)."""
     if modality not in LABELLED_SETS:
         raise ValueError(f"no probe set for modality {modality!r}; known: {', '.join(LABELLED_SETS)}")
+    if modality == "text":
+        return text_set(model_cfg, run_config, data, run_dir)
     return LABELLED_SETS[modality](model_cfg, run_config, data)
 
 
@@ -136,10 +138,17 @@ def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
 # -- text --------------------------------------------------------------------------------------------
 
 
-def run_tokenizer(run_config: dict):
-    """The tokenizer the run trained with (its token cache is rebuilt, or found, from its data config)."""
+TOKENIZER_FILE = "tokenizer.json"
+"""A text run keeps its tokenizer in its folder: its probe and export need neither its data nor the cwd."""
+
+
+def run_tokenizer(run_config: dict, run_dir: Path | None = None):
+    """The tokenizer the run trained with: ``run_dir``'s own copy, else its token cache's (found, or
+    rebuilt, from its data config; a run from before the copy was kept)."""
+    if run_dir is not None and (Path(run_dir) / TOKENIZER_FILE).is_file():
+        return text.load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
     dataset = build_dataset("text", from_dict(DataConfig, dict(run_config.get("data", {})), "data"))
-    return text.load_tokenizer(dataset.folder / "tokenizer.json")
+    return text.load_tokenizer(dataset.folder / TOKENIZER_FILE)
 
 
 def _blocks(ids: list[int], count: int) -> list[list[int]]:
@@ -149,13 +158,13 @@ def _blocks(ids: list[int], count: int) -> list[list[int]]:
     return [ids[i * TEXT_BLOCK : (i + 1) * TEXT_BLOCK] for i in sorted(set(int(p) for p in picks))]
 
 
-def text_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
-    tokenizer = run_tokenizer(run_config)
+def text_set(model_cfg, run_config: dict, data: str | None, run_dir: Path | None = None) -> LabelledSet:
+    tokenizer = run_tokenizer(run_config, run_dir)
     if tokenizer.get_vocab_size() > model_cfg.vocab_size:  # its ids would index past the embedding table
         raise ValueError(
-            f"the tokenizer this run's data settings build has {tokenizer.get_vocab_size()} tokens, the model's "
-            f"vocabulary {model_cfg.vocab_size}: the run was not trained with it (an imported checkpoint?); probe a "
-            "run pretrained by d2v2 on its own data, or give the run the data (and tokenizer) it was trained with"
+            f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens, the model's vocabulary "
+            f"{model_cfg.vocab_size}: the run was not trained with it (an imported checkpoint?); probe a "
+            "run pretrained by d2v2 on its own data, or give the run the tokenizer it was trained with"
         )
     if data is None:
         topics = embedded.pydoc_topics()

@@ -13,6 +13,7 @@ data is sharded, what rank 0 alone does), with DDP or, with ``--set dist.strateg
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import typing
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ import torch
 from d2v2.models import build_method, count_parameters, method_entry
 
 from . import distributed, runfolder
-from .config import apply_overrides, convert, from_dict, load_recipe, to_dict
-from .data.build import DataConfig, batches_by_size, build_dataset, build_loader
+from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
+from .data.build import DataConfig, batches_by_size, build_dataset, build_loader, fingerprint
 from .data.loader import DataPosition
+from .probe_sets import TOKENIZER_FILE
 from .trainer import OptimConfig, TrainConfig, Trainer
 
 
@@ -107,6 +109,21 @@ def config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
+PATH_KEYS = ("data.path", "data.tokenizer")
+
+
+def absolute_paths(overrides: list[str]) -> list[str]:
+    """``data.path`` / ``data.tokenizer`` overrides made absolute: config.yaml stores them so, and a run
+    (its resume, probe and export) does not depend on the directory it was started from."""
+    out = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if ".".join(keys) in PATH_KEYS and isinstance(value, str) and value:
+            text = f"{'.'.join(keys)}={os.path.abspath(os.path.expanduser(value))}"
+        out.append(text)
+    return out
+
+
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -127,7 +144,7 @@ def pretrain(
     ``recipe`` None: the run in ``out``'s config.yaml when there is one, else ``DEFAULT_RECIPE``.
     Under torchrun every process calls this; rank 0 alone logs (``log``) and writes files.
     """
-    overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
+    overrides = absolute_paths(list(overrides) + ([f"data.path={data_path}"] if data_path else []))
     overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []  # validated like any --set
     if resume not in ("auto", "none") and init_from:
         raise ValueError("--resume PATH and --init-from PATH exclude each other: resume continues a run, init-from starts a new one")
@@ -180,6 +197,15 @@ def _train_in(
     # stream is the same on every rank whoever built what.
     with torch.random.fork_rng(devices=[]):
         dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
+    data_print = fingerprint(dataset, cfg.data.path) if cfg.data.path is not None else None
+    refusal = None
+    if env.is_main:  # before anything is written: data that moved must be the same data
+        try:
+            runfolder.check_moved_data(run_dir, cfg.data.path, data_print, log)
+        except runfolder.RunFolderError as e:
+            refusal = str(e)
+    if (refusal := env.broadcast_object(refusal)) is not None:  # every rank stops, not rank 0 alone
+        raise runfolder.RunFolderError(refusal)
     # The data decides some model fields (the text vocabulary and padding id, the image size).
     model_cfg = cfg.model.build_config(**dataset.model_fields())
     model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
@@ -207,6 +233,9 @@ def _train_in(
         trainer.init_from(init_from)
     if env.is_main:  # only now that the run is known to be valid: its config, its metrics up to here
         runfolder.write_config(run_dir, resolved)
+        runfolder.record_data(run_dir, cfg.data.path, data_print)
+        if isinstance(getattr(dataset, "folder", None), Path):  # a text run: its probe and export read it here
+            runfolder.keep_file(dataset.folder / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
         dropped = runfolder.truncate_metrics(run_dir, trainer.step)
         if dropped:
             log(f"metrics.jsonl: dropped {dropped} line(s) logged after step {trainer.step}, which run again now")

@@ -29,6 +29,8 @@ from .config import apply_overrides, parse_override, to_dict
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+DATA_FILE = "data.json"
+"""The run's data: its path and ``data.build.fingerprint``, so that a continued run can accept data that moved."""
 
 CHANGEABLE = {
     "train.max_steps": "train further (or stop earlier) on the same schedule",
@@ -49,10 +51,30 @@ class RunFolderError(ValueError):
 
 
 def require_new(out: Path, what: str) -> None:
-    """Refuse an ``--out`` that exists and is not an empty folder: ``what`` (a command) never writes
-    over anything."""
+    """Refuse an ``--out`` that exists and is not an empty folder (``what``, a command, never writes
+    over anything), or that cannot be made: the nearest folder that exists is read-only (``os.access``
+    says so for a read-only mount and for permissions alike)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(f"--out {out} already exists and is not an empty folder; {what} refuses to overwrite it: give a new --out")
+    base = Path(os.path.abspath(out))
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RunFolderError(f"--out {out} cannot be made: {base} is a file, not a folder; give another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {out} cannot be written: {base} is read-only; give a writable --out")
+
+
+def write_failure(out: Path, error: Exception, created: bool) -> RunFolderError:
+    """The one-line error of a command's ``--out`` that failed mid-write, once what it wrote is removed:
+    ``out`` itself where the command ``created`` it, else (an empty folder before) its contents."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        for path in out.iterdir():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    cause = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+    return RunFolderError(f"--out {out} cannot be written ({cause}); give a writable --out with free space (nothing was left there)")
 
 
 def read_config(run_dir: Path) -> dict | None:
@@ -92,6 +114,9 @@ def continued_config(run_dir: Path, stored: dict, recipe: str | None, overrides:
         key = ".".join(keys)
         if node is not _ABSENT and _same(node, value):
             continue  # repeats the run's own value
+        if key == "data.path" and node and value and (Path(run_dir) / DATA_FILE).is_file():
+            apply_overrides(data, [text])  # data that moved: checked against the record once it is read
+            continue
         if key not in CHANGEABLE:
             allowed = ", ".join(sorted(CHANGEABLE))
             raise RunFolderError(
@@ -108,6 +133,44 @@ def write_config(run_dir: Path, resolved: dict) -> None:
     tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_moved_data(run_dir: Path, path: str | None, found: dict | None, log) -> None:
+    """A continued run's data at ``path`` (``found``: its fingerprint) against the run's record
+    (``DATA_FILE``): the same data elsewhere is accepted, saying so; other data is refused."""
+    record = Path(run_dir) / DATA_FILE
+    if not record.is_file():
+        return
+    stored = json.loads(record.read_text(encoding="utf-8"))
+    if stored.get("path") == path:
+        return
+    if found is None or {k: stored.get(k) for k in found} != found:
+        samples = "?" if found is None else found["samples"]
+        raise RunFolderError(
+            f"--data {path} is not the data run {run_dir} trained on ({stored.get('path')}: {stored.get('samples')} "
+            f"samples; here {samples}, or other files); give that data where it is now, or pick a new --out"
+        )
+    log(f"data.path: the run's data moved from {stored.get('path')} to {path} (the same {found['samples']} samples); "
+        "continuing with it")
+
+
+def record_data(run_dir: Path, path: str | None, found: dict | None) -> None:
+    """Write ``DATA_FILE`` atomically (nothing for embedded data, which does not move)."""
+    if path is None or found is None:
+        return
+    target = Path(run_dir) / DATA_FILE
+    tmp = target.with_name(f".{DATA_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"path": path, **found}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def keep_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically (temporary file, then rename), if it differs."""
+    if not Path(source).is_file() or (target.is_file() and target.read_bytes() == Path(source).read_bytes()):
+        return
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:

@@ -331,11 +331,12 @@ class Trainer:
 
     def _load_sharded(self, folder: Path) -> None:
         """fsdp: the method and optimizer from a DCP folder written by any number of processes."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        from .safe_dcp import load_sharded
+
         state = self.sharded_state()
-        dcp.load(state, checkpoint_id=str(folder))  # resharded to this job's processes
+        load_sharded(folder, state=state)  # resharded to this job's processes; no pickled code run
         set_state_dict(self.method, self.optimizer, model_state_dict=state["method"], optim_state_dict=state["optimizer"])
 
     def load_state_dict(self, state: dict, folder: Path | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,6 +70,22 @@ def build_dataset(modality: Modality, cfg: DataConfig, train: bool = True):
         folder = text.build_token_cache(files, embedded.cache_dir() / "tokens", cfg.vocab_size, cfg.tokenizer)
         return text.TokenBlockDataset(folder, cfg.block_size)
     raise ValueError(f"modality must be 'image', 'audio' or 'text', got {modality!r}")
+
+
+def fingerprint(dataset, path: str) -> dict | None:
+    """What identifies the data of ``path`` wherever it lies: the sample count and a digest of the files
+    (names relative to the data's folder) and their labels or lengths; the token count and tokenizer of
+    text. None for embedded data, which does not move. A continued run accepts moved data by it."""
+    if isinstance(dataset, images.ImageFolderDataset):
+        items = [os.path.relpath(p, path) for p in dataset.paths] + list(dataset.labels) + list(dataset.classes)
+    elif isinstance(dataset, audio.AudioManifestDataset):
+        items = list(dataset.paths) + dataset.sizes.tolist()
+    elif isinstance(dataset, text.TokenBlockDataset):
+        tokenizer = hashlib.sha1((dataset.folder / "tokenizer.json").read_bytes()).hexdigest()
+        items = [dataset.meta["num_tokens"], dataset.vocab_size, tokenizer]
+    else:
+        return None
+    return {"samples": len(dataset), "digest": hashlib.sha1(json.dumps(items).encode()).hexdigest()}
 
 
 def batches_by_size(dataset) -> bool:

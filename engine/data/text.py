@@ -124,17 +124,44 @@ def build_token_cache(
     return folder
 
 
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def read_meta(folder: Path) -> dict:
+    """A token cache's ``meta.json``, checked before ``tokens.bin`` is memory-mapped with its dtype: an
+    object dtype would make numpy read pointers out of the file (a planted cache could crash the run, or
+    worse), and a short file would be read past its end."""
+    path = folder / "meta.json"
+    fix = f"delete {folder} and it is rebuilt from the text"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # a JSON error, a bad encoding, or absurd nesting
+        raise ValueError(f"token cache {path} is not valid JSON ({type(e).__name__}); {fix}") from None
+    ints = ("num_tokens", "vocab_size")
+    if (not isinstance(meta, dict) or meta.get("dtype") not in TOKEN_DTYPES
+            or not all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and meta[k] >= 0 for k in ints)
+            or not isinstance(meta.get("pad_id"), (int, type(None)))):  # fmt: skip
+        raise ValueError(f"token cache {path} is not one d2v2 wrote (it needs a dtype of {' or '.join(TOKEN_DTYPES)} "
+                         f"and whole num_tokens and vocab_size); {fix}")  # fmt: skip
+    tokens = folder / "tokens.bin"
+    expected = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+    if not tokens.is_file() or tokens.stat().st_size != expected:
+        size = tokens.stat().st_size if tokens.is_file() else 0
+        raise ValueError(f"token cache {tokens} holds {size} bytes, not the {expected} its meta.json names; {fix}")
+    return meta
+
+
 class TokenBlockDataset(torch.utils.data.Dataset):
     """Contiguous ``block_size``-token blocks of a token cache; item ``(index, seed)`` -> {"source": [L]}."""
 
     def __init__(self, cache_folder: str | os.PathLike, block_size: int = 512):
         folder = self.folder = Path(cache_folder)
-        self.meta = json.loads((folder / "meta.json").read_text())
+        self.meta = read_meta(folder)
         self.block_size = block_size
-        self.vocab_size = int(self.meta["vocab_size"])
+        self.vocab_size = self.meta["vocab_size"]
         self.pad_id = self.meta.get("pad_id")
         self.mask_id = load_tokenizer(folder / "tokenizer.json").token_to_id("<mask>")
-        n = int(self.meta["num_tokens"])
+        n = self.meta["num_tokens"]
         if n < block_size:
             raise ValueError(
                 f"the text corpus has {n} tokens, fewer than one block of {block_size}; "

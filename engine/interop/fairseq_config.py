@@ -87,6 +87,41 @@ def _modality_of(model_cfg: dict, state: dict) -> str:
     return modalities[0]
 
 
+def _section(value, where: str) -> dict:
+    """A config section (a mapping), or a ValueError naming it; an absent one is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"the checkpoint's {where} is {_short(value)}, not a section of settings (a mapping); "
+                         f"make {where} a mapping in its config to import it")  # fmt: skip
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _typed(value, name: str, kind: type):
+    """``value`` as an int, float or bool, refused (naming ``name``) where it is not one: an unresolved
+    ``${...}`` interpolation, a word, or a fraction where a count belongs (never truncated)."""
+    if isinstance(value, str) and value.startswith("${"):
+        raise ValueError(f"the checkpoint's {name} is {value!r}, an interpolation that names no value in the "
+                         f"checkpoint; set {name} to a value in its config to import it")  # fmt: skip
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = numeric and float(value).is_integer()
+    else:
+        ok = numeric
+    if not ok:
+        what = {bool: "true or false", int: "a whole number", float: "a number"}[kind]
+        raise ValueError(f"the checkpoint's {name} is {_short(value)}, not {what}; set it to {what} in its config "
+                         "to import it")  # fmt: skip
+    return kind(value)
+
+
 def _closest_size(modality: str, dims: dict) -> str:
     sizes = ENCODER_SIZES[modality]
     for name, size in sizes.items():
@@ -104,12 +139,26 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
         raise ValueError(f"the checkpoint's model is {name!r}; only data2vec 2.0 (data2vec_multi) checkpoints "
                          "and their fine-tunes are imported")  # fmt: skip
     modality = _modality_of(model_cfg, state)
-    mod = dict((model_cfg.get("modalities") or {}).get(modality) or {})
+    where = f"model.modalities.{modality}"
+    mod = _section(_section(model_cfg.get("modalities"), "model.modalities").get(modality), where)
+    decoder = _section(mod.get("decoder"), f"{where}.decoder")
     notes: list[str] = []
 
     def get(cfg: dict, key: str, default):
         value = cfg.get(key, default)
         return default if value is None and default is not None else value
+
+    # Typed reads: a value of the wrong type is refused naming its own field (not one compared with it).
+    def integer(cfg: dict, key: str, default, at: str = "model") -> int:
+        return _typed(get(cfg, key, default), f"{at}.{key}", int)
+
+    def number(cfg: dict, key: str, default, at: str = "model") -> float:
+        return _typed(get(cfg, key, default), f"{at}.{key}", float)
+
+    def flag(cfg: dict, key: str, default, at: str = "model") -> bool:
+        return _typed(get(cfg, key, default), f"{at}.{key}", bool)
+
+    embed_dim = integer(model_cfg, "embed_dim", 768)
 
     def refuse(key: str, why: str) -> None:
         raise ValueError(f"the checkpoint sets {key}, which d2v2 does not implement ({why}); it cannot be imported")
@@ -118,7 +167,6 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
         if key in cfg and cfg[key] != expected and cfg[key] is not None:
             refuse(f"{where}.{key}={cfg[key]!r}", why)
 
-    where = f"model.modalities.{modality}"
     require(model_cfg, "layer_norm_first", False, "its blocks are post-norm, as every released config")
     require(model_cfg, "end_of_block_targets", False, "targets are FFN outputs, as every released config")
     require(model_cfg, "norm_affine", True, "its LayerNorms are affine")
@@ -129,13 +177,12 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
     require(mod, "learned_alibi_scale_per_layer", False, "one ALiBi scale per head, shared by all layers", where)
     require(mod, "use_alibi_encoder", modality == "audio", "ALiBi for audio only, as the released configs", where)
     require(mod, "num_extra_tokens", 1 if modality == "image" else 0, "one CLS token for images, none otherwise", where)
-    decoder = dict(mod.get("decoder") or {})
     for key in ("add_positions_masked", "add_positions_all"):
         require(decoder, key, False, "the decoder sees no positions", f"{where}.decoder")
     if modality == "image":
         require(mod, "fixed_positions", True, "fixed sin-cos positions", where)
         require(mod, "transformer_decoder", False, "a convolutional decoder", where)
-        require(mod, "embed_dim", get(model_cfg, "embed_dim", 768), "the patch embedding is model-wide", where)
+        require(mod, "embed_dim", embed_dim, "the patch embedding is model-wide", where)
     if modality == "audio":
         require(mod, "extractor_mode", "layer_norm", "the CNN has a LayerNorm in every layer", where)
         require(mod, "conv_pos_pre_ln", False, "no LayerNorm before the positional convs", where)
@@ -154,31 +201,31 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
         notes.append("drop path starts at 0 in d2v2 (linear up to end_drop_path_rate over all blocks)")
 
     values: dict = dict(
-        embed_dim=int(get(model_cfg, "embed_dim", 768)),
-        num_heads=int(get(model_cfg, "num_heads", 12)),
-        depth=int(get(model_cfg, "depth", 8)),
-        prenet_depth=int(get(mod, "prenet_depth", 4)),
-        mlp_ratio=float(get(model_cfg, "mlp_ratio", 4.0)),
-        norm_eps=float(get(model_cfg, "norm_eps", 1e-6)),
-        encoder_dropout=float(get(model_cfg, "encoder_dropout", 0.1)),
-        attention_dropout=float(get(model_cfg, "attention_dropout", 0.1)),
-        activation_dropout=float(get(model_cfg, "activation_dropout", 0.0)),
-        post_mlp_dropout=float(get(model_cfg, "post_mlp_drop", 0.1)),
-        drop_path_rate=float(max(get(model_cfg, "end_drop_path_rate", 0.0), get(mod, "end_drop_path_rate", 0.0))),
-        layerdrop=float(get(model_cfg, "layerdrop", 0.0)),
-        prenet_layerdrop=float(get(mod, "prenet_layerdrop", 0.0)),
-        prenet_dropout=float(get(mod, "prenet_dropout", 0.0)),
-        average_top_k_layers=int(get(model_cfg, "average_top_k_layers", 8)),
-        clone_batch=int(get(model_cfg, "clone_batch", 1)),
-        loss_beta=float(get(model_cfg, "loss_beta", 0.0)),
-        loss_scale=None if model_cfg.get("loss_scale") is None else float(model_cfg["loss_scale"]),
-        cls_loss=float(get(model_cfg, "cls_loss", 0.0)),
-        min_target_var=float(get(model_cfg, "min_target_var", 0.1)),
-        min_pred_var=float(get(model_cfg, "min_pred_var", 0.01)),
-        mask_ratio=float(get(mod, "mask_prob", 0.7)),
-        mask_length=int(get(mod, "mask_length", 5)),
-        mask_prob_adjust=float(get(mod, "mask_prob_adjust", 0.0)),
-        mask_noise_std=float(get(mod, "mask_noise_std", 0.01)),
+        embed_dim=embed_dim,
+        num_heads=integer(model_cfg, "num_heads", 12),
+        depth=integer(model_cfg, "depth", 8),
+        prenet_depth=integer(mod, "prenet_depth", 4, where),
+        mlp_ratio=number(model_cfg, "mlp_ratio", 4.0),
+        norm_eps=number(model_cfg, "norm_eps", 1e-6),
+        encoder_dropout=number(model_cfg, "encoder_dropout", 0.1),
+        attention_dropout=number(model_cfg, "attention_dropout", 0.1),
+        activation_dropout=number(model_cfg, "activation_dropout", 0.0),
+        post_mlp_dropout=number(model_cfg, "post_mlp_drop", 0.1),
+        drop_path_rate=max(number(model_cfg, "end_drop_path_rate", 0.0), number(mod, "end_drop_path_rate", 0.0, where)),
+        layerdrop=number(model_cfg, "layerdrop", 0.0),
+        prenet_layerdrop=number(mod, "prenet_layerdrop", 0.0, where),
+        prenet_dropout=number(mod, "prenet_dropout", 0.0, where),
+        average_top_k_layers=integer(model_cfg, "average_top_k_layers", 8),
+        clone_batch=integer(model_cfg, "clone_batch", 1),
+        loss_beta=number(model_cfg, "loss_beta", 0.0),
+        loss_scale=None if model_cfg.get("loss_scale") is None else number(model_cfg, "loss_scale", None),
+        cls_loss=number(model_cfg, "cls_loss", 0.0),
+        min_target_var=number(model_cfg, "min_target_var", 0.1),
+        min_pred_var=number(model_cfg, "min_pred_var", 0.01),
+        mask_ratio=number(mod, "mask_prob", 0.7, where),
+        mask_length=integer(mod, "mask_length", 5, where),
+        mask_prob_adjust=number(mod, "mask_prob_adjust", 0.0, where),
+        mask_noise_std=number(mod, "mask_noise_std", 0.01, where),
         target_layer_norm="instance" if model_cfg.get("instance_norm_target_layer")
         else "layer" if model_cfg.get("layer_norm_target_layer") else None,
         target_final_norm="instance" if model_cfg.get("instance_norm_targets")
@@ -191,41 +238,41 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
         values["ema_anneal_end_step"] = model_cfg["ema_anneal_end_step"]
     if decoder:
         values.update(
-            decoder_dim=int(get(decoder, "decoder_dim", 384)),
-            decoder_kernel=int(get(decoder, "decoder_kernel", 5)),
-            decoder_layers=int(get(decoder, "decoder_layers", 5)),
-            decoder_groups=int(get(decoder, "decoder_groups", 16)),
-            decoder_residual=bool(get(decoder, "decoder_residual", True)),
-            projection_layers=int(get(decoder, "projection_layers", 1)),
-            projection_ratio=float(get(decoder, "projection_ratio", 2.0)),
-            decoder_input_dropout=float(get(decoder, "input_dropout", 0.1)),
+            decoder_dim=integer(decoder, "decoder_dim", 384, f"{where}.decoder"),
+            decoder_kernel=integer(decoder, "decoder_kernel", 5, f"{where}.decoder"),
+            decoder_layers=integer(decoder, "decoder_layers", 5, f"{where}.decoder"),
+            decoder_groups=integer(decoder, "decoder_groups", 16, f"{where}.decoder"),
+            decoder_residual=flag(decoder, "decoder_residual", True, f"{where}.decoder"),
+            projection_layers=integer(decoder, "projection_layers", 1, f"{where}.decoder"),
+            projection_ratio=number(decoder, "projection_ratio", 2.0, f"{where}.decoder"),
+            decoder_input_dropout=number(decoder, "input_dropout", 0.1, f"{where}.decoder"),
         )
     prefix = f"modality_encoders.{TAGS[modality]}."
     if modality == "image":
-        values.update(image_size=int(get(mod, "input_size", 224)), patch_size=int(get(mod, "patch_size", 16)),
-                      in_chans=int(get(mod, "in_chans", 3)))  # fmt: skip
+        values.update(image_size=integer(mod, "input_size", 224, where), patch_size=integer(mod, "patch_size", 16, where),
+                      in_chans=integer(mod, "in_chans", 3, where))  # fmt: skip
     elif modality == "audio":
         values.update(
             conv_feature_layers=parse_conv_spec(
                 get(mod, "feature_encoder_spec", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")
             ),
-            conv_pos_width=int(get(mod, "conv_pos_width", 95)),
-            conv_pos_depth=int(get(mod, "conv_pos_depth", 5)),
-            conv_pos_groups=int(get(mod, "conv_pos_groups", 16)),
-            alibi_scale_init=float(get(mod, "alibi_scale", 1.0)),
+            conv_pos_width=integer(mod, "conv_pos_width", 95, where),
+            conv_pos_depth=integer(mod, "conv_pos_depth", 5, where),
+            conv_pos_groups=integer(mod, "conv_pos_groups", 16, where),
+            alibi_scale_init=number(mod, "alibi_scale", 1.0, where),
         )
     else:
         tokens = state.get(prefix + "local_encoder.embed_tokens.weight")
         positions = state.get(prefix + "local_encoder.embed_positions.weight")
         if tokens is None or positions is None:
             raise ValueError("the checkpoint's text encoder lacks its token or position embeddings")
-        max_positions = int(get(mod, "max_source_positions", 512))
+        max_positions = integer(mod, "max_source_positions", 512, where)
         padding_idx = positions.shape[0] - max_positions - 1  # fairseq: max_positions + padding_idx + 1 rows
         if not 0 <= padding_idx < tokens.shape[0]:
             raise ValueError(f"the text position table has {positions.shape[0]} rows, too few for "
                              f"max_source_positions={max_positions}; the config and weights disagree")  # fmt: skip
         values.update(vocab_size=int(tokens.shape[0]), max_positions=max_positions, padding_idx=padding_idx,
-                      embed_dropout=float(get(mod, "dropout", 0.1)))  # fmt: skip
+                      embed_dropout=number(mod, "dropout", 0.1, where))  # fmt: skip
     dims = {k: values[k] for k in ("embed_dim", "num_heads", "prenet_depth", "depth")}
     size = _closest_size(modality, dims)
     try:

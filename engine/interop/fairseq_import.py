@@ -27,12 +27,12 @@ import torch
 
 from d2v2.models.data2vec2 import Data2Vec2
 
-from ..checkpoint import save_checkpoint, step_folder
+from ..checkpoint import CheckpointWriteError, save_checkpoint, step_folder
 from ..config import recipe_names, to_dict
-from ..runfolder import require_new, write_config
+from ..runfolder import require_new, write_config, write_failure
 from .fairseq_config import data2vec2_from_fairseq, pretraining_config
 from .fairseq_keys import d2v2_tensor, fairseq_name
-from .safe_pickle import load_checkpoint_safely, plain
+from .safe_pickle import ConfigShapeError, load_checkpoint_safely, plain
 
 __all__ = ["import_fairseq", "read_fairseq"]
 
@@ -51,14 +51,17 @@ def read_fairseq(path: str | Path) -> tuple[dict, dict, dict | None, str, str | 
     ckpt = load_checkpoint_safely(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
-    if ckpt.get("cfg") is not None:
-        root = plain(ckpt["cfg"])
-        model_cfg = root.get("model") if isinstance(root, dict) else None
-    elif ckpt.get("args") is not None:  # fairseq before Hydra: one flat argparse Namespace
-        root = plain(ckpt["args"])
-        model_cfg = root.get("model") if isinstance(root, dict) and isinstance(root.get("model"), dict) else root
-    else:
+    key = "cfg" if ckpt.get("cfg") is not None else "args"  # fairseq before Hydra: one flat argparse Namespace
+    if ckpt.get(key) is None:
         raise ValueError(f"{path} holds neither 'cfg' nor 'args': its model config is unknown")
+    try:
+        root = plain(ckpt[key])
+    except ConfigShapeError as e:
+        raise ValueError(f"{path}: {e}; it is not a config fairseq writes") from None
+    if key == "cfg":
+        model_cfg = root.get("model") if isinstance(root, dict) else None
+    else:
+        model_cfg = root.get("model") if isinstance(root, dict) and isinstance(root.get("model"), dict) else root
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{path}: the checkpoint's config has no model section")
     model_cfg, fine_tune = pretraining_config(model_cfg)
@@ -115,6 +118,14 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, log=print) -> Path:
             missing.append(source)
     if not has_decoder:
         notes.append("decoder: newly initialised (the checkpoint has none)")
+    # Before the teacher, which copies student weights where the checkpoint has no EMA of them.
+    unexpected = sorted(k for k in set(student) - used if not k.startswith(DROPPED_PREFIXES))
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)}: {', '.join(missing[:5])}"] if missing else []) + (
+            [f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}"] if unexpected else []
+        )
+        raise ValueError(f"{checkpoint} does not match the data2vec 2.0 model its config describes ("
+                         f"{'; '.join(parts)}); it is not a d2v2-importable variant")  # fmt: skip
 
     teacher_names = [name for name in target if name.startswith("teacher.")]
     blocks_only = ema is not None and not any(k.startswith(("blocks.", ENCODERS)) for k in ema)
@@ -136,13 +147,6 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, log=print) -> Path:
         if unused_ema:
             notes.append(f"dropped from the EMA (parts d2v2's teacher does not own): {_summary(unused_ema)}")
 
-    unexpected = sorted(k for k in set(student) - used if not k.startswith(DROPPED_PREFIXES))
-    if missing or unexpected:
-        parts = ([f"missing {len(missing)}: {', '.join(missing[:5])}"] if missing else []) + (
-            [f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}"] if unexpected else []
-        )
-        raise ValueError(f"{checkpoint} does not match the data2vec 2.0 model its config describes ("
-                         f"{'; '.join(parts)}); it is not a d2v2-importable variant")  # fmt: skip
     dropped += sorted(prefix + k for k in student if k.startswith(DROPPED_PREFIXES))
     model.load_state_dict(filled, strict=True)
 
@@ -154,9 +158,13 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, log=print) -> Path:
         "notes": notes,
     }
     state = {"method": model.state_dict(), "config": resolved, "imported": provenance}
-    out.mkdir(parents=True, exist_ok=True)
-    folder = save_checkpoint(out, 0, state, keep=0)
-    write_config(out, resolved)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folder = save_checkpoint(out, 0, state, keep=0)
+        write_config(out, resolved)
+    except (OSError, CheckpointWriteError) as e:  # its "--resume auto" advice is for a run, not a new import
+        raise write_failure(out, e.__cause__ or e, created) from e
 
     log(f"imported {Path(checkpoint).name}: data2vec 2.0 {modality}, D={cfg.embed_dim}, {cfg.num_heads} heads, "
         f"{cfg.prenet_depth}+{cfg.depth} blocks (preset {modality} {imported.size} with overrides)"

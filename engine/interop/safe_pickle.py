@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..safe_load import UnsafePickleError
+
 __all__ = ["UnsafePickleError", "SafeUnpickler", "load_checkpoint_safely", "plain"]
-
-
-class UnsafePickleError(ValueError):
-    """A checkpoint names a class or function that is not allowed (it would run foreign code)."""
 
 
 # Callables torch's own formats need to rebuild tensors (storages are resolved by torch.load itself).
@@ -202,43 +200,68 @@ def load_checkpoint_safely(path: str | Path) -> object:
 # -- stand-ins -> plain data ------------------------------------------------------------------------
 
 _INTERPOLATION = re.compile(r"^\$\{([A-Za-z0-9_.]+)\}$")
+MAX_DEPTH = 100
+"""How deep a config may nest (fairseq's nest about 5 levels); deeper is refused before Python's stack runs out."""
+
+
+class ConfigShapeError(ValueError):
+    """A pickled config nests too deep or contains itself: not a config fairseq writes."""
 
 
 def plain(obj):
     """The stand-ins of a loaded config as dicts, lists and scalars; ``${a.b}`` interpolations that
-    name a key of the root are resolved, others are left as strings."""
-    root = _strip(obj)
-    return _resolve(root, root, depth=0)
+    name a key of the root are resolved, others are left as strings.
+
+    A pickle can share one object many times (a list holding the same list twice, 40 levels deep, is
+    2**40 paths): each object is converted once and its result shared, so the work follows the file's
+    size. A config that contains itself or nests more than ``MAX_DEPTH`` levels is a ConfigShapeError.
+    """
+    root = _strip(obj, {}, 0)
+    return _resolve(root, root, 0, {}, 0)
 
 
-def _strip(obj):
+_VISITING = object()
+
+
+def _strip(obj, memo: dict, level: int):
+    if not isinstance(obj, (_Container, dict, list, tuple)):
+        return str(obj) if isinstance(obj, _TypeRef) else obj
+    if level > MAX_DEPTH:
+        raise ConfigShapeError(f"the checkpoint's config nests more than {MAX_DEPTH} levels deep")
+    seen = memo.get(id(obj))
+    if seen is not None:
+        if seen[1] is _VISITING:
+            raise ConfigShapeError("the checkpoint's config contains itself (a cycle)")
+        return seen[1]
+    memo[id(obj)] = (obj, _VISITING)  # ``obj`` kept alive, so that its id is not reused
+    level += 1
     if isinstance(obj, _Node):
-        return _strip(obj.state.get("_val"))
-    if isinstance(obj, _Namespace):
-        return {k: _strip(v) for k, v in obj.state.items()}
-    if isinstance(obj, _Container):
+        result = _strip(obj.state.get("_val"), memo, level)
+    elif isinstance(obj, _Namespace):
+        result = {k: _strip(v, memo, level) for k, v in obj.state.items()}
+    elif isinstance(obj, _Metadata):
+        result = None
+    elif isinstance(obj, _Container):
         content = obj.state.get("_content")
         if isinstance(content, dict):
-            return {(str(k) if isinstance(k, _TypeRef) else k): _strip(v) for k, v in content.items()}
-        if isinstance(content, (list, tuple)):
-            return [_strip(v) for v in content]
-        return content  # None, "???" (missing) or an interpolation of the whole container
-    if isinstance(obj, _Metadata):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_strip(v) for v in obj) if isinstance(obj, tuple) else [_strip(v) for v in obj]
-    if isinstance(obj, _TypeRef):
-        return str(obj)
-    return obj
+            result = {(str(k) if isinstance(k, _TypeRef) else k): _strip(v, memo, level) for k, v in content.items()}
+        elif isinstance(content, (list, tuple)):
+            result = [_strip(v, memo, level) for v in content]
+        else:
+            result = content  # None, "???" (missing) or an interpolation of the whole container
+    elif isinstance(obj, dict):
+        result = {k: _strip(v, memo, level) for k, v in obj.items()}
+    elif isinstance(obj, tuple):
+        result = tuple(_strip(v, memo, level) for v in obj)
+    else:
+        result = [_strip(v, memo, level) for v in obj]
+    memo[id(obj)] = (obj, result)
+    return result
 
 
-def _resolve(obj, root, depth: int):
-    if isinstance(obj, dict):
-        return {k: _resolve(v, root, depth) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_resolve(v, root, depth) for v in obj]
+def _resolve(obj, root, depth: int, memo: dict, level: int):
+    """``obj`` with interpolations resolved; ``depth`` counts the interpolations followed to reach it
+    (at most 10), ``level`` the nesting (at most ``MAX_DEPTH``); shared objects are resolved once."""
     if isinstance(obj, str) and depth < 10:
         match = _INTERPOLATION.match(obj)
         if match:
@@ -247,5 +270,15 @@ def _resolve(obj, root, depth: int):
                 if not isinstance(node, dict) or key not in node:
                     return obj
                 node = node[key]
-            return _resolve(node, root, depth + 1)
-    return obj
+            return _resolve(node, root, depth + 1, memo, level + 1)
+    if not isinstance(obj, (dict, list)):
+        return obj
+    if level > MAX_DEPTH:
+        raise ConfigShapeError(f"the checkpoint's config nests more than {MAX_DEPTH} levels deep")
+    key = (id(obj), depth)
+    if key not in memo:
+        if isinstance(obj, dict):
+            memo[key] = {k: _resolve(v, root, depth, memo, level + 1) for k, v in obj.items()}
+        else:
+            memo[key] = [_resolve(v, root, depth, memo, level + 1) for v in obj]
+    return memo[key]

@@ -81,6 +81,34 @@ def test_newest_loadable_skips_what_cannot_be_read(tmp_path):
         newest_loadable(tmp_path)
 
 
+def _sharded(run_dir, step: int) -> None:
+    """A one-process sharded checkpoint of ``step``: ``state.pt`` and a DCP folder with one shard."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    save_checkpoint(run_dir, step, {**_state(step), "sharded": "sharded"}, keep=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"method": {"w": torch.full((4,), float(step))}}, checkpoint_id=step_folder(run_dir, step) / "sharded")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_sharded_checkpoint_missing_a_shard_is_passed_over(tmp_path, damage):
+    for step in (1, 2):
+        _sharded(tmp_path, step)
+    shard = step_folder(tmp_path, 2) / "sharded" / "__0_0.distcp"
+    shard.unlink() if damage == "missing" else shard.write_bytes(shard.read_bytes()[:-8])
+    for tensors in (False, True):  # the resume of a sharded run reads the metadata only
+        lines = []
+        folder, state = newest_loadable(tmp_path, lines.append, tensors=tensors)
+        assert folder == step_folder(tmp_path, 1) and state["trainer"]["step"] == 1
+        assert len(lines) == 1 and lines[0].startswith(f"step-00000002: shard sharded/__0_0.distcp is {damage}")
+        assert lines[0].endswith("; resuming from step-00000001, the newest checkpoint that loads")
+    with pytest.raises(ValueError, match=f"shard sharded/__0_0.distcp is {damage}"):
+        load_checkpoint(step_folder(tmp_path, 2), tensors=False)
+
+
 def _write_forever(run_dir):
     big = {"model": {"w": torch.randn(2_000_000)}, "trainer": {"step": 0}}
     step = 1

@@ -149,6 +149,25 @@ def test_text_cache_and_blocks(tmp_path):
         text.TokenBlockDataset(folder, block_size=10**9)
 
 
+@pytest.mark.parametrize("damage, says", [
+    ({"dtype": "O"}, "is not one d2v2 wrote"),  # numpy would read pointers out of tokens.bin
+    ({"num_tokens": "many"}, "is not one d2v2 wrote"),
+    ({"num_tokens": 10**6}, "not the 2000000 its meta.json names"),
+    (None, "is not valid JSON"),
+], ids=["object-dtype", "word", "too-many", "not-json"])  # fmt: skip
+def test_a_planted_token_cache_is_refused_before_it_is_mapped(tmp_path, damage, says):
+    import json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(embedded.pydoc_text()[:20_000])
+    folder = text.build_token_cache(text.list_text_files(corpus), tmp_path / "cache", vocab_size=600)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text("[" * 100_000 if damage is None else json.dumps({**meta, **damage}))
+    with pytest.raises(ValueError, match=says) as info:
+        text.TokenBlockDataset(folder, block_size=64)
+    assert f"delete {folder} and it is rebuilt" in str(info.value)
+
+
 def test_token_cache_follows_the_tokenizer_content_not_its_path(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(embedded.pydoc_text()[:20_000])

@@ -3,7 +3,9 @@ load into their Hugging Face / timm classes with the same features (to 1e-5)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from d2v2.engine.cli import main
 from d2v2.engine.config import to_dict
 from d2v2.engine.export import export, standard_target
 from d2v2.models import build_method, load_pretrained, method_config
+from tests.helpers import one_line_error
 
 ATOL = 1e-5
 # (method, modality, config overrides): every method on every modality it runs; a small vocabulary.
@@ -194,6 +197,55 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert (taken / "keep.txt").read_text() == "precious" and not (tmp_path / "a").exists()
+
+
+# Read-only folders and mount points are simulated: the tests run as root, which permission bits do not
+# stop, and cannot mount.
+
+
+def test_out_under_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    run, _ = make_run(tmp_path, "mae", "image", {})
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.fspath(p) != str(read_only) and real_access(p, mode, **kw))
+    err = one_line_error(capsys, ["export", "--checkpoint", str(run), "--out", str(read_only / "exp")])
+    assert f"cannot be written: {read_only} is read-only; give a writable --out" in err
+    monkeypatch.setattr(os, "access", real_access)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("d2v2.engine.export.write_folder", full)  # the write itself fails
+    err = one_line_error(capsys, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp")])
+    assert f"--out {tmp_path / 'exp'} cannot be written (Read-only file system); give a writable --out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mae-image", "ro"]  # no temporary folder left
+
+
+def test_an_empty_out_that_cannot_be_replaced_is_written_into(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path, "mae", "image", {})
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_rmdir, real_replace = os.rmdir, os.replace
+
+    def busy(path, *args, **kwargs):  # a mount point: neither removed nor renamed over
+        if os.fspath(path) == str(mount):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(os, "rmdir", lambda p, *a, **k: busy(p) or real_rmdir(p, *a, **k))
+    monkeypatch.setattr(os, "replace", lambda s, d, *a, **k: busy(d) or real_replace(s, d, *a, **k))
+    assert main(["export", "--checkpoint", str(run), "--out", str(mount)]) == 0
+    assert sorted(p.name for p in mount.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_fairseq_checkpoint_points_to_import_fairseq(tmp_path, capsys):
+    pytest.importorskip("omegaconf")
+    from tests.engine.test_fairseq_import import tiny_model, write_checkpoint
+
+    write_checkpoint(tmp_path / "base.pt", tiny_model("image"))
+    err = one_line_error(capsys, ["export", "--checkpoint", str(tmp_path / "base.pt"), "--out", str(tmp_path / "exp")])
+    assert f"is a fairseq checkpoint, not a d2v2 one; import it first with `d2v2 import-fairseq {tmp_path / 'base.pt'}" in err
+    assert "\x1b" not in err and "trust" not in err and not (tmp_path / "exp").exists()
 
 
 def test_standard_target_explains_every_fallback():

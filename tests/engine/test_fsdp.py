@@ -119,6 +119,16 @@ def test_saved_on_two_ranks_resumes_on_one(sharded_run, tmp_path, cache, monkeyp
     assert load_checkpoint(last.parent)["trainer"]["world_size"] == 1
 
 
+def test_resume_falls_back_past_a_missing_shard(sharded_run, tmp_path, cache, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run[0], run)
+    (run / "checkpoints" / "step-00000003" / SHARDED_DIR / "__0_0.distcp").unlink()
+    assert _main([*TINY, *NO_NOISE, *EMA, *FSDP, "--max-steps", "4", "--out", str(run)], cache, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "step-00000003: shard sharded/__0_0.distcp is missing; resuming from step-00000002" in out
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_a_sharded_checkpoint_initialises_a_new_run(sharded_run, strategy, tmp_path, cache, monkeypatch):
     checkpoint = sharded_run[0] / "checkpoints" / "step-00000003"

@@ -100,5 +100,5 @@ def test_a_task_that_cannot_be_probed_is_refused_before_any_feature(labels, frac
 def test_a_text_model_whose_vocabulary_is_smaller_than_the_tokenizer_is_refused():
     cfg = data2vec2_config("text", "tiny")
     cfg.vocab_size = 50  # an imported checkpoint's vocabulary, not the run's BPE
-    with pytest.raises(ValueError, match="tokenizer this run's data settings build has 2000 tokens, the model's vocabulary 50"):
+    with pytest.raises(ValueError, match="the run's tokenizer has 2000 tokens, the model's vocabulary 50"):
         labelled_set("text", cfg, {"data": {"vocab_size": 2000}}, None)
