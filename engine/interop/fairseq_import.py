@@ -186,4 +186,8 @@ def _run_config(cfg, size: str) -> dict:
     resolved = to_dict(run_cfg)
     resolved["method"] = "data2vec2"
     resolved["model"] = {"size": size, **to_dict(cfg)}
+    # The data setting the model's shape fixes, so that config.yaml is a recipe this model runs with
+    # (`pretrain --recipe RUN/config.yaml --init-from RUN`): the crop is the model's image side.
+    if cfg.modality == "image":
+        resolved["data"]["crop_size"] = cfg.image_size
     return resolved

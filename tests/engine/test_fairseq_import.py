@@ -367,3 +367,15 @@ def test_pretrain_starts_from_an_import_and_refuses_to_resume_it(tmp_path, capsy
     err = one_line_error(capsys, ["pretrain", "--out", str(run), "--max-steps", "1"])
     assert "holds weights only" in err and "--init-from" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000000"]
+
+
+def test_an_imported_runs_config_is_a_recipe_for_its_own_model(tmp_path, capsys, monkeypatch):
+    """A 64-px model imported into the tiny image recipe (32-px crops): its config.yaml crops 64 px."""
+    monkeypatch.setenv("D2V2_CACHE", str(tmp_path / "cache"))
+    model = Data2Vec2(data2vec2_config("image", "tiny", impl="torch", image_size=64, **NO_DROPOUT))
+    write_checkpoint(tmp_path / "ckpt.pt", model.eval())
+    run, _ = import_run(tmp_path, capsys)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["crop_size"] == 64
+    fast = ["--set", "data.num_workers=0", "--set", "data.batch_size=4", "--set", "train.log_every=1"]
+    argv = ["pretrain", "--recipe", str(run / "config.yaml"), "--init-from", str(run), "--out", str(tmp_path / "new")]
+    assert main([*argv, "--max-steps", "1", *fast]) == 0
