@@ -1,8 +1,9 @@
 """Labelled sets for the probe, one per modality, each with a held-out split made by the probe.
 
 - images: the embedded digits (10 classes), or an ImageFolder tree (one folder per class);
-- speech: the embedded synthetic utterances with two tasks, which of the 6 voices speaks and at
-  which of the 3 rates; or a folder of audio files with one subfolder per class;
+- speech: the embedded spoken keywords with three tasks, which of the 10 words is spoken (content),
+  by which of the 6 voices and at which of the 3 rates (speaker and prosody); or a folder of audio
+  files with one subfolder per class;
 - text: which pydoc topic a block of tokens comes from (the 16 longest topics, 64-token blocks,
   tokenized with the run's own tokenizer); or a folder of text files with one subfolder per class.
 
@@ -115,14 +116,13 @@ def _clips(paths: list[str], labels: list[int] | None = None, log=print) -> tupl
 
 
 def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
-    if data is None:
-        count = int(run_config.get("data", {}).get("embedded_utterances", 240))
-        manifest = audio.read_manifest(embedded.synthetic_speech(count))
+    if data is None:  # which word is spoken (the main task), and by which voice at which rate
+        manifest = audio.read_manifest(embedded.spoken_keywords())
         paths = [os.path.join(manifest.root, p) for p in manifest.paths]
-        voices, rates = embedded.synthetic_speech_labels(len(paths))
-        tasks = {"voice": torch.tensor(voices), "rate": torch.tensor(rates)}
-        classes = {"voice": list(embedded.SPEECH_VOICES), "rate": [str(r) for r in embedded.SPEECH_RATES]}
-        return LabelledSet(_clips(paths)[0], tasks, classes, "embedded synthetic speech")
+        tasks = {task: torch.tensor(labels) for task, labels in embedded.spoken_keyword_labels().items()}
+        classes = {"keyword": list(embedded.KEYWORDS), "voice": list(embedded.SPEECH_VOICES),
+                   "rate": [str(r) for r in embedded.SPEECH_RATES]}  # fmt: skip
+        return LabelledSet(_clips(paths)[0], tasks, classes, "embedded spoken keywords")
     folders = _class_folders(data, "audio files")
     paths, labels = [], []
     for label, folder in enumerate(folders):

@@ -7,7 +7,10 @@
   (``pydoc_data.topics``, about 460 kB);
 - speech: utterances synthesised locally from sentences of that same English text with the
   eSpeak NG library in the ``espeakng-loader`` wheel, in several voices and speaking rates,
-  resampled from 22,050 Hz to 16 kHz. This is synthetic speech, not recordings.
+  resampled from 22,050 Hz to 16 kHz. This is synthetic speech, not recordings. Beside them, a
+  keyword-spotting set in the manner of Speech Commands: one-second clips of ten command words in
+  every voice, rate and pitch, labelled by word (a content task; voice and rate are speaker and
+  prosody, which contextual targets keep less of).
 
 Generated files go to the d2v2 cache folder (``$D2V2_CACHE``, else ``$XDG_CACHE_HOME/d2v2``,
 else ``~/.cache/d2v2``) and are reused by later runs.
@@ -27,6 +30,9 @@ import torch.nn.functional as F
 
 SPEECH_VOICES = ("en-us", "en", "en-us+f2", "en+m3", "en-us+f4", "en+m7")
 SPEECH_RATES = (140, 165, 190)
+# Speech Commands' ten command words (Warden, 2018), each spoken in every voice, rate and pitch.
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+KEYWORD_PITCHES = (35, 50, 65)
 
 
 def cache_dir() -> Path:
@@ -89,7 +95,7 @@ class _ESpeak:
     """The eSpeak NG shared library of ``espeakng-loader``, in synchronous mode through ctypes."""
 
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-    AUDIO_OUTPUT_SYNCHRONOUS, ESPEAK_RATE = 2, 1
+    AUDIO_OUTPUT_SYNCHRONOUS, ESPEAK_RATE, ESPEAK_PITCH = 2, 1, 3
 
     def __init__(self):
         try:
@@ -112,11 +118,12 @@ class _ESpeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def speak(self, text: str, voice: str, rate: int) -> np.ndarray:
-        """Synthesise ``text`` -> int16 samples at ``self.sample_rate``."""
+    def speak(self, text: str, voice: str, rate: int, pitch: int = 50) -> np.ndarray:
+        """Synthesise ``text`` -> int16 samples at ``self.sample_rate`` (pitch 0-100, eSpeak's default 50)."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
         self.lib.espeak_SetParameter(self.ESPEAK_RATE, rate, 0)
+        self.lib.espeak_SetParameter(self.ESPEAK_PITCH, pitch, 0)
         self._chunks = []
         data = text.encode("utf-8")
         self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
@@ -164,6 +171,51 @@ def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample
         sf.write(wav_dir / name, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
         lines.append(f"{name}\t{wav.shape[0]}")
     tmp = manifest.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest
+
+
+def spoken_keyword_labels() -> dict[str, list[int]]:
+    """Per clip of ``spoken_keywords``: the keyword, voice and rate (indices into KEYWORDS, SPEECH_VOICES,
+    SPEECH_RATES); clips run keyword-major, then voice, rate and pitch."""
+    order = [(k, v, r) for k in range(len(KEYWORDS)) for v in range(len(SPEECH_VOICES))
+             for r in range(len(SPEECH_RATES)) for _ in KEYWORD_PITCHES]  # fmt: skip
+    return {"keyword": [k for k, _, _ in order], "voice": [v for _, v, _ in order], "rate": [r for _, _, r in order]}
+
+
+def spoken_keywords(sample_rate: int = 16_000, seconds: float = 1.0) -> Path:
+    """Synthesise (once) the keyword-spotting set; returns its manifest ``train.tsv``.
+
+    Each clip is ``seconds`` long, the word centred in silence (cropped about its centre if longer), as
+    Speech Commands' one-second clips. Beside the manifest, ``train.lbl`` names each clip's keyword:
+    the audio-classification layout (a manifest and a label file with a line per clip).
+    """
+    folder = cache_dir() / "keywords"
+    manifest = folder / "train.tsv"
+    if manifest.exists():
+        return manifest
+    wav_dir = folder / "wav"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    engine = _ESpeak()
+    length = int(seconds * sample_rate)
+    lines, words = [str(wav_dir.resolve())], []
+    labels = spoken_keyword_labels()
+    for i, (k, v, r) in enumerate(zip(labels["keyword"], labels["voice"], labels["rate"])):
+        pitch = KEYWORD_PITCHES[i % len(KEYWORD_PITCHES)]
+        speech = engine.speak(KEYWORDS[k], SPEECH_VOICES[v], SPEECH_RATES[r], pitch).astype(np.float32) / 32768.0
+        speech = resample(speech, engine.sample_rate, sample_rate)
+        start = max(0, (speech.shape[0] - length) // 2)
+        speech = speech[start : start + length]
+        clip = np.zeros(length, np.float32)
+        offset = (length - speech.shape[0]) // 2
+        clip[offset : offset + speech.shape[0]] = speech
+        name = f"kw{i:04d}.wav"
+        sf.write(wav_dir / name, np.clip(clip, -1.0, 1.0), sample_rate, subtype="PCM_16")
+        lines.append(f"{name}\t{length}")
+        words.append(KEYWORDS[k])
+    (folder / "train.lbl").write_text("\n".join(words) + "\n", encoding="utf-8")
+    tmp = manifest.with_suffix(".tmp")  # the manifest last: its presence means the set is whole
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, manifest)
     return manifest

@@ -102,3 +102,15 @@ def test_a_text_model_whose_vocabulary_is_smaller_than_the_tokenizer_is_refused(
     cfg.vocab_size = 50  # an imported checkpoint's vocabulary, not the run's BPE
     with pytest.raises(ValueError, match="the run's tokenizer has 2000 tokens, the model's vocabulary 50"):
         labelled_set("text", cfg, {"data": {"vocab_size": 2000}}, None)
+
+
+def test_the_embedded_speech_probe_is_keyword_spotting_with_voice_and_rate_beside():
+    labels = embedded.spoken_keyword_labels()
+    per_word = len(embedded.SPEECH_VOICES) * len(embedded.SPEECH_RATES) * len(embedded.KEYWORD_PITCHES)
+    assert len(labels["keyword"]) == len(embedded.KEYWORDS) * per_word == 540
+    assert np.bincount(labels["keyword"]).tolist() == [per_word] * len(embedded.KEYWORDS)
+    labelled = labelled_set("audio", data2vec2_config("audio", "tiny"), {}, None)
+    assert list(labelled.tasks) == ["keyword", "voice", "rate"]  # the first task is the probe's headline
+    assert labelled.sources.shape == (540, 16000) and labelled.classes["keyword"][:3] == ["yes", "no", "up"]
+    manifest = embedded.spoken_keywords()
+    assert (manifest.parent / "train.lbl").read_text().split() == [embedded.KEYWORDS[k] for k in labels["keyword"]]
