@@ -1,0 +1,6 @@
+"""Fine-tuning: a pretrained encoder with a task head, trained and scored on labelled data.
+
+``metrics`` scores predictions as each task reports them (accuracy, top-k, F1, Matthews correlation,
+Pearson / Spearman, by GLUE task); ``labelled_text`` reads sentence and sentence-pair tasks (the GLUE
+folders as distributed, or a CSV / JSONL of ``text[,text_pair],label``).
+"""
