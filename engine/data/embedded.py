@@ -130,6 +130,21 @@ class _ESpeak:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
 
 
+def _corpus(name: str) -> tuple[Path, Path]:
+    """A synthesised corpus's manifest path and its (created) wav folder in the cache."""
+    folder = cache_dir() / name
+    (folder / "wav").mkdir(parents=True, exist_ok=True)
+    return folder / "train.tsv", folder / "wav"
+
+
+def _write_manifest(manifest: Path, lines: list[str]) -> Path:
+    """Written last and atomically: a manifest's presence means its corpus is whole."""
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest
+
+
 def synthetic_speech_labels(num_utterances: int) -> tuple[list[int], list[int]]:
     """The voice (index into SPEECH_VOICES) and rate (index into SPEECH_RATES) of each synthetic utterance."""
     voices = [u % len(SPEECH_VOICES) for u in range(num_utterances)]
@@ -150,12 +165,9 @@ def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample
     Utterances join consecutive sentences until ``min_seconds`` is reached, cycling through the
     voices and rates, so that every clip passes the reference's 2 s minimum.
     """
-    folder = cache_dir() / f"speech-{num_utterances}"
-    manifest = folder / "train.tsv"
+    manifest, wav_dir = _corpus(f"speech-{num_utterances}")
     if manifest.exists():
         return manifest
-    wav_dir = folder / "wav"
-    wav_dir.mkdir(parents=True, exist_ok=True)
     engine = _ESpeak()
     sentences = prose_sentences()
     lines, s = [str(wav_dir.resolve())], 0
@@ -170,10 +182,7 @@ def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample
         name = f"utt{u:04d}.wav"
         sf.write(wav_dir / name, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
         lines.append(f"{name}\t{wav.shape[0]}")
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest)
-    return manifest
+    return _write_manifest(manifest, lines)
 
 
 def spoken_keyword_labels() -> dict[str, list[int]]:
@@ -191,12 +200,9 @@ def spoken_keywords(sample_rate: int = 16_000, seconds: float = 1.0) -> Path:
     Speech Commands' one-second clips. Beside the manifest, ``train.lbl`` names each clip's keyword:
     the audio-classification layout (a manifest and a label file with a line per clip).
     """
-    folder = cache_dir() / "keywords"
-    manifest = folder / "train.tsv"
+    manifest, wav_dir = _corpus("keywords")
     if manifest.exists():
         return manifest
-    wav_dir = folder / "wav"
-    wav_dir.mkdir(parents=True, exist_ok=True)
     engine = _ESpeak()
     length = int(seconds * sample_rate)
     lines, words = [str(wav_dir.resolve())], []
@@ -214,8 +220,5 @@ def spoken_keywords(sample_rate: int = 16_000, seconds: float = 1.0) -> Path:
         sf.write(wav_dir / name, np.clip(clip, -1.0, 1.0), sample_rate, subtype="PCM_16")
         lines.append(f"{name}\t{length}")
         words.append(KEYWORDS[k])
-    (folder / "train.lbl").write_text("\n".join(words) + "\n", encoding="utf-8")
-    tmp = manifest.with_suffix(".tmp")  # the manifest last: its presence means the set is whole
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest)
-    return manifest
+    (manifest.parent / "train.lbl").write_text("\n".join(words) + "\n", encoding="utf-8")
+    return _write_manifest(manifest, lines)
