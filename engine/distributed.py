@@ -279,6 +279,33 @@ class DistEnv:
         return method
 
 
+class PeerLost(Exception):
+    """A collective failed because another process of the job ended (killed, crashed, its node lost).
+
+    Every rank that sees it says so and exits 1 at once (no rank waits on a dead peer), so that
+    torchrun's elastic restart (``--max-restarts``) or ``--resume auto`` continues the job from its
+    newest complete checkpoint.
+    """
+
+
+# How gloo and NCCL word a peer that went away (torch raises them as plain RuntimeErrors).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "ncclRemoteError")  # fmt: skip
+
+
+def as_peer_lost(e: BaseException, rank: int) -> PeerLost | None:
+    """``e`` as a one-line ``PeerLost`` when it is a collective's failure on a lost peer, else None."""
+    text = str(e)
+    cause = next((words for words in _PEER_GONE if words in text), None)
+    if cause is None and not isinstance(e, dist.DistNetworkError):
+        return None
+    return PeerLost(
+        f"rank {rank} lost another process of the job ({cause or text.splitlines()[0][:200]}); it stops too. "
+        "Under torchrun --max-restarts N the job restarts from its newest checkpoint; otherwise continue with "
+        "the same torchrun command (--resume auto)"
+    )
+
+
 def check_strategy(strategy: str, skips_parameters: bool, precision: str) -> None:
     """A one-line error for what FSDP2 cannot train (see the module docstring); nothing for ddp."""
     if strategy != "fsdp":

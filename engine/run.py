@@ -157,6 +157,11 @@ def pretrain(
     dev = distributed.setup(env, device, cfg.dist.strategy)
     try:
         return _pretrain(cfg, env, dev, out, resume, init_from, log if env.is_main else _silent)
+    except RuntimeError as e:  # a dead peer is not a bug of ours: one line, not a traceback per rank
+        lost = distributed.as_peer_lost(e, env.rank) if env.distributed else None
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         distributed.teardown()
 

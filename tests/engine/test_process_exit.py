@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,9 +56,9 @@ def no_survivors(mark: str, within_s: float = 10.0) -> list[int]:
     return alive
 
 
-def start(argv: list[str], mark: str, cwd: Path, cache: Path) -> subprocess.Popen:
+def start(argv: list[str], mark: str, cwd: Path, cache: Path, extra_env: dict | None = None) -> subprocess.Popen:
     key, value = mark.split("=")
-    env = {**os.environ, key: value, "D2V2_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(extra_env or {}), key: value, "D2V2_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "d2v2.engine.cli", *argv], cwd=cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -77,4 +78,38 @@ def test_an_error_in_a_loader_worker_ends_the_run_and_its_workers(tmp_path, mark
     assert proc.returncode == 2, err
     assert "sample rate 8000 Hz, the recipe needs 16000 Hz" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+    assert no_survivors(marker) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_rank_that_loses_its_peer_exits_with_its_workers(tmp_path, marker, strategy):
+    # Two ranks as torchrun starts them, without the agent (as when it died too): nothing but the
+    # rank itself can end it and its loader workers.
+    argv = ["pretrain", "--recipe", "image-tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1000",
+            "--set", "data.num_workers=1", "--set", "data.batch_size=4", "--set", "train.log_every=1",
+            "--set", f"dist.strategy={strategy}"]  # fmt: skip
+    dist_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    ranks = [start(argv, marker, tmp_path, tmp_path / "cache", {**dist_env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]  # fmt: skip
+    try:
+        for line in ranks[0].stdout:  # both train: kill rank 1 mid-run
+            if line.startswith("step 2/"):
+                break
+        ranks[1].kill()
+        ranks[1].wait()
+        start_s = time.monotonic()
+        _, err = ranks[0].communicate(timeout=TIMEOUT_S)
+        took = time.monotonic() - start_s
+    finally:
+        for p in ranks:
+            p.kill()
+    assert ranks[0].returncode == 1, err
+    assert "rank 0 lost another process of the job" in err and len(err.strip().splitlines()) == 1, err
+    assert took < 30, f"rank 0 took {took:.0f} s to stop"
     assert no_survivors(marker) == []
