@@ -540,7 +540,8 @@ class Trainer:
         try:
             return self._train_on(stop, batches, resume_step)
         finally:  # on any ending: no loader worker may outlive the run
-            close_batches(batches)
+            with stop.deferred():
+                close_batches(batches)
 
     def _train_on(self, stop: StopRequest, batches: Iterator[dict], resume_step: int) -> dict:
         main = self.dist.is_main

@@ -63,3 +63,31 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum, c
     assert main(["pretrain", "--out", str(run), "--max-steps", str(stopped + 1)]) == 0
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, stopped + 2))
+
+
+def test_a_second_signal_while_the_workers_end_changes_nothing(tmp_path, monkeypatch, capsys):
+    # Two Ctrl-C 0.3 s apart: the first stops the run at a step boundary, the second lands while the
+    # run ends its loader workers, and must neither cut that short nor print anything.
+    from d2v2.engine import trainer
+
+    step, close, workers = trainer.Trainer.train_step, trainer.close_batches, []
+
+    def train_step(self, batches):
+        result = step(self, batches)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def close_under_fire(batches):
+        workers.extend(batches._workers)
+        os.kill(os.getpid(), signal.SIGINT)
+        close(batches)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer, "close_batches", close_under_fire)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1000", *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT at step 2: checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert workers and not any(w.is_alive() for w in workers)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
