@@ -195,6 +195,8 @@ def _train_in(
     folder: runfolder.RunFolder | None, cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, run_dir: Path,
     resume: str, init_from: str | None, log,
 ) -> dict:
+    if env.is_main and (hazard := distributed.restart_hazard()):
+        log(f"warning: {hazard}")
     if folder is not None and folder.removed_temporaries:
         log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
     torch.manual_seed(cfg.train.seed)
