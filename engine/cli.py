@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 
 VERSION = "0.1.0"
@@ -273,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    code = main()
+    # The command has ended and said how: a late signal (the second of two Ctrl-C) must not make the
+    # interpreter's exit a death by that signal instead of this exit code.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ Inside ``StopRequest`` the first of either only sets a flag, which the training 
 each optimizer step: it then writes a checkpoint and raises ``RunStopped``, whose ``exit_code`` is
 the shell's 128 + signal number (130 for SIGINT, 143 for SIGTERM). A second signal aborts at once
 (``KeyboardInterrupt``), for a user who does not want to wait for the step and the checkpoint;
-only while the run ends its loader workers, which takes moments, a further signal changes nothing.
+once the run is ending (its checkpoint written, or its loader workers being ended), a further signal
+changes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 
@@ -30,7 +30,10 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
-        self._deferred = False
+        self.ending = False
+        """Set once the run is ending (its stop checkpoint written, or its loader workers being ended):
+        a further signal then only sets the flag, as nothing is left to abort, and cutting the ending
+        short would leave a live worker (and a ``KeyboardInterrupt`` ignored in its ``__del__``) behind."""
         self._previous: dict[int, object] = {}
 
     @property
@@ -46,20 +49,9 @@ class StopRequest:
         return 128 + (self.signum or 0)
 
     def request(self, signum: int, _frame=None) -> None:
-        if self.signum is not None and not self._deferred:
+        if self.signum is not None and not self.ending:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
         self.signum = self.signum or signum
-
-    @contextlib.contextmanager
-    def deferred(self):
-        """Inside, every signal only sets the flag: for the run's own ending (ending its loader
-        workers), which a second Ctrl-C must not cut short, leaving a live worker and a
-        ``KeyboardInterrupt`` ignored in its ``__del__`` behind."""
-        self._deferred = True
-        try:
-            yield self
-        finally:
-            self._deferred = False
 
     def __enter__(self) -> StopRequest:
         # Python delivers signals to the main thread only; elsewhere (a test's thread) nothing is hooked.

@@ -540,8 +540,8 @@ class Trainer:
         try:
             return self._train_on(stop, batches, resume_step)
         finally:  # on any ending: no loader worker may outlive the run
-            with stop.deferred():
-                close_batches(batches)
+            stop.ending = True
+            close_batches(batches)
 
     def _train_on(self, stop: StopRequest, batches: Iterator[dict], resume_step: int) -> dict:
         main = self.dist.is_main
@@ -598,6 +598,7 @@ class Trainer:
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self._stop_agreed(stop) and self.step < self.max_steps:
                     self.save()
+                    stop.ending = True
                     stopped_by = stop.name or "stop request"
                     break
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:

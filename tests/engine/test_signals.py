@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -91,3 +92,26 @@ def test_a_second_signal_while_the_workers_end_changes_nothing(tmp_path, monkeyp
     assert "SIGINT at step 2: checkpoint" in err and len(err.strip().splitlines()) == 1, err
     assert workers and not any(w.is_alive() for w in workers)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_two_ctrl_c_in_a_row_exit_130_without_noise(tmp_path):
+    # Wherever the second lands (the last step: an abort; the ending; the interpreter's exit), the
+    # process exits 130 with one line, never dies of the signal nor prints an ignored exception.
+    run = tmp_path / "run"
+    argv = ["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1000", *FAST]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2v2.engine.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "Exception ignored" not in err, err
