@@ -87,29 +87,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_rank_that_loses_its_peer_exits_with_its_workers(tmp_path, marker, strategy):
+@pytest.mark.parametrize("strategy, victim", [("ddp", 1), ("fsdp", 1), ("ddp", 0)])
+def test_a_rank_that_loses_its_peer_exits_with_its_workers(tmp_path, marker, strategy, victim):
     # Two ranks as torchrun starts them, without the agent (as when it died too): nothing but the
-    # rank itself can end it and its loader workers.
+    # rank itself can end it and its loader workers. Rank 0 also hosts the job's store.
     argv = ["pretrain", "--recipe", "image-tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1000",
             "--set", "data.num_workers=1", "--set", "data.batch_size=4", "--set", "train.log_every=1",
             "--set", f"dist.strategy={strategy}"]  # fmt: skip
     dist_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     ranks = [start(argv, marker, tmp_path, tmp_path / "cache", {**dist_env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]  # fmt: skip
+    survivor = 1 - victim
     try:
-        for line in ranks[0].stdout:  # both train: kill rank 1 mid-run
+        for line in ranks[0].stdout:  # both train: kill one mid-run
             if line.startswith("step 2/"):
                 break
-        ranks[1].kill()
-        ranks[1].wait()
+        ranks[victim].kill()
+        ranks[victim].wait()
         start_s = time.monotonic()
-        _, err = ranks[0].communicate(timeout=TIMEOUT_S)
+        _, err = ranks[survivor].communicate(timeout=TIMEOUT_S)
         took = time.monotonic() - start_s
     finally:
         for p in ranks:
             p.kill()
-    assert ranks[0].returncode == 1, err
-    assert "rank 0 lost another process of the job" in err and len(err.strip().splitlines()) == 1, err
-    assert took < 30, f"rank 0 took {took:.0f} s to stop"
+    assert ranks[survivor].returncode == 1, err
+    assert f"rank {survivor} lost another process of the job" in err and len(err.strip().splitlines()) == 1, err
+    assert took < 30, f"rank {survivor} took {took:.0f} s to stop"
     assert no_survivors(marker) == []
