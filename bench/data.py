@@ -94,6 +94,8 @@ def _need_per_s(modality: str, cfg, step_ms: float) -> float:
 
 def measure(modality: str, loader: Callable[[int], Any], workers: int, batches: int) -> dict[str, Any]:
     """One (modality, workers) row: rates over ``batches`` timed batches after the discarded ones."""
+    from d2v2.engine.data.loader import close_batches
+
     start = time.perf_counter()
     skip = 2 * workers + 1
     stream = iter(loader(workers))
@@ -111,7 +113,7 @@ def measure(modality: str, loader: Callable[[int], Any], workers: int, batches: 
                 samples += batch["source"].shape[0]
                 units += _units(modality, batch)
     finally:
-        del stream  # shuts the workers down
+        close_batches(stream)  # no worker outlives a row, whatever ended it
     elapsed = arrivals[-1] - arrivals[0]
     share = max(workers, 1)  # the main process does the work when there are no workers
     row = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 
 VERSION = "0.1.0"
@@ -23,10 +24,11 @@ class UsageError(Exception):
 
 
 try:  # the trainer's own stop signals; imported lazily elsewhere to keep `d2v2 info` light
+    from .distributed import PeerLost
     from .signals import RunStopped
     from .trainer import TrainingStopped
 except ImportError:  # pragma: no cover
-    TrainingStopped = RunStopped = RuntimeError
+    TrainingStopped = RunStopped = PeerLost = RuntimeError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN_CODE = tuple(os.path.join(_ROOT, part) + os.sep for part in ("kernels", "models", "engine", "bench"))
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         if speak:
             print(f"d2v2 {args.command}: stopped on {e}", file=sys.stderr)
         return e.exit_code
+    except PeerLost as e:  # every rank: the dead one may be rank 0
+        print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except TrainingStopped as e:
         if speak:
             print(f"d2v2 {args.command}: stopped: {e}", file=sys.stderr)
@@ -269,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    code = main()
+    # The command has ended and said how: a late signal (the second of two Ctrl-C) must not make the
+    # interpreter's exit a death by that signal instead of this exit code.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ Limits:
 - Student buffers are not re-broadcast before each forward: Data2Vec2's are constants.
 - A micro-batch whose every file is unreadable makes that rank read on to its next batch, one group
   ahead of the others (the shards stay disjoint; a resume realigns them at rank 0's position).
-- Multi-node runs need the run folder on a file system every node sees.
+- Multi-node runs need the run folder on a file system every node sees, and, for torchrun's elastic
+  restarts (``--max-restarts``), ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` on every node (``restart_hazard``).
 """
 
 from __future__ import annotations
@@ -277,6 +278,49 @@ class DistEnv:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(method, mesh=mesh, mp_policy=policy)
         return method
+
+
+class PeerLost(Exception):
+    """A collective failed because another process of the job ended (killed, crashed, its node lost).
+
+    Every rank that sees it says so and exits 1 at once (no rank waits on a dead peer), so that
+    torchrun's elastic restart (``--max-restarts``) or ``--resume auto`` continues the job from its
+    newest complete checkpoint.
+    """
+
+
+# How gloo and NCCL word a peer that went away (torch raises them as plain RuntimeErrors).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "ncclRemoteError")  # fmt: skip
+
+
+def as_peer_lost(e: BaseException, rank: int) -> PeerLost | None:
+    """``e`` as a one-line ``PeerLost`` when it is a collective's failure on a lost peer, else None."""
+    text = str(e)
+    cause = next((words for words in _PEER_GONE if words in text), None)
+    if cause is None and not isinstance(e, dist.DistNetworkError):
+        return None
+    return PeerLost(
+        f"rank {rank} lost another process of the job ({cause or text.splitlines()[0][:200]}); it stops too. "
+        "Under torchrun --max-restarts N the job restarts from its newest checkpoint; otherwise continue with "
+        "the same torchrun command (--resume auto)"
+    )
+
+
+def restart_hazard() -> str | None:
+    """A warning when torchrun's elastic restarts of this multi-node job would fail to reconnect.
+
+    By default torchrun's c10d rendezvous lends its own store to the processes, which keeps the
+    process-group keys of a dead round; a restarted process then reads its peers' old addresses
+    (pytorch#135712). Only the agents read the setting, so the processes can only say so.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("TORCHELASTIC_MAX_RESTARTS", "0") == "0":
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") == "1":  # one node: its agent restarts every rank alike
+        return None
+    return ("torchrun's --max-restarts will not reconnect this multi-node job after a lost process unless every node "
+            "sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (pytorch#135712)")
 
 
 def check_strategy(strategy: str, skips_parameters: bool, precision: str) -> None:

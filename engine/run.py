@@ -157,6 +157,11 @@ def pretrain(
     dev = distributed.setup(env, device, cfg.dist.strategy)
     try:
         return _pretrain(cfg, env, dev, out, resume, init_from, log if env.is_main else _silent)
+    except RuntimeError as e:  # a dead peer is not a bug of ours: one line, not a traceback per rank
+        lost = distributed.as_peer_lost(e, env.rank) if env.distributed else None
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         distributed.teardown()
 
@@ -190,6 +195,8 @@ def _train_in(
     folder: runfolder.RunFolder | None, cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, run_dir: Path,
     resume: str, init_from: str | None, log,
 ) -> dict:
+    if env.is_main and (hazard := distributed.restart_hazard()):
+        log(f"warning: {hazard}")
     if folder is not None and folder.removed_temporaries:
         log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
     torch.manual_seed(cfg.train.seed)

@@ -3,8 +3,8 @@
 A run folder can hold a week of GPU time, so:
 
 - ``RunFolder.open`` takes an exclusive OS lock on ``<run>/.lock`` (``fcntl.flock``: the kernel drops
-  it when the process dies, even by ``kill -9``, so a lock is never stale); a second process on the
-  same folder stops at once naming the PID that holds it.
+  it when the process dies, even by ``kill -9``, so a lock is never stale; forked loader workers let
+  go of it); a second process on the same folder stops at once naming the PID that holds it.
 - A folder that already holds a run (its ``config.yaml``) is continued from that configuration:
   ``--recipe`` and ``--set`` may only repeat it, or change the keys in ``CHANGEABLE``
   (``continued_config``); ``config.yaml`` is rewritten only once the run has resumed.
@@ -207,12 +207,37 @@ def remove_temporaries(run_dir: Path) -> list[str]:
     return [p.name for p in found]
 
 
+_HELD: set[int] = set()
+"""The file descriptors of this process's run-folder locks."""
+
+
+def _drop_locks_in_child() -> None:
+    """After a fork: the child (a loader worker) lets go of the parent's locks.
+
+    A flock belongs to the open file, which a fork shares: a worker orphaned by its killed parent would
+    hold the lock for the seconds until it notices, and a rank torchrun restarts at once would find
+    its own run folder "in use". The child's descriptor is replaced by /dev/null (closed, the lock is
+    the parent's alone; never unlocked, which would free it for the parent too).
+    """
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class RunFolder:
     """An open, locked run folder; ``close()`` releases the lock (and removes a folder it made, if still empty)."""
 
     def __init__(self, path: Path, lock_file, created: bool):
         self.path, self._lock_file, self._created = path, lock_file, created
         self.removed_temporaries: list[str] = []
+        _HELD.add(lock_file.fileno())
 
     @classmethod
     def open(cls, path: str | os.PathLike, resume: str) -> RunFolder:
@@ -256,6 +281,7 @@ class RunFolder:
     def close(self) -> None:
         if self._lock_file is None:
             return
+        _HELD.discard(self._lock_file.fileno())
         self._lock_file.close()
         self._lock_file = None
         if self._created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:

@@ -4,7 +4,9 @@ SLURM, Kubernetes and torchrun send SIGTERM before they kill a job; a user press
 Inside ``StopRequest`` the first of either only sets a flag, which the training loop polls after
 each optimizer step: it then writes a checkpoint and raises ``RunStopped``, whose ``exit_code`` is
 the shell's 128 + signal number (130 for SIGINT, 143 for SIGTERM). A second signal aborts at once
-(``KeyboardInterrupt``), for a user who does not want to wait for the step and the checkpoint.
+(``KeyboardInterrupt``), for a user who does not want to wait for the step and the checkpoint;
+once the run is ending (its checkpoint written, or its loader workers being ended), a further signal
+changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self.ending = False
+        """Set once the run is ending (its stop checkpoint written, or its loader workers being ended):
+        a further signal then only sets the flag, as nothing is left to abort, and cutting the ending
+        short would leave a live worker (and a ``KeyboardInterrupt`` ignored in its ``__del__``) behind."""
         self._previous: dict[int, object] = {}
 
     @property
@@ -43,9 +49,9 @@ class StopRequest:
         return 128 + (self.signum or 0)
 
     def request(self, signum: int, _frame=None) -> None:
-        if self.signum is not None:
+        if self.signum is not None and not self.ending:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self) -> StopRequest:
         # Python delivers signals to the main thread only; elsewhere (a test's thread) nothing is hooked.

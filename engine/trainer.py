@@ -44,7 +44,7 @@ import torch
 
 from .checkpoint import newest_loadable, save_checkpoint, save_sharded, step_folder
 from .data.base import derive_seed
-from .data.loader import DataPosition, position_after
+from .data.loader import DataPosition, close_batches, position_after
 from .distributed import DistEnv, check_strategy, seed_all
 from .metrics_log import MetricsLog, check_tensorboard, closing_summary
 from .signals import RunStopped, StopRequest
@@ -537,6 +537,13 @@ class Trainer:
         dataset = getattr(loader, "dataset", None)
         self.num_samples = len(dataset) if dataset is not None else math.inf
         batches = iter(loader)
+        try:
+            return self._train_on(stop, batches, resume_step)
+        finally:  # on any ending: no loader worker may outlive the run
+            stop.ending = True
+            close_batches(batches)
+
+    def _train_on(self, stop: StopRequest, batches: Iterator[dict], resume_step: int) -> dict:
         main = self.dist.is_main
         metrics_file = MetricsLog(self.run_dir, self.cfg.tensorboard, self.step) if main else None
         use_bar = main and sys.stderr.isatty()
@@ -591,6 +598,7 @@ class Trainer:
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self._stop_agreed(stop) and self.step < self.max_steps:
                     self.save()
+                    stop.ending = True
                     stopped_by = stop.name or "stop request"
                     break
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.max_steps:

@@ -9,6 +9,7 @@ batch at a seeded random offset, so batches need no padding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -71,9 +72,10 @@ def write_manifest(
     """Walk ``audio_dir`` for audio files and write ``dest/train.tsv`` (and ``valid.tsv``).
 
     Frame counts come from ``soundfile.info``; each file goes to valid with probability
-    ``valid_percent`` from a seeded RNG. Files not at 16 kHz are listed, but ``warn(message)``
-    names them, since training would stop at the first. Returns (train path, valid path or None,
-    files found).
+    ``valid_percent`` from a seeded RNG. Files it cannot read (not audio, whatever their name) are
+    left out, and files not at 16 kHz listed (training would stop at the first); ``warn(message)``
+    names both. The manifests appear whole or not at all (written aside, then renamed), so a failed
+    write leaves any earlier ones as they were. Returns (train path, valid path or None, files listed).
     """
     root = Path(audio_dir).resolve()
     if not root.is_dir():
@@ -84,27 +86,51 @@ def write_manifest(
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
     if not files:
         raise ValueError(f"no audio files ({', '.join(exts)}) under {root}")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train_path, valid_path = dest / "train.tsv", dest / "valid.tsv" if valid_percent > 0 else None
-    with open(train_path, "w", encoding="utf-8") as train, (
-        open(valid_path, "w", encoding="utf-8") if valid_path else open(os.devnull, "w")
-    ) as valid:
-        print(root, file=train)
-        print(root, file=valid)
-        other_rates = []
-        for f in files:
+    lines: dict[str, list[str]] = {"train": [str(root)], "valid": [str(root)]}
+    other_rates, unreadable = [], []
+    for f in files:
+        try:
             info = sf.info(str(f))
-            if info.samplerate != SAMPLE_RATE:
-                other_rates.append(f"{f.relative_to(root)} ({info.samplerate} Hz)")
-            print(f"{f.relative_to(root)}\t{info.frames}", file=valid if rng.random() < valid_percent else train)
+        except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
+            reason = getattr(e, "error_string", None) or str(e).strip().splitlines()[0] or type(e).__name__
+            unreadable.append(f"{f.relative_to(root)} ({reason.rstrip('.')})")
+            continue
+        if info.samplerate != SAMPLE_RATE:
+            other_rates.append(f"{f.relative_to(root)} ({info.samplerate} Hz)")
+        lines["valid" if rng.random() < valid_percent else "train"].append(f"{f.relative_to(root)}\t{info.frames}")
+    if len(unreadable) == len(files):
+        raise ValueError(f"none of the {len(files)} audio files under {root} could be read: {_first(unreadable)}; "
+                         "check that they are audio files")  # fmt: skip
+    if warn is not None and unreadable:
+        warn(f"left out {len(unreadable)} unreadable file(s): {_first(unreadable)}")
     if other_rates and warn is not None:
         warn(
             f"{len(other_rates)} file(s) are not at {SAMPLE_RATE} Hz, which training needs: "
-            f"{', '.join(other_rates[:5])}{', ...' if len(other_rates) > 5 else ''}; resample them, e.g. with sox"
+            f"{_first(other_rates)}; resample them, e.g. with sox"
         )
-    return train_path, valid_path, len(files)
+    dest = Path(dest)
+    train_path, valid_path = dest / "train.tsv", dest / "valid.tsv" if valid_percent > 0 else None
+    written = {"train": train_path, **({"valid": valid_path} if valid_path else {})}
+    temporaries = {name: path.with_name(f".{path.name}.tmp-{os.getpid()}") for name, path in written.items()}
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, tmp in temporaries.items():
+            tmp.write_text("\n".join(lines[name]) + "\n", encoding="utf-8")
+        for name, tmp in temporaries.items():
+            os.replace(tmp, written[name])
+    except OSError as e:
+        for tmp in temporaries.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise ValueError(
+            f"cannot write the manifest into {dest} ({e.strerror or e}); give a writable folder with --dest"
+        ) from None
+    return train_path, valid_path, len(files) - len(unreadable)
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def read_waveform(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -131,6 +131,26 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return len(self.epoch_batches(0)) // self.world_size
 
 
+def close_batches(batches) -> None:
+    """End a DataLoader iterator's worker processes now, whatever state the run ends in.
+
+    Left to the garbage collector, a failed run's iterator (held by its traceback) outlives the
+    main code: at interpreter exit torch no longer shuts workers down, and multiprocessing's exit
+    hook sends them SIGTERM, which they ignore (``signals.ignore_in_worker``), then waits for them
+    forever. So the trainer closes its iterator itself; a worker still there after torch's own
+    shutdown (which waits a few seconds for it) is busy with a sample nobody will use: it is killed.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is None:
+        return
+    workers = list(getattr(batches, "_workers", ()))
+    shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5.0)
+
+
 class SkipCorrupt(torch.utils.data.Dataset):
     """Wraps a data set so that an unreadable sample becomes a marker instead of an exception."""
 

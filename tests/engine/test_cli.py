@@ -103,6 +103,40 @@ def test_wrong_sample_rate_is_a_clear_error(tmp_path, capsys):
     assert "a.wav: sample rate 8000 Hz, the recipe needs 16000 Hz" in err and "Caught" not in err
 
 
+def test_manifest_leaves_out_unreadable_files_and_writes_whole_manifests(tmp_path, capsys, monkeypatch):
+    wavs, dest = tmp_path / "wavs", tmp_path / "m"
+    wavs.mkdir()
+    sf.write(wavs / "a.wav", np.zeros(48_000, np.float32), 16_000)
+    (wavs / "notes.wav").write_text("a text file, whatever its name")
+    assert main(["manifest", str(wavs), "--dest", str(dest)]) == 0
+    out, err = capsys.readouterr()
+    assert "1 files ->" in out and "left out 1 unreadable file(s): notes.wav (Format not recognised)" in err
+    assert (dest / "train.tsv").read_text() == f"{wavs}\na.wav\t48000\n"
+    # Nothing readable: a one-line error, and the earlier manifest stays.
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "x.wav").write_text("no audio")
+    err = one_line_error(capsys, ["manifest", str(tmp_path / "text"), "--dest", str(dest)])
+    assert "none of the 1 audio files" in err and "x.wav (Format not recognised)" in err
+    assert (dest / "train.tsv").read_text() == f"{wavs}\na.wav\t48000\n"
+    # A --dest that cannot be written: under a regular file (no folder can be made there, even as root) ...
+    (wavs / "notes.wav").unlink()  # no warning line beside the errors below
+    (tmp_path / "a-file").write_text("")
+    err = one_line_error(capsys, ["manifest", str(wavs), "--dest", str(tmp_path / "a-file" / "m")])
+    assert "cannot write the manifest into" in err and "Not a directory" in err and "--dest" in err
+    # ... or a read-only folder (root ignores permission bits, so its write is made to fail as it would).
+    import pathlib
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    err = one_line_error(capsys, ["manifest", str(wavs), "--dest", str(dest), "--valid-percent", "0.5"])
+    assert f"cannot write the manifest into {dest} (Read-only file system)" in err
+    monkeypatch.undo()
+    assert sorted(p.name for p in dest.iterdir()) == ["train.tsv"]  # as it was: no valid.tsv, no temporaries
+    assert (dest / "train.tsv").read_text() == f"{wavs}\na.wav\t48000\n"
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1", *FAST]) == 0

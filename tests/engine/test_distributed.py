@@ -6,19 +6,22 @@ variables set by ``_launch`` (which then records each rank's weights, gradients 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from d2v2.engine.data.loader import DataPosition, EpochBatchSampler, position_after
-from d2v2.engine.distributed import DistEnv, detect, deterministic_on_cpu
+from d2v2.engine.distributed import DistEnv, detect, deterministic_on_cpu, restart_hazard
 
 WORLD = 2
 TIMEOUT_S = 240  # a deadlocked collective fails the test instead of hanging it
@@ -131,6 +134,18 @@ def test_detect_reads_torchrun_variables(monkeypatch):
         detect()
 
 
+def test_a_restart_that_cannot_reconnect_is_warned_of(monkeypatch):
+    # What torchrun's agent sets in each process: a shared store, restarts allowed, 2 nodes.
+    for name, value in {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_hazard()
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: fine
+    assert restart_hazard() is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the agents
+    assert restart_hazard() is None
+
+
 # ------------------------------------------------------------------------------- 2 processes, gloo
 def test_two_ranks_train_like_one_process_with_accumulation(tmp_path, cache, monkeypatch):
     """2 ranks x 2 micro-batches read the global batches 1 process x 4 micro-batches reads."""
@@ -213,6 +228,65 @@ def test_resume_on_two_ranks_continues_exactly(random_run, tmp_path, cache):
     a, b = _checkpoint(straight, 4), _checkpoint(resumed, 4)
     for name, tensor in a["method"].items():
         assert torch.equal(tensor, b["method"][name]), name
+
+
+# --------------------------------------------------------------------- 2 nodes, elastic restart
+def _ranks_of(agent: subprocess.Popen) -> dict[int, int]:
+    """The training processes a torchrun agent started: {RANK: pid}."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent.pid:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(entry.name)
+    return ranks
+
+
+def test_two_nodes_restart_a_killed_rank_from_the_newest_checkpoint(tmp_path, cache):
+    """Two torchrun agents on loopback (two "nodes" of one process each, c10d rendezvous, gloo): kill -9
+    one rank mid-run; torchrun restarts both, which resume from the newest complete checkpoint and end
+    with the weights of an uninterrupted run, bit for bit."""
+    argv = [*TINY, "--max-steps", "8", "--set", "train.checkpoint_every=2"]
+    _torchrun([*argv, "--out", str(tmp_path / "straight")], cache)  # the same 2 processes, one node
+
+    run, port = tmp_path / "restarted", _free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+            "--local-addr", "127.0.0.1", "--max-restarts", "1", "--monitor-interval", "0.5"]  # fmt: skip
+    # The restart needs each round's process group on a store of its own (pytorch#135712).
+    env = {**_env(cache), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    agents = []
+    try:
+        for log in logs:
+            with open(log, "w") as out:
+                agents.append(subprocess.Popen(
+                    [*node, "-m", "d2v2.engine.cli", *argv, "--out", str(run)],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                ))  # fmt: skip
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run / "checkpoints" / "step-00000002").exists():
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "\n".join(map(Path.read_text, logs))
+            time.sleep(0.05)
+        victim = next(pid for agent in agents for rank, pid in _ranks_of(agent).items() if rank == 1)
+        os.kill(victim, signal.SIGKILL)
+        codes = [a.wait(timeout=TIMEOUT_S) for a in agents]
+    finally:
+        for a in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(a.pid, signal.SIGKILL)
+    outputs = "\n".join(log.read_text() for log in logs)
+    assert codes == [0, 0], outputs
+    assert "lost another process of the job" in outputs and "resumed from" in outputs, outputs
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in outputs  # no warning: the store is not shared
+    a, b = _checkpoint(tmp_path / "straight", 8), _checkpoint(run, 8)
+    for name, tensor in a["method"].items():
+        assert torch.equal(tensor, b["method"][name]), name
+    assert [m["step"] for m in _metrics(run)] == list(range(1, 9))
 
 
 # ------------------------------------------------------------------------------------ the worker

@@ -130,6 +130,24 @@ def test_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path
     RunFolder.open(run, "auto").close()  # the kernel released the dead process's lock
 
 
+# A holder that forks, as the loader makes its workers: the child (sleeping) outlives the holder.
+HOLD_AND_FORK = HOLD.replace("print(", "import os; child = os.fork() or time.sleep(300); print(child, ")
+
+
+def test_the_lock_dies_with_its_process_not_with_its_loader_workers(tmp_path):
+    # torchrun restarts a killed rank 0 at once, while its orphaned loader workers may live on for seconds.
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(run)], stdout=subprocess.PIPE, text=True)
+    child, _ = holder.stdout.readline().split()
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        os.kill(int(child), 0)  # the forked child still lives
+        RunFolder.open(run, "auto").close()
+    finally:
+        os.kill(int(child), signal.SIGKILL)
+
+
 def test_out_naming_a_file_or_an_unwritable_folder(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("mine")
     assert "is a file" in one_line_error(capsys, ["pretrain", "--out", str(tmp_path / "file"), "--max-steps", "1", *FAST])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,3 +64,54 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum, c
     assert main(["pretrain", "--out", str(run), "--max-steps", str(stopped + 1)]) == 0
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, stopped + 2))
+
+
+def test_a_second_signal_while_the_workers_end_changes_nothing(tmp_path, monkeypatch, capsys):
+    # Two Ctrl-C 0.3 s apart: the first stops the run at a step boundary, the second lands while the
+    # run ends its loader workers, and must neither cut that short nor print anything.
+    from d2v2.engine import trainer
+
+    step, close, workers = trainer.Trainer.train_step, trainer.close_batches, []
+
+    def train_step(self, batches):
+        result = step(self, batches)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def close_under_fire(batches):
+        workers.extend(batches._workers)
+        os.kill(os.getpid(), signal.SIGINT)
+        close(batches)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer, "close_batches", close_under_fire)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1000", *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT at step 2: checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert workers and not any(w.is_alive() for w in workers)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_two_ctrl_c_in_a_row_exit_130_without_noise(tmp_path):
+    # Wherever the second lands (the last step: an abort; the ending; the interpreter's exit), the
+    # process exits 130 with one line, never dies of the signal nor prints an ignored exception.
+    run = tmp_path / "run"
+    argv = ["pretrain", "--recipe", "image-tiny", "--out", str(run), "--max-steps", "1000", *FAST]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2v2.engine.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "Exception ignored" not in err, err
