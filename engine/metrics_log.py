@@ -61,6 +61,38 @@ class MetricsLog:
             self.writer.close()
 
 
+def log_row(
+    step: int, logged: dict, lr: float, out: dict, seconds: float, skipped_files: int, log_keys: tuple[str, ...] = ()
+) -> dict:
+    """One logging step's line of metrics.jsonl: ``logged`` holds the values agreed over the ranks
+    (loss, variances, gradient norm, peak memory, the window's samples and tokens), ``out`` the
+    method's own outputs (the EMA decay; ``log_keys``, rank 0's), ``seconds`` the window's length."""
+    seconds = max(seconds, 1e-9)
+    return {
+        "step": step,
+        "loss": logged["loss"],
+        "lr": lr,
+        "ema_decay": float(out.get("ema_decay", float("nan"))),
+        "target_var": logged["target_var"],
+        "pred_var": logged["pred_var"],
+        "grad_norm": logged["grad_norm"],
+        "samples_per_s": logged["samples"] / seconds,
+        "tokens_per_s": logged["tokens"] / seconds,
+        "peak_memory_mb": logged["peak_memory_mb"],
+        "skipped_files": skipped_files,
+        **{k: float(out[k]) for k in log_keys if k in out},
+    }
+
+
+def progress_line(metrics: dict, max_steps: int) -> str:
+    """The console line of a logging step (without a progress bar)."""
+    variances = "".join(  # the methods with a teacher log these; the others do not
+        f"{key} {metrics[key]:.3f} " for key in ("target_var", "pred_var") if math.isfinite(metrics[key])
+    )
+    return (f"step {metrics['step']}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
+            f"{variances}{metrics['samples_per_s']:.1f} samples/s")  # fmt: skip
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)

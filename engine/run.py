@@ -28,7 +28,8 @@ from .config import apply_overrides, convert, from_dict, load_recipe, parse_over
 from .data.build import DataConfig, batches_by_size, build_dataset, build_loader, fingerprint
 from .data.loader import DataPosition
 from .probe_sets import TOKENIZER_FILE
-from .trainer import OptimConfig, TrainConfig, Trainer
+from .schedule import OptimConfig
+from .trainer import TrainConfig, Trainer
 
 
 @dataclass(kw_only=True, slots=True)

@@ -25,6 +25,9 @@ steps), and rank 0 alone logs and writes.
 
 SIGTERM and Ctrl-C (``signals.StopRequest``) stop the loop at a step boundary: the step finishes, a
 checkpoint is written and ``RunStopped`` tells the caller how to continue.
+
+Beside the loop: the optimizer settings and learning-rate schedules in ``schedule``, resume and
+init-from (with the RNG states) in ``resume``, the logged row and the closing summary in ``metrics_log``.
 """
 
 from __future__ import annotations
@@ -32,86 +35,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-import numpy as np
 import torch
 
-from .checkpoint import newest_loadable, save_checkpoint, save_sharded, step_folder
+from .checkpoint import save_checkpoint, save_sharded, step_folder
 from .data.base import derive_seed
 from .data.loader import DataPosition, close_batches, position_after
 from .distributed import DistEnv, check_strategy, seed_all
-from .metrics_log import MetricsLog, check_tensorboard, closing_summary
+from .metrics_log import MetricsLog, check_tensorboard, closing_summary, log_row, progress_line
+from .resume import init_weights_from, resume_from_checkpoint, rng_state, set_rng_state
+from .schedule import OptimConfig, lr_at
 from .signals import RunStopped, StopRequest
-
-
-@dataclass(kw_only=True, slots=True)
-class OptimConfig:
-    """AdamW (decoupled weight decay, as fairseq's ``adam``) with a learning-rate schedule (``schedules``)."""
-
-    lr: float = 1e-3
-    """Peak learning rate at ``ref_batch`` samples per update."""
-    ref_batch: int = 0
-    """The effective batch (samples per update) ``lr`` was tuned for; 0 = use ``lr`` as is.
-    Otherwise the actual peak LR is ``lr * effective_batch / ref_batch`` (linear scaling rule)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    """Linear warm-up from 0 to the peak LR over this many updates."""
-    total_steps: int = 1000
-    """Length of the schedule (updates); the decay reaches ``min_lr`` here."""
-    min_lr: float = 0.0
-    schedule: Literal["cosine", "polynomial", "tri_stage"] = "cosine"
-    """After the warm-up: "cosine" (half-cosine to ``min_lr``: data2vec 2.0, MAE), "polynomial"
-    (``(1 - progress) ** power`` to ``min_lr``: wav2vec 2.0; power 1 = linear: RoBERTa) or
-    "tri_stage" (data2vec 1.0 audio: warm-up from ``init_lr_scale`` x peak over ``phase_ratio[0]``
-    of the steps, hold for ``phase_ratio[1]``, exponential decay to ``final_lr_scale`` x peak;
-    ``warmup_steps`` is unused)."""
-    power: float = 1.0
-    """Exponent of the polynomial decay."""
-    phase_ratio: tuple[float, float, float] = (0.03, 0.9, 0.07)
-    """tri_stage: fractions of ``total_steps`` for warm-up, hold and decay (summing to 1)."""
-    init_lr_scale: float = 0.01
-    """tri_stage: the warm-up starts at this fraction of the peak learning rate."""
-    final_lr_scale: float = 0.05
-    """tri_stage: the decay ends at this fraction of the peak learning rate."""
-    clip_grad: float = 0.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.total_steps < 1:
-            raise ValueError(f"optim.total_steps must be >= 1, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"optim.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
-        if self.schedule not in ("cosine", "polynomial", "tri_stage"):
-            raise ValueError(f"optim.schedule must be cosine, polynomial or tri_stage, got {self.schedule!r}")
-        if self.power <= 0:
-            raise ValueError(f"optim.power must be > 0, got {self.power}")
-        if len(self.phase_ratio) != 3 or min(self.phase_ratio) < 0 or abs(sum(self.phase_ratio) - 1) > 1e-6:
-            raise ValueError(f"optim.phase_ratio must be three fractions >= 0 summing to 1, got {list(self.phase_ratio)}")
-        for name in ("init_lr_scale", "final_lr_scale"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"optim.{name} must lie in (0, 1], got {getattr(self, name)}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas must both lie in [0, 1), got {list(self.betas)}; e.g. [0.9, 0.95]")
-        if self.eps <= 0:
-            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
-        if self.ref_batch < 0:
-            raise ValueError(f"optim.ref_batch must be >= 0 (0 = use optim.lr as is), got {self.ref_batch}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,61 +91,6 @@ class TrainingStopped(Exception):
 
 class DataUnreadable(ValueError):
     """The loader yields nothing: every file it tried was unreadable (a bad path or format)."""
-
-
-def lr_at(step: int, cfg: OptimConfig, peak: float) -> float:
-    """The learning rate of update ``step`` (0-based), a pure function of the step.
-
-    cosine / polynomial: linear warm-up from 0 to ``peak`` over ``warmup_steps``, then the decay to
-    ``min_lr`` at ``total_steps`` (fairseq ``cosine``, ``polynomial_decay``). tri_stage: fairseq's
-    ``tri_stage`` (see ``OptimConfig.schedule``).
-    """
-    if cfg.schedule == "tri_stage":
-        return _tri_stage_lr(step, cfg, peak)
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
-    if cfg.schedule == "polynomial":
-        return cfg.min_lr + (peak - cfg.min_lr) * (1.0 - progress) ** cfg.power
-    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def _tri_stage_lr(step: int, cfg: OptimConfig, peak: float) -> float:
-    warmup, hold, decay = (int(round(r * cfg.total_steps)) for r in cfg.phase_ratio)
-    init_lr, final_lr = cfg.init_lr_scale * peak, cfg.final_lr_scale * peak
-    if step < warmup:
-        return init_lr + (peak - init_lr) * step / warmup
-    if step < warmup + hold:
-        return peak
-    if step < warmup + hold + decay:
-        return peak * math.exp(math.log(cfg.final_lr_scale) * (step - warmup - hold) / decay)
-    return final_lr
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors and plain values (``weights_only``-loadable)."""
-    _, py_state, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_gauss": py_gauss,
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": int(np_pos),
-        "numpy_gauss": (int(np_has_gauss), float(np_gauss)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
-    has_gauss, gauss = state["numpy_gauss"]
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -568,32 +452,16 @@ class Trainer:
                 if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
                     logged = self._logged_values(result, window_samples, window_tokens)  # the sync
                     session_samples += logged["samples"]
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {
-                        "step": self.step,
-                        "loss": logged["loss"],
-                        "lr": result["lr"],
-                        "ema_decay": float(out.get("ema_decay", float("nan"))),
-                        "target_var": logged["target_var"],
-                        "pred_var": logged["pred_var"],
-                        "grad_norm": logged["grad_norm"],
-                        "samples_per_s": logged["samples"] / elapsed,
-                        "tokens_per_s": logged["tokens"] / elapsed,
-                        "peak_memory_mb": logged["peak_memory_mb"],
-                        "skipped_files": len(self.skipped),
-                        **{k: float(out[k]) for k in getattr(self.method, "log_keys", ()) if k in out},  # rank 0's
-                    }
+                    metrics = log_row(
+                        self.step, logged, result["lr"], out, time.perf_counter() - window_start, len(self.skipped),
+                        getattr(self.method, "log_keys", ()),
+                    )  # fmt: skip
                     if metrics_file is not None:
                         metrics_file.write(metrics)
-                    variances = "".join(  # the methods with a teacher log these; the others do not
-                        f"{key} {metrics[key]:.3f} " for key in ("target_var", "pred_var") if math.isfinite(metrics[key])
-                    )
-                    line = (f"step {self.step}/{self.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-                            f"{variances}{metrics['samples_per_s']:.1f} samples/s")
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                     else:
-                        self.log(line)
+                        self.log(progress_line(metrics, self.max_steps))
                     self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if self._stop_agreed(stop) and self.step < self.max_steps:
@@ -672,85 +540,8 @@ class Trainer:
 
     def init_from(self, path) -> None:
         """Start a new run from another run's weights (student, teacher, decoder); nothing else."""
-        from .checkpoint import load_checkpoint
-
-        state = load_checkpoint(path)
-        check_same_model(state["method"], self.method, path)
-        if self.sharded:  # every rank takes its shards of the whole weights
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(self.method, state["method"], options=StateDictOptions(full_state_dict=True))
-        else:
-            self.method.load_state_dict(state["method"])
-        self.log(f"initialised the weights from {path}")
+        init_weights_from(self, path)
 
     def resume(self, mode: str) -> bool:
         """``auto``: continue from this run's newest checkpoint that loads, if any; a path: from it."""
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-
-        if mode == "none":
-            return False
-        found, error = None, None
-        if self.dist.is_main:  # rank 0 picks: every rank loads the same checkpoint
-            try:
-                found = (
-                    newest_loadable(self.run_dir, self.log, tensors=not self.sharded)
-                    if mode == "auto"
-                    else (Path(mode), load_checkpoint(mode, tensors=not self.sharded))
-                )
-            except (ValueError, FileNotFoundError) as e:
-                error = e
-        path, message = self.dist.broadcast_object((None if found is None else str(found[0]), error and str(error)))
-        if message:  # every rank stops, not rank 0 alone
-            raise error if error is not None else ValueError(message)
-        if path is None:
-            return False
-        state = found[1] if found is not None else load_checkpoint(path, tensors=not self.sharded)
-        if "optimizer" not in state and "sharded" not in state:  # weights only, e.g. a fairseq import
-            raise ValueError(f"checkpoint {path} holds weights only (no optimizer or trainer state), so it "
-                             "cannot be resumed; start a new run from it with --init-from and a new --out")
-        check_same_model(state["method"], self.method, path)
-        if ("sharded" in state) != self.sharded:
-            kinds = ("a sharded (fsdp)", "a ddp") if "sharded" in state else ("a ddp", "a sharded (fsdp)")
-            raise ValueError(
-                f"checkpoint {path} is {kinds[0]} checkpoint and this is {kinds[1]} run; start a new --out "
-                f"with --init-from {path} (weights only), or resume with the strategy it was written by"
-            )
-        self.load_state_dict(state, resolve_checkpoint(path).parent)
-        self.last_checkpoint = Path(path)
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch})")
-        self._note_world_size(int(state["trainer"].get("world_size", len(state.get("rng_ranks") or [0]))))
-        return True
-
-    def _note_world_size(self, saved: int) -> None:
-        """Say so when a run resumes on another number of processes: its effective batch changed."""
-        world = self.dist.world_size
-        if saved == world:
-            return
-        if not self.samples_per_batch_hint:
-            self.log(f"resumed on {world} process(es), the checkpoint's run had {saved}: each update now sees "
-                     f"{world / saved:g} x the samples")
-            return
-        per_process = self.samples_per_batch_hint * self.cfg.accum_steps
-        before, after = per_process * saved, per_process * world
-        lr_before = self.optim_cfg.lr * before / self.optim_cfg.ref_batch if self.optim_cfg.ref_batch else self.optim_cfg.lr
-        self.log(
-            f"resumed on {world} process(es), the checkpoint's run had {saved}: effective batch {before} -> {after} "
-            f"samples, peak learning rate {lr_before:.3g} -> {self.peak_lr:.3g}"
-        )
-
-
-def check_same_model(saved: dict, model: torch.nn.Module, path) -> None:
-    """A checkpoint of another model (modality, size or architecture) is a clear error, not a crash."""
-    current = model.state_dict()
-    for name, tensor in saved.items():
-        if name not in current or (torch.is_tensor(tensor) and tuple(tensor.shape) != tuple(current[name].shape)):
-            there = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
-            here = tuple(current[name].shape) if name in current else "absent"
-            raise ValueError(
-                f"checkpoint {path} is of another model ({name}: {there} there, {here} here); "
-                "use the recipe and --set overrides it was trained with, or a new --out folder"
-            )
-    missing = sorted(set(current) - set(saved))
-    if missing:
-        raise ValueError(f"checkpoint {path} is of another model (it lacks {missing[0]}); use the recipe it was trained with")
+        return resume_from_checkpoint(self, mode)
