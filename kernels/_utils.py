@@ -47,6 +47,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by ``_aot.trace_launches()``: launches are then recorded, not run, so CPU tensors may take the
+# Triton path (with the host code's GPU branches, unlike the interpreter).
+_tracing = False
+
+
+def tracing_launches() -> bool:
+    """True inside ``trace_launches()``, where the ops record their Triton launches instead of running them."""
+    return _tracing
+
+
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """Turn ``impl`` ("auto" | "triton" | "torch") into "triton" or "torch" for these tensors.
 
@@ -65,7 +75,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if impl == "auto":
         return "triton" if HAS_TRITON and on_cuda else "torch"
-    runnable = HAS_TRITON and (on_cuda or triton_interpret())
+    runnable = HAS_TRITON and (on_cuda or triton_interpret() or _tracing)
     if impl == "triton" and not runnable:
         if not HAS_TRITON:
             raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
