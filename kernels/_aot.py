@@ -62,6 +62,7 @@ class Launch:
     fn: Any = field(compare=False, hash=False, repr=False)
     attrs: Any = field(compare=False, hash=False, repr=False)
     values: Any = field(compare=False, hash=False, repr=False)  # the constexprs keyed as ASTSource wants
+    smem_estimate: int | None = field(default=None, compare=False)  # the device filter's bound (autotuned)
 
     @property
     def num_warps(self) -> int:
@@ -88,7 +89,7 @@ def _text(value) -> str:
     return str(value) if not isinstance(value, str) else repr(value)
 
 
-def _record(fn, args, kwargs, config) -> None:
+def _record(fn, args, kwargs, config, smem_estimate=None) -> None:
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
@@ -113,6 +114,7 @@ def _record(fn, args, kwargs, config) -> None:
             fn=fn,
             attrs=attrs,
             values=constexprs,
+            smem_estimate=smem_estimate,
         )
     )
 
@@ -139,8 +141,10 @@ def trace_launches() -> Iterator[list[Launch]]:
     def run_autotuned(self, *args, grid=None, warmup=False, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
         try:
+            estimate = getattr(self, "smem_estimate", None)
             for config in self.prune_configs(kwargs):
-                _record(self.fn, args, {**kwargs, **config.all_kwargs()}, config)
+                bound = estimate(config, {**self.nargs, **kwargs}) if estimate else None
+                _record(self.fn, args, {**kwargs, **config.all_kwargs()}, config, bound)
         finally:
             self.nargs = None
 

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import block_settings, check_tensor, ensure_contiguous, tl, triton, triton_interpret
+from ._utils import block_settings, check_tensor, ensure_contiguous, fit_shared_memory, tl, triton, triton_interpret
 
 LAYER_NORM_EPS = 1e-5
 
@@ -158,11 +158,21 @@ def _conv_configs() -> list:
     ] + [triton.Config({"BLOCK_M": 32, "BLOCK_C": block_c}, num_warps=4, num_stages=2) for block_c in (16, 32, 64, 128)]
 
 
+def _smem_estimate(config, args) -> int:
+    """Upper bound of a conv-like config's shared memory: num_stages deep of the [BLOCK_M, BLOCK_C]
+    input tile and the [BLOCK_C or BLOCK_M, BLOCK_O] second operand (the weight, or dy for wgrad)."""
+    m, c, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"], config.num_stages
+    size = args["x_ptr"].element_size()
+    return stages * (m * c + max(m, c) * args["BLOCK_O"]) * size
+
+
 def _prune_in_channel_tiles(widest: int):
     def prune(configs, named_args, **kwargs):
         c_in_per_group = kwargs.get("C_IN_PER_GROUP", named_args.get("C_IN_PER_GROUP"))
         widths = _in_channel_tiles(c_in_per_group, widest)
-        return [c for c in configs if c.kwargs["BLOCK_C"] in widths]
+        tiles = [c for c in configs if c.kwargs["BLOCK_C"] in widths]
+        # then what does not fit the device's shared memory (fp32 wgrad at 128 x 128, see _conv_configs)
+        return fit_shared_memory(tiles, _smem_estimate, named_args, kwargs)
 
     return {"early_config_prune": prune}
 
@@ -425,6 +435,11 @@ def _conv_block_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+
+
+# The shared-memory bound the device filter uses, read by ``trace_launches`` for the compile bench.
+_conv_block_conv_kernel.smem_estimate = _smem_estimate
+_conv_block_wgrad_kernel.smem_estimate = _smem_estimate
 
 
 def _pack_weight(weight: torch.Tensor, groups: int, transpose: bool) -> torch.Tensor:

@@ -86,6 +86,28 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     return impl
 
 
+def device_smem_limit() -> int | None:
+    """Shared memory one block of the current CUDA device may opt in to; None when nothing runs on a GPU
+    (the interpreter, ``trace_launches``, no CUDA), where no config is filtered by it."""
+    if triton_interpret() or _tracing or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+def fit_shared_memory(configs: list, smem_estimate, named_args: dict, kwargs: dict) -> list:
+    """The autotune ``configs`` whose shared memory (``smem_estimate(config, args)``, an upper bound in
+    bytes) fits the current device, so that every config left launches; the smallest one if none fits.
+
+    The estimates are checked against the compiler's figures for every config at the recipes' shapes
+    by ``d2v2 bench compile`` and its test (an estimate below the compiled size fails them)."""
+    limit = device_smem_limit()
+    if limit is None:
+        return configs
+    args = {**named_args, **kwargs}
+    fitting = [c for c in configs if smem_estimate(c, args) <= limit]
+    return fitting or [min(configs, key=lambda c: smem_estimate(c, args))]
+
+
 def check_tensor(
     name: str,
     t: object,
