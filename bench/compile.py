@@ -377,3 +377,44 @@ def write_report(out_dir: Path, meta: dict, rows: Sequence[dict]) -> dict[str, P
         ["\n".join(lines), spill_section, table],
     )  # fmt: skip
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The device check's comparison
+
+
+def _row_key(arch: str, kernel: str, config: str | None, constexprs: dict) -> str:
+    return json.dumps([arch, kernel, config, sorted((k, str(v)) for k, v in constexprs.items())])
+
+
+def latest_report(root: Path | None = None) -> Path | None:
+    """The newest committed ``bench/results/<date>-compile/results.json``."""
+    root = root or Path(__file__).resolve().parent / "results"
+    found = sorted(root.glob("*-compile/results.json"))
+    return found[-1] if found else None
+
+
+def device_check(report_path: Path, out_json: Path, *, dry_run: bool = False, recipe: str = "image-base") -> list[dict]:
+    """Compile and load on this GPU the bf16 launches of ``recipe`` and compare registers and shared memory
+    with the ahead-of-time report (``dry_run``: compiled for sm_90 ahead of time, the plumbing only).
+    Rows are written to ``out_json`` after each launch, so a time limit loses nothing done."""
+    from d2v2.kernels import compile_launch, load_launch
+
+    aot = {_row_key(r["arch"], r["kernel"], r["config"], r["constexprs"]): r
+           for r in json.loads(Path(report_path).read_text())["rows"]}  # fmt: skip
+    rows = []
+    for launch, _ in trace_variants([recipe], ["bf16"], log=lambda _: None, every_mix=False):
+        if dry_run:
+            got = compile_launch(launch, 90)
+            got = {"arch": "sm_90", "registers": got.get("registers"), "shared": got.get("shared"),
+                   "spills": got.get("spill_stores")}  # fmt: skip
+        else:
+            got = load_launch(launch)
+        want = aot.get(_row_key(got["arch"], launch.kernel, launch.config, dict(launch.constexprs)))
+        row = {"kernel": launch.kernel, "config": launch.config, "arch": got["arch"],
+               "gpu_regs": got["registers"], "aot_regs": want and want.get("registers"),
+               "gpu_smem": got["shared"], "aot_smem": want and want.get("shared")}  # fmt: skip
+        row["same"] = None if want is None else (row["gpu_regs"], row["gpu_smem"]) == (row["aot_regs"], row["aot_smem"])
+        rows.append(row)
+        Path(out_json).write_text(json.dumps(rows, indent=1))
+    return rows

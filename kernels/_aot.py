@@ -235,3 +235,19 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         "occupancy": occ,
     }
 
+
+
+def load_launch(launch: Launch) -> dict:
+    """Compile ``launch`` for the current GPU and load it there: registers, spills (bytes) and shared
+    memory as the driver reports them (what ``compile_launch`` found ahead of time should match)."""
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    options = make_backend(target).parse_options(dict(launch.options))
+    compiled = triton.compile(ASTSource(launch.fn, dict(launch.signature), launch.values, launch.attrs),
+                              target=target, options=options.__dict__)  # fmt: skip
+    compiled._init_handles()  # loads the module: n_regs and n_spills come from the driver
+    return {"arch": f"sm_{target.arch}", "registers": compiled.n_regs, "spills": compiled.n_spills,
+            "shared": int(compiled.metadata.shared)}  # fmt: skip

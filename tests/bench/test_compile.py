@@ -55,17 +55,40 @@ def rows():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-pytestmark = pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend or its ptxas is not installed")
+needs_ptxas = pytest.mark.skipif(not ptxas_available(), reason="Triton's NVIDIA backend or its ptxas is not installed")
 
 
+@needs_ptxas
 def test_every_kept_config_compiles_within_shared_memory(rows):
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     broken = [f"{r['arch']} {r['kernel']} {r['config']}: {p}" for r in rows for p in r["problems"] if "spills" not in p]
     assert not broken, "\n".join(broken)
 
 
+@needs_ptxas
 def test_no_new_spills_in_bf16(rows):
     spilling = {(r["arch"], r["kernel"], r["config"]) for r in rows if r["status"] == "ok" and r["autotuner_keeps"]
                 and (r["spill_stores"] or r["spill_loads"])}  # fmt: skip
     new = sorted(spilling - KNOWN_SPILLS, key=str)
     assert not new, f"new spills in bf16: {new}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "sm_75"], "--arch must be among"),
+    (["--dtype", "fp8"], "--dtype must be among"),
+    (["--recipes", "image-tiny"], "--recipes must be among"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+])  # fmt: skip
+def test_bad_options_are_one_line_errors(tmp_path, argv, message):
+    from d2v2.bench import cli
+
+    with pytest.raises(ValueError, match=message):
+        cli.main(["compile", "--out", str(tmp_path), *argv])
+
+
+def test_occupancy_follows_the_tightest_limit():
+    from d2v2.kernels import occupancy
+
+    assert occupancy(90, regs=32, shared=0, num_warps=4) == (16, 1.0)  # warps: 64 / 4
+    assert occupancy(90, regs=255, shared=0, num_warps=4) == (2, 0.125)  # registers: 65536 / (256 * 32 * 4)
+    assert occupancy(80, regs=32, shared=100_000, num_warps=4) == (1, 0.0625)  # shared memory: 164 KiB / 98.7 KiB
