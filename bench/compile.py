@@ -200,7 +200,7 @@ def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[st
             "constexprs": dict(launch.constexprs),
             "used_by": [f"{u['recipe']} {u['dtype']}: {u['dims']}" for u in uses[launch]],
             "smem_estimate": launch.smem_estimate,
-            "autotuner_keeps": launch.smem_estimate is None or launch.smem_estimate <= ARCHS[arch].smem_per_block,
+            "autotuner_keeps": launch.kept_on is None or arch in launch.kept_on,
             **result,
         }
         row["hot"] = any(d in HOT_DTYPES for d in dtypes)

@@ -63,6 +63,7 @@ class Launch:
     attrs: Any = field(compare=False, hash=False, repr=False)
     values: Any = field(compare=False, hash=False, repr=False)  # the constexprs keyed as ASTSource wants
     smem_estimate: int | None = field(default=None, compare=False)  # the device filter's bound (autotuned)
+    kept_on: frozenset | None = field(default=None, compare=False)  # archs whose limits the autotuner keeps it on
 
     @property
     def num_warps(self) -> int:
@@ -89,7 +90,7 @@ def _text(value) -> str:
     return str(value) if not isinstance(value, str) else repr(value)
 
 
-def _record(fn, args, kwargs, config, smem_estimate=None) -> None:
+def _record(fn, args, kwargs, config, smem_estimate=None, kept_on=None) -> None:
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
@@ -115,6 +116,7 @@ def _record(fn, args, kwargs, config, smem_estimate=None) -> None:
             attrs=attrs,
             values=constexprs,
             smem_estimate=smem_estimate,
+            kept_on=kept_on,
         )
     )
 
@@ -122,6 +124,15 @@ def _record(fn, args, kwargs, config, smem_estimate=None) -> None:
 def _config_label(config) -> str:
     blocks = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
     return f"{blocks} w={config.num_warps} s={config.num_stages}"
+
+
+def _pruned_for(autotuner, kwargs, arch: int) -> list:
+    """The configs ``autotuner``'s own pruning keeps on a device with ``arch``'s shared memory."""
+    _utils._smem_limit = ARCHS[arch].smem_per_block
+    try:
+        return autotuner.prune_configs(kwargs)
+    finally:
+        _utils._smem_limit = None
 
 
 @contextlib.contextmanager
@@ -142,9 +153,11 @@ def trace_launches() -> Iterator[list[Launch]]:
         self.nargs = dict(zip(self.arg_names, args))
         try:
             estimate = getattr(self, "smem_estimate", None)
-            for config in self.prune_configs(kwargs):
+            kept = {arch: {id(c) for c in _pruned_for(self, kwargs, arch)} for arch in ARCHS}
+            for config in self.prune_configs(kwargs):  # every arch's configs: no device limit while tracing
                 bound = estimate(config, {**self.nargs, **kwargs}) if estimate else None
-                _record(self.fn, args, {**kwargs, **config.all_kwargs()}, config, bound)
+                kept_on = frozenset(arch for arch in ARCHS if id(config) in kept[arch])
+                _record(self.fn, args, {**kwargs, **config.all_kwargs()}, config, bound, kept_on)
         finally:
             self.nargs = None
 

@@ -48,8 +48,10 @@ def triton_interpret() -> bool:
 
 
 # Set by ``_aot.trace_launches()``: launches are then recorded, not run, so CPU tensors may take the
-# Triton path (with the host code's GPU branches, unlike the interpreter).
+# Triton path (with the host code's GPU branches, unlike the interpreter). ``_smem_limit`` stands in
+# for the device's shared memory while it asks the autotuners what they keep on each architecture.
 _tracing = False
+_smem_limit: int | None = None
 
 
 def tracing_launches() -> bool:
@@ -89,6 +91,8 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
 def device_smem_limit() -> int | None:
     """Shared memory one block of the current CUDA device may opt in to; None when nothing runs on a GPU
     (the interpreter, ``trace_launches``, no CUDA), where no config is filtered by it."""
+    if _smem_limit is not None:
+        return _smem_limit
     if triton_interpret() or _tracing or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
