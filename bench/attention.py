@@ -123,7 +123,7 @@ def setup_attention(shape: AttentionShape, provider: str, device: torch.device, 
         fn = functools.partial(attention_ref, q, k, v, **alibi)
     elif provider == "compile":
         torch._dynamo.reset()
-        fn = functools.partial(torch.compile(attention_ref), q, k, v, **alibi)
+        fn = functools.partial(harness.compiled(attention_ref), q, k, v, **alibi)
     elif provider == "sdpa":
         if device.type != "cuda":
             raise Unavailable("the flash / efficient SDPA backends need CUDA")
@@ -154,7 +154,7 @@ def _flex_forward(q, k, v, positions, slopes, device):
     except ImportError as e:
         raise Unavailable(f"torch.nn.attention.flex_attention is not importable: {e}") from e
     torch._dynamo.reset()
-    compiled = torch.compile(flex_attention)
+    compiled = harness.compiled(flex_attention)
     if positions is None:
         return lambda: compiled(q, k, v)
 

@@ -158,6 +158,25 @@ def cmd_data(args: argparse.Namespace) -> int:
     return _finish(paths, [r for r in rows if r["status"] != "ok"], f"loaders failed; see {paths['md']}")
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from . import compile as aot
+
+    archs = aot.parse_archs(_flatten(args.arch)) if args.arch else None
+    dtypes = _flatten(args.dtype) or list(aot.DTYPES)
+    for name in dtypes:
+        if name not in aot.DTYPES:
+            raise ValueError(f"--dtype must be among {', '.join(aot.DTYPES)}, got {name!r}")
+    recipes = _flatten(args.recipes) or list(aot.RECIPES)
+    for name in recipes:
+        if name not in aot.RECIPES:
+            raise ValueError(f"--recipes must be among {', '.join(aot.RECIPES)}, got {name!r}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    rows, paths = aot.run(archs=archs, dtypes=dtypes, recipes=recipes, out_dir=args.out, jobs=args.jobs,
+                          argv=["d2v2", "bench", *args.argv])  # fmt: skip
+    return _finish(paths, [r for r in rows if r["problems"]], f"launches failed the check; see {paths['md']}")
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from . import gpu_check
 
@@ -245,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="workers 0,1 and 3 timed batches each (under a minute)")
     p.add_argument("--out", type=Path, help="output folder (default: bench-out/data-cpu-<date>)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "compile",
+        help="every Triton kernel variant compiled ahead of time for sm_80 / sm_90 / sm_100, without a GPU",
+        description="Compile every launch of d2v2.kernels at the recipes' shapes for each architecture and "
+        "report registers, spills, shared memory and occupancy (see d2v2.bench.compile).",
+    )
+    p.add_argument("--arch", type=_names, action="append", help="sm_80, sm_90, sm_100 (default: all Triton targets)")
+    p.add_argument("--dtype", type=_names, action="append", help="fp32, bf16, fp16 (default: all)")
+    p.add_argument("--recipes", type=_names, action="append", help="data2vec 2.0 recipes (default: all)")
+    p.add_argument("--jobs", type=int, help="compiler processes (default: CPU count, at most 8)")
+    p.add_argument("--out", type=Path, help="output folder (default: bench-out/compile-<date>)")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
         "gpu-check",

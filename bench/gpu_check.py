@@ -6,6 +6,9 @@ in its own process group under its own time limit (a stage's unused seconds pass
 the whole stays within ``budget_s``) and the report is rewritten after every stage, so a stage that
 hangs or fails costs only itself:
 
+0. compiled  the bf16 launches of image-base compiled and loaded on this GPU, their registers and
+             shared memory compared with the committed ahead-of-time report (``d2v2 bench compile``,
+             ``bench/results/<date>-compile``): any difference shows at once
 1. machine   GPU, driver, torch/triton/CUDA versions; measured copy bandwidth and bf16/fp16/fp32
              matmul rates (the ceilings every other figure is divided by)
 2. tests     the CUDA test mode (``D2V2_TEST_DEVICE=cuda``), ``-x`` off, junit saved
@@ -45,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]  # the repository (tests/ lives there)
 OUTPUTS = ("check.json", "summary.md", "tests.xml", "kernels.json", "kernels.png", "train.json", "train.png", "pretrain.json")
 BUDGET_S = 510.0  # inside a 9-minute call, with the install before it
-DRY_BUDGET_S = 900.0
+DRY_BUDGET_S = 930.0
 # (op, share of the stage's time): cheap first, the autotuned and compute-bound ones last and larger.
 KERNEL_OPS = (("gather_tokens", 1), ("scatter_tokens", 1), ("masked_regression_loss", 1), ("layer_targets", 1),
               ("ema_", 1), ("conv_block1d", 1.5), ("conv_block2d", 1.5), ("attention", 2))  # fmt: skip
@@ -137,6 +140,37 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", 
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 """
+
+
+COMPILED_SCRIPT = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+from pathlib import Path
+from d2v2.bench import compile as aot
+report = aot.latest_report()
+if report is None:
+    sys.exit("no bench/results/*-compile/results.json to compare with")
+rows = aot.device_check(report, Path(sys.argv[1]), dry_run=sys.argv[2] == "dry")
+differ = [r for r in rows if r["same"] is False]
+missing = [r for r in rows if r["same"] is None]
+print(f"{len(rows)} launches against {report}: {len(rows) - len(differ) - len(missing)} same, "
+      f"{len(differ)} different, {len(missing)} not in the report")
+sys.exit(1 if differ or missing else 0)
+"""
+
+
+def stage_compiled(ctx: Context, limit_s: float) -> dict:
+    target = ctx.scratch / "compiled.json"
+    # The kernels compile: never interpreted here, even in the dry run (which compiles for sm_90 instead).
+    env = {k: v for k, v in ctx.env().items() if k != "TRITON_INTERPRET"}
+    cmd = [ctx.python, "-c", COMPILED_SCRIPT, str(target), "dry" if ctx.dry_run else "gpu"]
+    record = run_command(cmd, limit_s, env)
+    result = {"commands": [record]}
+    if target.exists():
+        result["metrics"] = [r for r in json.loads(target.read_text()) if r["same"] is not True] or [
+            {"kernel": "every launch", "same": True}
+        ]
+    return result
 
 
 def stage_machine(ctx: Context, limit_s: float) -> dict:
@@ -266,10 +300,11 @@ def stage_pretrain(ctx: Context, limit_s: float) -> dict:
 # GPU limits sum to 490 s of the 510 s budget: compilation (torch.compile providers, Triton autotuning
 # at new shapes) is most of the kernels' and train stages' time.
 STAGES = (
+    Stage("compiled", 60, 90, stage_compiled),
     Stage("machine", 20, 60, stage_machine),
     Stage("tests", 100, 120, stage_tests),
-    Stage("kernels", 150, 300, stage_kernels),
-    Stage("train", 170, 240, stage_train),
+    Stage("kernels", 120, 300, stage_kernels),
+    Stage("train", 140, 240, stage_train),
     Stage("pretrain", 50, 120, stage_pretrain),
 )
 

@@ -287,12 +287,13 @@ def kernel_module(name: str):
 
 
 def require_triton(device: torch.device) -> None:
-    """Unavailable unless Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
-    from d2v2.kernels import HAS_TRITON, triton_interpret
+    """Unavailable unless Triton kernels can run on ``device`` (CUDA, or the CPU interpreter), or are
+    only traced (``d2v2.kernels.trace_launches``: the compile bench)."""
+    from d2v2.kernels import HAS_TRITON, tracing_launches, triton_interpret
 
     if not HAS_TRITON:
         raise Unavailable("triton is not installed")
-    if device.type != "cuda" and not triton_interpret():
+    if device.type != "cuda" and not triton_interpret() and not tracing_launches():
         raise Unavailable("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to interpret them on CPU")
 
 
@@ -309,7 +310,25 @@ def op_provider(module_name: str, op: str, provider: str, device: torch.device) 
     if provider == "torch":
         return reference
     torch._dynamo.reset()  # a fresh cache per case: recompiles never hit the cache-size limit
-    return torch.compile(reference)
+    return compiled(reference)
+
+
+def compiled(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fn)`` whose graphs can be backpropagated more than once, as "bwd" times them.
+
+    AOTAutograd donates the saved activations to the compiled backward, which frees them and then
+    refuses ``retain_graph=True`` ("compiled with non-empty donated buffers"); "bwd" repeats the
+    backward of one forward graph, so the compile providers build theirs without donation (a memory
+    saving only: the backward's kernels are the same).
+    """
+    compiled_fn = torch.compile(fn, **options)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._functorch.config.patch(donated_buffer=False):
+            return compiled_fn(*args, **kwargs)
+
+    return call
 
 
 def check_provider(op: str, provider: str, allowed: Sequence[str]) -> None:

@@ -9,9 +9,14 @@ and accepts fp32, bf16 and fp16 inputs. Each op's module also holds its referenc
 
 ``HAS_TRITON``, ``triton_interpret()`` and ``resolve_impl(impl, *tensors)`` tell which implementation
 an op would run, for tools that report it (``d2v2 info``, the benchmarks).
+
+``trace_launches()``, ``compile_launch(launch, arch)``, ``load_launch(launch)``, ``ARCHS``, ``occupancy`` and
+``ptxas_available()`` compile the kernels ahead of time for a GPU architecture without a GPU
+(``d2v2 bench compile``; see ``_aot``).
 """
 
-from ._utils import HAS_TRITON, resolve_impl, triton_interpret
+from ._aot import ARCHS, compile_launch, load_launch, occupancy, ptxas_available, trace_launches
+from ._utils import HAS_TRITON, resolve_impl, tracing_launches, triton_interpret
 from .attention import attention
 from .conv_block1d import conv_block1d
 from .conv_block2d import conv_block2d
@@ -25,6 +30,13 @@ __all__ = [
     "HAS_TRITON",
     "resolve_impl",
     "triton_interpret",
+    "tracing_launches",
+    "trace_launches",
+    "compile_launch",
+    "load_launch",
+    "occupancy",
+    "ptxas_available",
+    "ARCHS",
     "attention",
     "conv_block1d",
     "conv_block2d",

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import block_settings, check_tensor, ensure_contiguous, tl, triton, triton_interpret
+from ._utils import block_settings, check_tensor, ensure_contiguous, fit_shared_memory, tl, triton, triton_interpret
 
 LAYER_NORM_EPS = 1e-5
 
@@ -147,8 +147,9 @@ def _conv_configs() -> list:
     Untuned guesses pending H100 measurements: 64/128-position tiles, 4 or 8 warps, 3 stages; plus,
     per in-channel width, one small-footprint config that always fits shared memory. In fp32 the
     widest tiles need more than the chip has (text decoder wgrad, 768 channels: 128 positions x (128
-    in + 128 out) channels x 4 B x 3 stages = 384 KiB > 227 KiB on H100/H200); the autotuner skips a
-    config that runs out of resources, and the 32-position, 2-stage one (64 KiB) is what remains.
+    in + 128 out) channels x 4 B x 3 stages = 384 KiB > 227 KiB on H100/H200); the autotuner prunes a
+    config whose shared memory does not fit the device (``fit_shared_memory``, before launch), and the
+    32-position, 2-stage one (64 KiB) is what remains.
     """
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=3)
@@ -158,11 +159,28 @@ def _conv_configs() -> list:
     ] + [triton.Config({"BLOCK_M": 32, "BLOCK_C": block_c}, num_warps=4, num_stages=2) for block_c in (16, 32, 64, 128)]
 
 
-def _prune_in_channel_tiles(widest: int):
+def _smem_estimate(config, args) -> int:
+    """Upper bound of a conv-like config's shared memory: num_stages deep of the [BLOCK_M, BLOCK_C]
+    input tile and the [BLOCK_C or BLOCK_M, BLOCK_O] second operand (the weight, or dy for wgrad)."""
+    m, c, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"], config.num_stages
+    size = args["x_ptr"].element_size()
+    return stages * (m * c + max(m, c) * args["BLOCK_O"]) * size
+
+
+def _prune_in_channel_tiles(widest: int, eight_warps_in_16_bit: bool = False):
+    """The configs of the group's in-channel tile widths that fit the device's shared memory. With
+    ``eight_warps_in_16_bit`` (the wgrad), bf16 / fp16 keep only 8-warp configs: at 4 warps the
+    [BLOCK_C, BLOCK_O] fp32 accumulator and both staged operands spill (ptxas, sm_80 and sm_90, in
+    64 x 64, 64 x 128, 128 x 16, 128 x 128 and 32 x 64 tiles; ``d2v2 bench compile``)."""
+
     def prune(configs, named_args, **kwargs):
         c_in_per_group = kwargs.get("C_IN_PER_GROUP", named_args.get("C_IN_PER_GROUP"))
         widths = _in_channel_tiles(c_in_per_group, widest)
-        return [c for c in configs if c.kwargs["BLOCK_C"] in widths]
+        tiles = [c for c in configs if c.kwargs["BLOCK_C"] in widths]
+        if eight_warps_in_16_bit and named_args["x_ptr"].element_size() == 2:
+            tiles = [c for c in tiles if c.num_warps == 8] or tiles
+        # then what does not fit the device's shared memory (fp32 wgrad at 128 x 128, see _conv_configs)
+        return fit_shared_memory(tiles, _smem_estimate, named_args, kwargs)
 
     return {"early_config_prune": prune}
 
@@ -340,7 +358,7 @@ def _conv_block_norm_bwd_kernel(
 @triton.autotune(
     configs=_conv_configs(),
     key=["C_IN_PER_GROUP", "C_OUT_PER_GROUP", "KH", "KW"],
-    prune_configs_by=_prune_in_channel_tiles(widest=_WGRAD_WIDEST),
+    prune_configs_by=_prune_in_channel_tiles(widest=_WGRAD_WIDEST, eight_warps_in_16_bit=True),
 )
 @triton.jit
 def _conv_block_wgrad_kernel(
@@ -425,6 +443,11 @@ def _conv_block_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+
+
+# The shared-memory bound the device filter uses, read by ``trace_launches`` for the compile bench.
+_conv_block_conv_kernel.smem_estimate = _smem_estimate
+_conv_block_wgrad_kernel.smem_estimate = _smem_estimate
 
 
 def _pack_weight(weight: torch.Tensor, groups: int, transpose: bool) -> torch.Tensor:

@@ -47,6 +47,18 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by ``_aot.trace_launches()``: launches are then recorded, not run, so CPU tensors may take the
+# Triton path (with the host code's GPU branches, unlike the interpreter). ``_smem_limit`` stands in
+# for the device's shared memory while it asks the autotuners what they keep on each architecture.
+_tracing = False
+_smem_limit: int | None = None
+
+
+def tracing_launches() -> bool:
+    """True inside ``trace_launches()``, where the ops record their Triton launches instead of running them."""
+    return _tracing
+
+
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """Turn ``impl`` ("auto" | "triton" | "torch") into "triton" or "torch" for these tensors.
 
@@ -65,7 +77,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if impl == "auto":
         return "triton" if HAS_TRITON and on_cuda else "torch"
-    runnable = HAS_TRITON and (on_cuda or triton_interpret())
+    runnable = HAS_TRITON and (on_cuda or triton_interpret() or _tracing)
     if impl == "triton" and not runnable:
         if not HAS_TRITON:
             raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
@@ -74,6 +86,30 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
             "CPU); move the inputs to a GPU or use impl='torch'"
         )
     return impl
+
+
+def device_smem_limit() -> int | None:
+    """Shared memory one block of the current CUDA device may opt in to; None when nothing runs on a GPU
+    (the interpreter, ``trace_launches``, no CUDA), where no config is filtered by it."""
+    if _smem_limit is not None:
+        return _smem_limit
+    if triton_interpret() or _tracing or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+def fit_shared_memory(configs: list, smem_estimate, named_args: dict, kwargs: dict) -> list:
+    """The autotune ``configs`` whose shared memory (``smem_estimate(config, args)``, an upper bound in
+    bytes) fits the current device, so that every config left launches; the smallest one if none fits.
+
+    The estimates are checked against the compiler's figures for every config at the recipes' shapes
+    by ``d2v2 bench compile`` and its test (an estimate below the compiled size fails them)."""
+    limit = device_smem_limit()
+    if limit is None:
+        return configs
+    args = {**named_args, **kwargs}
+    fitting = [c for c in configs if smem_estimate(c, args) <= limit]
+    return fitting or [min(configs, key=lambda c: smem_estimate(c, args))]
 
 
 def check_tensor(

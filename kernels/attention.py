@@ -72,10 +72,11 @@ Limits
     - Offsets inside one (batch, head) plane are int32: a view whose plane spans 2**31 elements or
       more is copied to a contiguous tensor first.
     - Verified under TRITON_INTERPRET=1 (CPU) against the reference with Triton 3.6 and 3.9, and
-      every config compiled ahead of time for sm90 with both. bf16/fp16 at Dh 64: no spills without
-      dropout; with dropout the 64 x 64 and 64 x 128 dk/dv configs spill a little (52-252 B), the
-      32 x 64 / 32 x 128 ones do not. At Dh 80 / 128 most backward configs spill, so the autotuner's
-      timing decides. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is
+      every config compiled ahead of time for sm80 and sm90 (``d2v2 bench compile``). bf16/fp16 at
+      Dh 64: no spills without dropout; with dropout the backward configs that spill (dk/dv 64-query
+      steps, dq 64-key steps) are pruned. Configs are also filtered by the device's shared memory
+      (``_smem_estimate``). At Dh 80 / 128 most backward configs spill, so the autotuner's timing
+      decides. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is
       correct but slow; train with bf16 autocast. Not yet run or timed on a GPU.
 """
 
@@ -92,6 +93,7 @@ from ._utils import (
     INDEX_DTYPES,
     check_shape,
     check_tensor,
+    fit_shared_memory,
     resolve_impl,
     tl,
     triton,
@@ -238,11 +240,37 @@ _AUTOTUNE_KEY = ["L_BUCKET", "HEAD_DIM", "HAS_ALIBI", "HAS_PADDING", "HAS_DROPOU
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose blocks are larger than the (bucketed) length; keep the smallest otherwise."""
+    """Drop configs whose blocks are larger than the (bucketed) length (keep the smallest otherwise),
+    then those whose shared memory exceeds the device's (``fit_shared_memory``)."""
     bucket = kwargs.get("L_BUCKET", named_args.get("L_BUCKET"))
     fitting = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= bucket]
     smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    return fitting or [smallest]
+    return fit_shared_memory(fitting or [smallest], _smem_estimate, named_args, kwargs)
+
+
+def _prune_dropout_spills(inner: str):
+    """``_prune_configs``, first dropping with dropout the configs whose inner loop steps over 64 rows
+    (``inner``: BLOCK_M for dk/dv, BLOCK_N for dq): the in-register Philox draws on top of the score,
+    probability and dp tiles make ptxas spill there in bf16 (dk/dv 64 x 64 and 64 x 128 on sm_80 and
+    sm_90, dq 64 x 64 and 128 x 64 on sm_80; ``d2v2 bench compile``). The 32-step configs do not."""
+
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT")):
+            configs = [c for c in configs if c.kwargs[inner] < 64] or configs
+        return _prune_configs(configs, named_args, **kwargs)
+
+    return {"early_config_prune": prune}
+
+
+def _smem_estimate(config, args) -> int:
+    """Upper bound of a config's shared memory: the pipelined tiles of the inner loop (num_stages deep,
+    two operands), the program's resident tiles (two, counted as staged too), the fp32 row statistics
+    and one fp32 [BLOCK_M, BLOCK_N] layout-conversion scratch. Matches sm90's compiled figure
+    for the forward's 64 x 64 (57344 B in bf16 at Dh 64) up to the scratch term."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    block_d, size = args["BLOCK_D"], args["q_ptr"].element_size()
+    widest = max(m, n)
+    return (stages * 2 * widest + 2 * widest) * block_d * size + stages * 2 * widest * 4 + m * n * 4
 
 
 @triton.jit
@@ -448,7 +476,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_dropout_spills("BLOCK_M"))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     dk_ptr, stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # [B, H, L, Dh] out
@@ -573,7 +601,7 @@ def _attention_bwd_dkdv_kernel(
             tl.store(slope_base + (slot + r) * stride_sn, 0.0, mask=slot + r < slots)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_dropout_spills("BLOCK_N"))
 @triton.jit
 def _attention_bwd_dq_kernel(
     dq_ptr, stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # [B, H, L, Dh] out
@@ -663,6 +691,12 @@ def _attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Launchers and autograd Function
 # ---------------------------------------------------------------------------------------------------
+
+
+# The shared-memory bound the device filter uses, read by ``trace_launches`` for the compile bench.
+_attention_fwd_kernel.smem_estimate = _smem_estimate
+_attention_bwd_dkdv_kernel.smem_estimate = _smem_estimate
+_attention_bwd_dq_kernel.smem_estimate = _smem_estimate
 
 
 def _int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -54,3 +54,15 @@ def test_provider_and_name_checks():
 def test_ids_keep_are_sorted_distinct_positions():
     ids = harness.ids_keep(5, 17, 6, CPU, harness.generator(CPU))
     assert ids.shape == (5, 6) and (ids.diff(dim=1) > 0).all() and ids.max() < 17
+
+
+def test_compiled_backward_can_be_timed_repeatedly():
+    # "bwd" repeats backward(retain_graph=True) on one forward graph; the compile provider's graph of
+    # masked_regression_loss used to refuse the second call (AOTAutograd's donated buffers).
+    from d2v2.bench import masked_regression_loss
+    from d2v2.bench.shapes import QUICK_SHAPES
+
+    case = masked_regression_loss.bench_cases({"vit-b": QUICK_SHAPES["vit-b"]}, torch.float32)[0]
+    backward = harness.mode_fn(case.setup("compile", torch.device("cpu")), "bwd")
+    for _ in range(3):
+        backward()
