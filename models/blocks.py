@@ -164,7 +164,7 @@ class _Block(nn.Module):
             dim: model width D.
             num_heads: attention heads.
             mlp_ratio: FFN hidden width as a multiple of D.
-            norm_eps: LayerNorm epsilon (1e-6 for the image recipes, 1e-5 otherwise).
+            norm_eps: LayerNorm epsilon (1e-6 for the image presets, 1e-5 otherwise).
             encoder_dropout: dropout after the attention output projection.
             attention_dropout: dropout on the attention probabilities.
             activation_dropout: dropout inside the FFN (after GELU and after fc2).

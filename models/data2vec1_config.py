@@ -2,7 +2,7 @@
 
 ``data2vec1_config(modality, size, **overrides)`` gives a released model's config: width, heads and
 depth from ``sizes.ENCODER_SIZES`` (data2vec 1.0 has no prenet: ``total_depth`` plain blocks, the same
-size as data2vec 2.0's), everything else from ``DATA2VEC1_RECIPES`` (fairseq
+size as data2vec 2.0's), everything else from ``DATA2VEC1_PRESETS`` (fairseq
 ``examples/data2vec/config/{audio,text,vision}/pretraining/*`` as ``reference/data2vec2.md`` section 2
 states them). What differs by modality is data here (which blocks, which mask, which teacher parts
 are copied), never a branch in the method.
@@ -10,40 +10,33 @@ are copied), never a branch in the method.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .encoders import WAV2VEC2_CONV_LAYERS
+from .config import (
+    AudioFields,
+    ConfigChecker,
+    Dropouts,
+    EncoderConfig,
+    ImageFields,
+    TeacherTargets,
+    TextFields,
+    build_preset,
+)
 from .modalities import MODALITIES
-from .sizes import plain_preset
 
-__all__ = ["Data2Vec1Config", "DATA2VEC1_RECIPES", "data2vec1_config"]
+__all__ = ["Data2Vec1Config", "DATA2VEC1_PRESETS", "data2vec1_config"]
 
 
 @dataclass(kw_only=True, slots=True)
-class Data2Vec1Config:
+class Data2Vec1Config(TeacherTargets, TextFields, AudioFields, ImageFields, Dropouts, EncoderConfig):
     """Everything that defines a data2vec 1.0 model and its training objective.
 
-    Build one with ``data2vec1_config(modality, size, **overrides)``; the defaults below are generic
-    (base width) and the presets set the per-modality values of the reference.
+    Build one with ``data2vec1_config(modality, size, **overrides)``; the shared fields are documented
+    where ``config`` declares them, and the presets set the per-modality values of the reference.
     """
 
-    modality: Literal["image", "audio", "text"]
-    """Input modality: "image" (source [B, 3, H, W]), "audio" (source [B, T] waveforms at 16 kHz) or
-    "text" (source [B, L] token ids)."""
-
-    # -- encoder ------------------------------------------------------------------------------------
-    embed_dim: int = 768
-    """Model width D."""
-    num_heads: int = 12
-    """Attention heads; embed_dim must be divisible by it."""
-    mlp_ratio: float = 4.0
-    """FFN hidden width as a multiple of D."""
-    depth: int = 12
-    """Transformer blocks; the teacher's top ``average_top_k_layers`` of them make the targets."""
-    norm_eps: float = 1e-5
-    """LayerNorm epsilon of the blocks and the input/final norms (1e-6 vision, 1e-5 otherwise)."""
+    # -- encoder: data2vec 1.0's block flavours -----------------------------------------------------------
     layer_norm_first: bool = False
     """Pre-norm blocks followed by a final LayerNorm (vision, BEiT's blocks) instead of post-norm blocks
     (audio: wav2vec 2.0's, text: RoBERTa's)."""
@@ -54,41 +47,13 @@ class Data2Vec1Config:
     text has its embedding LayerNorm inside the token embedding instead)."""
     input_dropout: float = 0.0
     """Dropout after the input norm, before the blocks (audio 0.1)."""
-    encoder_dropout: float = 0.0
-    """Dropout after each attention output projection (0.1 audio, text)."""
-    attention_dropout: float = 0.0
-    """Dropout on the attention probabilities (0.1 audio, text)."""
-    activation_dropout: float = 0.0
-    """Dropout inside the FFN, after GELU and after fc2 (0 in every recipe)."""
     post_mlp_dropout: float = 0.0
     """Dropout on the FFN output before the residual add (0.1 audio, text)."""
     drop_path_rate: float = 0.0
     """Stochastic depth, spaced linearly from 0 over the blocks (vision 0.25)."""
-    layerdrop: float = 0.0
-    """Probability of skipping each block of the student in a step (audio 0.05)."""
-
-    # -- images ---------------------------------------------------------------------------------------
-    image_size: int = 224
-    """Input image side in pixels (square); a multiple of patch_size."""
-    patch_size: int = 16
-    """Patch side."""
-    in_chans: int = 3
-    """Image channels."""
-
-    # -- audio ----------------------------------------------------------------------------------------
-    conv_feature_layers: tuple[tuple[int, int, int], ...] = WAV2VEC2_CONV_LAYERS
-    """(channels, kernel, stride) of each CNN layer; default the wav2vec 2.0 spec (stride 320)."""
-    conv_pos_width: int = 95
-    """Total width of the conv positional encoder; its kernel is max(3, width // depth) (19), odd."""
-    conv_pos_depth: int = 5
-    """Layers of the conv positional encoder (data2vec 1.0 audio: 5, ``pos_conv_depth``)."""
-    conv_pos_groups: int = 16
-    """Groups of the conv positional encoder's convolutions; must divide embed_dim."""
     alibi: bool = False
     """ALiBi with a learned per-head scale in the audio attention (data2vec 2.0's); data2vec 1.0 has
     only the conv positions, so False."""
-    alibi_scale_init: float = 1.0
-    """Initial ALiBi scale, when ``alibi`` is set."""
 
     # -- text -----------------------------------------------------------------------------------------
     vocab_size: int = 50264
@@ -98,12 +63,6 @@ class Data2Vec1Config:
     """The ``<mask>`` token id that replaces masked tokens (text). None appends one embedding row after
     the vocabulary (id vocab_size), as our tokenizers have no mask token; an id in [0, vocab_size)
     reuses a token the tokenizer reserves for it."""
-    max_positions: int = 512
-    """Longest token sequence (learned positions)."""
-    padding_idx: int | None = 1
-    """Padding token id (its embedding row is zero); None for no padding token."""
-    embed_dropout: float = 0.1
-    """Dropout after the embedding LayerNorm (text)."""
 
     # -- masking (the data loader makes one mask per sample) -----------------------------------------
     masking: Literal["wav2vec_span", "mlm_span", "beit_block"] = "wav2vec_span"
@@ -130,19 +89,8 @@ class Data2Vec1Config:
     head_layers: int = 1
     """Prediction head: 1 = Linear(D -> D) (``final_proj``); 2 = Linear(D -> 2D), GELU, Linear(2D -> D)
     (text ``regression_head``)."""
-    average_top_k_layers: int = 8
-    """How many of the teacher's top blocks are averaged into the target (audio 8, text 10, vision 6)."""
     end_of_block_targets: bool = False
     """Average block outputs (vision) instead of FFN outputs before the last residual (audio, text)."""
-    target_layer_norm: Literal["instance", "layer"] | None = "instance"
-    """Per-layer norm before averaging: "instance" (audio), "layer" (text) or None (vision)."""
-    target_final_norm: Literal["instance", "layer"] | None = None
-    """Norm after averaging: "layer" (vision) or None (audio, text)."""
-    loss_beta: float = 0.0
-    """0 for the squared error (audio); > 0 for smooth-L1 with this beta (text 4, vision 2)."""
-    loss_scale: float | None = None
-    """Multiplier of the per-token loss; None means 1/sqrt(D) (audio, vision); text 1."""
-
     # -- EMA teacher ----------------------------------------------------------------------------------
     teacher_omits: tuple[str, ...] = ("local_encoder",)
     """Encoder parts the teacher does not own; it then uses the student's (detached) output of them:
@@ -152,30 +100,6 @@ class Data2Vec1Config:
     ``skip_keys``): audio the conv positions, text the token/position embeddings and their LayerNorm
     (``local_encoder``), vision the CLS token and the fixed positions (the reference feeds the EMA
     transformer the student's)."""
-    ema_decay: float = 0.999
-    """Teacher EMA decay at step 0."""
-    ema_end_decay: float = 0.9999
-    """Decay reached at ema_anneal_end_step and kept after; 1.0 freezes the teacher."""
-    ema_anneal_end_step: int = 30_000
-    """Optimizer steps of the linear anneal (audio 30k, text 300k, vision all 375,300 updates)."""
-
-    # -- safety ---------------------------------------------------------------------------------------
-    min_target_var: float = 0.1
-    """Training stops after 5,000 steps if the target std falls below this (0 disables; vision 0)."""
-    min_pred_var: float = 0.01
-    """The same for the prediction std (0 disables; vision 0)."""
-
-    impl: Literal["auto", "triton", "torch"] = "auto"
-    """Kernel implementation for every d2v2.kernels op: "auto" (Triton on CUDA), "triton" or "torch"."""
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The image patch grid (H, W)."""
-        side = self.image_size // self.patch_size
-        return side, side
 
     @property
     def num_extra_tokens(self) -> int:
@@ -192,88 +116,44 @@ class Data2Vec1Config:
         """Rows of the token table (read by ``TextModality``): the vocabulary plus an appended mask."""
         return self.vocab_size + (1 if self.mask_idx is None else 0)
 
+    def _check_fields(self, check: ConfigChecker) -> None:
+        """Raise ValueError naming the field and the fix for every bad value or combination."""
+        fail = check.fail
+        check.choice("masking", ("wav2vec_span", "mlm_span", "beit_block"))
+        check.choice("mask_fill", ("uniform", "normal", "token"))
+        for name in ("mask_length", "num_mask_patches", "min_mask_patches"):
+            check.int(name, 1)
+        check.int("min_masks", 0)
+        for name in ("input_dropout", "post_mlp_dropout", "drop_path_rate"):
+            check.fraction(name)
+        check.nonnegative("layer_scale_init")
+        check.open_fraction("mask_prob", "use e.g. 0.65 (audio) or 0.35 (text)")
+        if not 0.0 < self.mask_min_aspect <= 1.0:
+            fail("mask_min_aspect", f"must lie in (0, 1], got {self.mask_min_aspect!r}", "use 0.3")
+        if self.head_layers not in (1, 2):
+            fail("head_layers", f"must be 1 or 2, got {self.head_layers!r}", "use 1 (audio, vision) or 2 (text)")
+        if self.layer_scale_init > 0 and not self.layer_norm_first:
+            fail("layer_scale_init", f"({self.layer_scale_init}) needs layer_norm_first (pre-norm blocks)",
+                 "set layer_norm_first: true or layer_scale_init: 0")  # fmt: skip
+        # The one place the modality is asked: which mask and mask fill fit its input.
+        if self.masking != _MASKING_OF[self.modality]:
+            fail("masking", f"must be {_MASKING_OF[self.modality]!r} for {self.modality}, got {self.masking!r}",
+                 "use the modality's masking")  # fmt: skip
+        if (self.mask_fill == "token") != (self.modality == "text"):
+            fail("mask_fill", f"{self.mask_fill!r} does not fit {self.modality} (text masks token ids with 'token'; "
+                 "audio and vision replace features with 'uniform' or 'normal')", "use the preset's value")  # fmt: skip
+        if self.mask_idx is not None and (isinstance(self.mask_idx, bool) or not isinstance(self.mask_idx, int)
+                                          or not 0 <= self.mask_idx < self.vocab_size):  # fmt: skip
+            fail("mask_idx", f"must be None or an id in [0, vocab_size={self.vocab_size}), got {self.mask_idx!r}",
+                 "leave it None to append a mask row")  # fmt: skip
+        if self.mask_idx is not None and self.mask_idx == self.padding_idx:
+            fail("mask_idx", f"({self.mask_idx}) must differ from padding_idx", "use another id or None")
+        if self.modality == "image" and self.num_mask_patches >= self.grid[0] * self.grid[1]:
+            fail("num_mask_patches", f"({self.num_mask_patches}) must be below the {self.grid[0] * self.grid[1]} "
+                 "patches", "mask fewer patches")  # fmt: skip
+
 
 _MASKING_OF = {"audio": "wav2vec_span", "text": "mlm_span", "image": "beit_block"}
-
-
-def _check_config(cfg: Data2Vec1Config) -> None:
-    """Raise ValueError naming the field and the fix for every bad value or combination."""
-
-    def fail(field: str, problem: str, fix: str) -> None:
-        raise ValueError(f"Data2Vec1Config.{field} {problem}; {fix}")
-
-    def check_choice(field: str, choices: tuple) -> None:
-        if getattr(cfg, field) not in choices:
-            fail(field, f"must be one of {choices}, got {getattr(cfg, field)!r}", "pick one of those")
-
-    def check_int(field: str, minimum: int) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            fail(field, f"must be an int >= {minimum}, got {value!r}", f"set it to an int >= {minimum}")
-
-    def check_number(field: str, low: float, high: float) -> None:
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:  # fmt: skip
-            fail(field, f"must be a number in [{low}, {high}], got {value!r}", "use a value in that range")
-
-    check_choice("modality", ("image", "audio", "text"))
-    check_choice("impl", ("auto", "triton", "torch"))
-    check_choice("masking", ("wav2vec_span", "mlm_span", "beit_block"))
-    check_choice("mask_fill", ("uniform", "normal", "token"))
-    check_choice("target_layer_norm", ("instance", "layer", None))
-    check_choice("target_final_norm", ("instance", "layer", None))
-    for name in ("embed_dim", "num_heads", "depth", "image_size", "patch_size", "in_chans", "conv_pos_width",
-                 "conv_pos_depth", "conv_pos_groups", "vocab_size", "max_positions", "mask_length",
-                 "num_mask_patches", "min_mask_patches", "average_top_k_layers"):  # fmt: skip
-        check_int(name, 1)
-    check_int("min_masks", 0)
-    check_int("ema_anneal_end_step", 0)
-    for name in ("input_dropout", "encoder_dropout", "attention_dropout", "activation_dropout",
-                 "post_mlp_dropout", "drop_path_rate", "layerdrop", "embed_dropout"):  # fmt: skip
-        check_number(name, 0.0, 0.99)
-    for name in ("mlp_ratio", "norm_eps", "layer_scale_init", "loss_beta", "min_target_var", "min_pred_var",
-                 "alibi_scale_init"):  # fmt: skip
-        check_number(name, 0.0, math.inf)
-    for name in ("ema_decay", "ema_end_decay"):
-        check_number(name, 0.0, 1.0)
-    if cfg.norm_eps == 0:
-        fail("norm_eps", "must be > 0, got 0", "use 1e-5 (1e-6 for vision)")
-    if not 0.0 < cfg.mask_prob < 1.0:
-        fail("mask_prob", f"must lie in (0, 1), got {cfg.mask_prob!r}", "use e.g. 0.65 (audio) or 0.35 (text)")
-    if not 0.0 < cfg.mask_min_aspect <= 1.0:
-        fail("mask_min_aspect", f"must lie in (0, 1], got {cfg.mask_min_aspect!r}", "use 0.3")
-    if cfg.embed_dim % cfg.num_heads != 0:
-        fail("embed_dim", f"({cfg.embed_dim}) must be divisible by num_heads ({cfg.num_heads})", "change either")
-    if cfg.average_top_k_layers > cfg.depth:
-        fail("average_top_k_layers", f"({cfg.average_top_k_layers}) cannot exceed depth ({cfg.depth})",
-             "average at most all blocks")  # fmt: skip
-    if cfg.head_layers not in (1, 2):
-        fail("head_layers", f"must be 1 or 2, got {cfg.head_layers!r}", "use 1 (audio, vision) or 2 (text)")
-    if cfg.layer_scale_init > 0 and not cfg.layer_norm_first:
-        fail("layer_scale_init", f"({cfg.layer_scale_init}) needs layer_norm_first (pre-norm blocks)",
-             "set layer_norm_first: true or layer_scale_init: 0")  # fmt: skip
-    if cfg.loss_scale is not None and (
-        isinstance(cfg.loss_scale, bool) or not isinstance(cfg.loss_scale, (int, float)) or not cfg.loss_scale > 0
-    ):
-        fail("loss_scale", f"must be None (1/sqrt(D)) or > 0, got {cfg.loss_scale!r}", "use None or 1.0")
-    # The one place the modality is asked: which mask and mask fill fit its input.
-    if cfg.masking != _MASKING_OF[cfg.modality]:
-        fail("masking", f"must be {_MASKING_OF[cfg.modality]!r} for {cfg.modality}, got {cfg.masking!r}",
-             "use the modality's masking")  # fmt: skip
-    if (cfg.mask_fill == "token") != (cfg.modality == "text"):
-        fail("mask_fill", f"{cfg.mask_fill!r} does not fit {cfg.modality} (text masks token ids with 'token'; "
-             "audio and vision replace features with 'uniform' or 'normal')", "use the preset's value")  # fmt: skip
-    if cfg.mask_idx is not None and (isinstance(cfg.mask_idx, bool) or not isinstance(cfg.mask_idx, int)
-                                     or not 0 <= cfg.mask_idx < cfg.vocab_size):  # fmt: skip
-        fail("mask_idx", f"must be None or an id in [0, vocab_size={cfg.vocab_size}), got {cfg.mask_idx!r}",
-             "leave it None to append a mask row")  # fmt: skip
-    if cfg.mask_idx is not None and cfg.mask_idx == cfg.padding_idx:
-        fail("mask_idx", f"({cfg.mask_idx}) must differ from padding_idx", "use another id or None")
-    if cfg.modality == "image" and cfg.num_mask_patches >= cfg.grid[0] * cfg.grid[1]:
-        fail("num_mask_patches", f"({cfg.num_mask_patches}) must be below the {cfg.grid[0] * cfg.grid[1]} patches",
-             "mask fewer patches")  # fmt: skip
-    MODALITIES[cfg.modality].check_config(cfg, fail)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +187,7 @@ _IMAGE = dict(
     ema_decay=0.999, ema_end_decay=0.9998, ema_anneal_end_step=375_300, min_target_var=0.0, min_pred_var=0.0,
 )  # fmt: skip
 
-DATA2VEC1_RECIPES: dict[tuple[str, str], dict] = {
+DATA2VEC1_PRESETS: dict[tuple[str, str], dict] = {
     ("audio", "base"): _AUDIO,
     ("text", "base"): _TEXT,
     ("image", "base"): _IMAGE,
@@ -324,6 +204,6 @@ def data2vec1_config(modality: str, size: str, **overrides) -> Data2Vec1Config:
     """The preset ``(modality, size)``'s model config, with ``overrides`` applied (any field).
 
     Width and heads come from ``sizes.ENCODER_SIZES``, depth is its ``total_depth`` (no prenet); the
-    rest from ``DATA2VEC1_RECIPES`` (ref 2).
+    rest from ``DATA2VEC1_PRESETS`` (ref 2).
     """
-    return plain_preset(Data2Vec1Config, DATA2VEC1_RECIPES, "data2vec 1.0", modality, size, **overrides)
+    return build_preset(Data2Vec1Config, DATA2VEC1_PRESETS, "data2vec 1.0", modality, size, overrides)

@@ -47,7 +47,7 @@ Deliberate differences from the reference, all documented where they live:
       text masks are made there too instead of on the GPU from hashed ids);
     - no fp16 teacher copy (quirk 1.14.5): the teacher stays fp32 and autocast runs its matmuls in
       bf16; the EMA is fp32 arithmetic, as the reference's fp32 master copy;
-    - drop path, 0 in every recipe, is spaced linearly over prenet + shared blocks.
+    - drop path, 0 in every preset, is spaced linearly over prenet + shared blocks.
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
 from .blocks import init_bert_params
-from .data2vec2_config import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_config
+from .data2vec2_config import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
 from .data2vec2_encoder import Data2Vec2Encoder
 from .method import Method, batch_masks
 from .modalities import modality_for
 from .teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
 
-__all__ = ["Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_RECIPES"]
+__all__ = ["Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_PRESETS"]
 
 # The reference checks for collapsed variances only after this many updates (ref 1.2 item 11).
 VARIANCE_CHECK_AFTER = 5000
@@ -95,7 +95,7 @@ class Data2Vec2(Method):
     ``param_groups(weight_decay)``, which lists only the student's trainable parameters.
 
     Args:
-        cfg: the model config (``data2vec2_config(modality, size)`` for a released recipe).
+        cfg: the model config (``data2vec2_config(modality, size)`` for a released preset).
     """
 
     def __init__(self, cfg: Data2Vec2Config):

@@ -77,7 +77,7 @@ class PatchEmbed(nn.Module):
 
     Args:
         image_size: input side in pixels (square images; must be a multiple of patch_size).
-        patch_size: patch side (16, or 14 for the huge recipe).
+        patch_size: patch side (16, or 14 for the huge preset).
         in_chans: input channels.
         embed_dim: output width D.
 
@@ -322,7 +322,7 @@ class TokenEmbedding(nn.Module):
         max_positions: longest sequence (512).
         padding_idx: id of the padding token (its embedding row stays zero; fairseq's pad is 1).
         norm_eps: LayerNorm epsilon.
-        dropout: embedding dropout (0.1 in the text recipes).
+        dropout: embedding dropout (0.1 in the text presets).
 
     Positions are padding-aware as fairseq's: a token's position counts the non-padding tokens before
     it, and padding tokens get no positional embedding.

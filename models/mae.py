@@ -37,12 +37,12 @@ from d2v2.kernels.scatter_tokens import scatter_tokens
 
 from .blocks import PreNormBlock, forward_blocks
 from .encoders import sincos_pos_embed_2d
-from .mae_config import MAE_RECIPES, MAEConfig, mae_config
+from .mae_config import MAE_PRESETS, MAEConfig, mae_config
 from .masking import random_mask
 from .method import Method, batch_masks
 from .modalities import Modality, modality_for
 
-__all__ = ["MAE", "MAEConfig", "MAEEncoder", "MAEDecoder", "mae_config", "MAE_RECIPES", "grid_random_mask",
+__all__ = ["MAE", "MAEConfig", "MAEEncoder", "MAEDecoder", "mae_config", "MAE_PRESETS", "grid_random_mask",
            "patchify", "init_mae_params"]  # fmt: skip
 
 

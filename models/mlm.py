@@ -37,10 +37,10 @@ from .blocks import PostNormBlock, forward_blocks, init_bert_params
 from .encoders import TokenEmbedding
 from .masking import random_mask
 from .method import Method, batch_masks
-from .mlm_config import MLM_RECIPES, MLMConfig, mlm_config
+from .mlm_config import MLM_PRESETS, MLMConfig, mlm_config
 from .modalities import Modality, modality_for
 
-__all__ = ["MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_RECIPES", "corrupt_tokens"]
+__all__ = ["MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_PRESETS", "corrupt_tokens"]
 
 
 class MLMEncoder(nn.Module):

@@ -171,8 +171,7 @@ class ImageModality(Modality):
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.cfg.image_size // self.cfg.patch_size
-        return side, side
+        return self.cfg.grid
 
     def default_masker(self, cfg) -> Masker:
         return partial(inverse_block_mask, mask_ratio=cfg.mask_ratio, block=cfg.mask_length, adjust=cfg.mask_prob_adjust)
@@ -297,8 +296,8 @@ class AudioModality(Modality):
     def check_config(cls, cfg, fail) -> None:
         super().check_config(cfg, fail)
         cls.check_conv_feature_layers(cfg, fail)
-        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
-        if kernel % 2 == 0:
+        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth) if hasattr(cfg, "conv_pos_width") else 3
+        if kernel % 2 == 0:  # the multi-layer conv positions (wav2vec 2.0 has one conv of any kernel)
             fail("conv_pos_width", f"gives an even positional kernel max(3, {cfg.conv_pos_width} // "
                  f"{cfg.conv_pos_depth}) = {kernel}", "choose a width that gives an odd kernel (95 -> 19)")  # fmt: skip
         if cfg.embed_dim % cfg.conv_pos_groups != 0:

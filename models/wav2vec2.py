@@ -49,10 +49,10 @@ from .masking import mask_to_ids, wav2vec_span_mask
 from .method import Method, check_mask
 from .modalities import modality_for
 from .quantizer import GumbelVectorQuantizer
-from .wav2vec2_config import WAV2VEC2_RECIPES, Wav2Vec2Config, wav2vec2_config
+from .wav2vec2_config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
-    "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_RECIPES", "sample_negatives",
+    "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_PRESETS", "sample_negatives",
     "contrastive_logits", "grad_multiply",
 ]  # fmt: skip
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.data2vec2 import DATA2VEC2_RECIPES, Data2Vec2, Data2Vec2Config, data2vec2_config
+from d2v2.models.data2vec2 import DATA2VEC2_PRESETS, Data2Vec2, Data2Vec2Config, data2vec2_config
 from d2v2.models.masking import mask_to_ids
 from d2v2.models.modalities import modality_for
 from d2v2.models.sizes import count_parameters
@@ -531,7 +531,7 @@ def test_recipes_carry_the_reference_values(modality, size):
 
 
 def test_every_recipe_builds_a_valid_config():
-    for modality, size in DATA2VEC2_RECIPES:
+    for modality, size in DATA2VEC2_PRESETS:
         cfg = data2vec2_config(modality, size)
         assert cfg.modality == modality
 

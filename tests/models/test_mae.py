@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from d2v2.models import build_method, count_parameters, method_config
-from d2v2.models.mae import MAE, MAE_RECIPES, mae_config, patchify
+from d2v2.models.mae import MAE, MAE_PRESETS, mae_config, patchify
 from d2v2.models.masking import mask_to_ids
 from tests.helpers import assert_close
 
@@ -150,7 +150,7 @@ def test_base_model_runs_one_training_step_on_cpu():
 
 
 def test_config_checks_and_presets():
-    assert set(MAE_RECIPES) == {("image", "base"), ("image", "tiny")}
+    assert set(MAE_PRESETS) == {("image", "base"), ("image", "tiny")}
     tiny = mae_config("image", "tiny")
     assert (tiny.embed_dim, tiny.num_heads, tiny.depth, tiny.patch_size, tiny.image_size) == (64, 4, 3, 4, 32)
     with pytest.raises(ValueError, match="no MAE preset for text base"):
