@@ -318,6 +318,19 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated, "
                          "incomplete or not a d2v2 checkpoint") from e
+    return upgrade_weights(state)
+
+
+def upgrade_weights(state: dict) -> dict:
+    """A checkpoint's ``method`` weights in today's names, whatever d2v2 wrote them: the one key
+    migration, the method's own ``upgrade_state_dict`` (e.g. the embedding parts under ``embed``)."""
+    from d2v2.models.methods import DEFAULT_METHOD, METHODS
+
+    config = state.get("config")
+    if isinstance(state.get("method"), dict) and isinstance(config, dict):
+        name = config.get("method", DEFAULT_METHOD)
+        if name in METHODS:
+            state["method"] = METHODS[name].model.upgrade_state_dict(state["method"])
     return state
 
 

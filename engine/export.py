@@ -147,6 +147,7 @@ def rename(state: dict[str, torch.Tensor], table) -> dict[str, torch.Tensor]:
     of the table, reported with the key (so no weight is ever left out silently)."""
     out = {}
     for key, value in state.items():
+        key = key.removeprefix("embed.")  # the tables name the embedding's parts as the encoder's own
         for pattern, target in table:
             match = re.match(pattern, key)
             if match:

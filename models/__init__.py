@@ -38,7 +38,7 @@ from .masking import (
     wav2vec_span_mask,
 )
 from .method import Method, batch_masks
-from .methods import METHODS, build_method, method_config, method_entry
+from .methods import DEFAULT_METHOD, METHODS, build_method, method_config, method_entry
 from .mlm import MLM, LMHead, MLMEncoder
 from .mlm_config import MLM_PRESETS, MLMConfig, mlm_config
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
@@ -51,7 +51,7 @@ from .wav2vec2_config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
     "Attention", "AudioFeatureEncoder", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_PRESETS",
-    "DATA2VEC2_PRESETS", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2", "Data2Vec2Config",
+    "DATA2VEC2_PRESETS", "DEFAULT_METHOD", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2", "Data2Vec2Config",
     "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize",
     "GumbelVectorQuantizer", "ImageModality", "LMHead", "MAE", "MAEConfig", "MAEDecoder", "MAEEncoder",
     "MAE_PRESETS", "METHODS", "MLM", "MLMConfig", "MLMEncoder", "MLM_PRESETS", "MODALITIES", "Method", "Mlp",

@@ -49,6 +49,7 @@ from d2v2.kernels.masked_regression_loss import masked_regression_loss
 from .blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
 from .data2vec1_config import DATA2VEC1_PRESETS, Data2Vec1Config, data2vec1_config
 from .data2vec2 import Data2Vec2
+from .embeddings import embed_paths
 from .masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
 from .method import Method, check_mask
 from .modalities import Masker, Modality, modality_for
@@ -73,8 +74,8 @@ def masker_for(cfg: Data2Vec1Config) -> Masker:
 class Data2Vec1Encoder(nn.Module):
     """Local encoder -> positions (+ CLS) -> [input LayerNorm, dropout] -> blocks -> [final LayerNorm].
 
-    Roles: ``local_encoder`` and the positional parts (``pos_conv`` for audio; ``pos_embed``,
-    ``cls_token`` for images) are built by the modality; ``input_norm`` / ``input_dropout`` are
+    Roles: ``embed`` (the modality's embedding module: ``local_encoder`` and the positional parts,
+    ``pos_conv`` for audio, ``pos_embed`` and ``cls_token`` for images; see ``embeddings``); ``input_norm`` / ``input_dropout`` are
     wav2vec 2.0's encoder LayerNorm and dropout (audio; identities otherwise); ``blocks`` are
     post-norm (audio, text) or BEiT's pre-norm blocks with layer-scale, then ``norm`` (vision).
     Teacher copies set the parts they do not own to None.
@@ -91,7 +92,7 @@ class Data2Vec1Encoder(nn.Module):
         self.collect = "block" if cfg.end_of_block_targets else "ffn"
         self.impl = cfg.impl
         dim = cfg.embed_dim
-        modality.build_embedding(self)  # local_encoder and the positional parts (None where absent)
+        self.embed = modality.build_embed(cfg)
         self.input_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.input_norm else nn.Identity()
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -108,12 +109,12 @@ class Data2Vec1Encoder(nn.Module):
 
     def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """source -> (features [B, N, D], token padding mask [B, N] or None)."""
-        return self.modality.local_features(self, source, padding_mask)
+        return self.embed.local_features(source, padding_mask)
 
     def contextualize(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Features [B, N, D] -> (tokens [B, extra + N, D] for the blocks, their attention context)."""
-        x, positions = self.modality.embed(self, feats)
-        context = {"positions": positions, "alibi_slopes": self.modality.alibi(self), "key_padding_mask": padding_mask}
+        x, positions = self.embed(feats)
+        context = {"positions": positions, "alibi_slopes": self.embed.alibi(), "key_padding_mask": padding_mask}
         return self.input_dropout(self.input_norm(x)), context
 
     def run_blocks(self, x: torch.Tensor, context: dict, collect_top: int = 0) -> tuple[torch.Tensor, list]:
@@ -140,6 +141,8 @@ class Data2Vec1(Method):
     Args:
         cfg: the model config (``data2vec1_config(modality, size)`` for a released preset).
     """
+
+    embedded_encoders = ("encoder.", "teacher.")
 
     def __init__(self, cfg: Data2Vec1Config):
         super().__init__()
@@ -176,14 +179,14 @@ class Data2Vec1(Method):
             elif cfg.mask_fill == "normal":
                 nn.init.trunc_normal_(self.mask_emb, std=0.02)
             if cfg.layer_norm_first:
-                if self.encoder.cls_token is not None:
-                    nn.init.trunc_normal_(self.encoder.cls_token, std=0.02)
+                if getattr(self.encoder.embed, "cls_token", None) is not None:
+                    nn.init.trunc_normal_(self.encoder.embed.cls_token, std=0.02)
                 for layer, block in enumerate(self.encoder.blocks, start=1):
                     block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                     block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
     def _make_teacher(self) -> Data2Vec1Encoder:
-        return frozen_copy(self.encoder, omit=self.cfg.teacher_omits)
+        return frozen_copy(self.encoder, omit=embed_paths(self.cfg.teacher_omits))
 
     def reset_teacher(self) -> None:
         """Make the teacher a fresh copy of the student (e.g. after loading student weights)."""
@@ -246,7 +249,7 @@ class Data2Vec1(Method):
             padding_mask: token padding [B, N] or None.
         """
         cfg = self.cfg
-        if self.teacher.local_encoder is not None:
+        if self.teacher.embed.local_encoder is not None:
             feats, padding_mask = self.teacher.local_features(source, padding_mask)
         x, context = self.teacher.contextualize(feats, padding_mask)
         _, layers = self.teacher.run_blocks(x, context, collect_top=cfg.average_top_k_layers)
@@ -270,14 +273,14 @@ class Data2Vec1(Method):
         self.num_updates = step
         decay = self.ema_decay(step)
         if decay < 1.0:
-            ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl, copy=self.cfg.teacher_copies)
+            ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl, copy=embed_paths(self.cfg.teacher_copies))
 
     # -- features, optimizer ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def probe_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's final outputs on the unmasked input, [B, N, D] (CLS left out)."""
-        owner = self.encoder if self.teacher.local_encoder is None else self.teacher
+        owner = self.encoder if self.teacher.embed.local_encoder is None else self.teacher
         feats, padding_mask = owner.local_features(source, padding_mask)
         x, context = self.teacher.contextualize(feats, padding_mask)
         return self.teacher.run_blocks(x, context)[0][:, self.cfg.num_extra_tokens :]

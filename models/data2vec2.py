@@ -98,6 +98,8 @@ class Data2Vec2(Method):
         cfg: the model config (``data2vec2_config(modality, size)`` for a released preset).
     """
 
+    embedded_encoders = ("encoder.", "teacher.")
+
     def __init__(self, cfg: Data2Vec2Config):
         super().__init__()
         self.cfg = cfg

@@ -79,8 +79,8 @@ class MAEEncoder(nn.Module):
     """The ViT encoder: patch embedding + fixed sin-cos positions (``ImageModality``), CLS, pre-norm
     blocks, final LayerNorm; on the kept patches in training, on all of them for probes and export.
 
-    Roles: ``local_encoder`` (``PatchEmbed``), ``pos_embed`` (fixed [N, D]), ``cls_token`` [1, 1, D],
-    ``blocks``, ``norm``.
+    Roles: ``embed`` (``ImageEmbed``: ``local_encoder``, ``pos_embed`` fixed [N, D], ``cls_token``
+    [1, 1, D]), ``blocks``, ``norm``.
 
     Args:
         cfg: the model config (``MAEConfig``).
@@ -91,7 +91,7 @@ class MAEEncoder(nn.Module):
         super().__init__()
         self.modality = modality
         self.impl = cfg.impl
-        modality.build_embedding(self)  # local_encoder, pos_embed, cls_token
+        self.embed = modality.build_embed(cfg)  # local_encoder, pos_embed, cls_token
         self.blocks = nn.ModuleList(
             PreNormBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, impl=cfg.impl)
             for _ in range(cfg.depth)
@@ -101,13 +101,13 @@ class MAEEncoder(nn.Module):
     def encode(self, feats: torch.Tensor, ids_keep: torch.Tensor | None = None, check_ids: bool = True) -> torch.Tensor:
         """Patch features [B, N, D] -> [B, 1 + k, D] (CLS first): the kept patches of ``ids_keep``
         [B, k], or all N without it."""
-        x, _ = self.modality.embed(self, feats, ids_keep=ids_keep, check_ids=check_ids)
+        x, _ = self.embed(feats, ids_keep=ids_keep, check_ids=check_ids)
         x, _ = forward_blocks(self.blocks, x)
         return self.norm(x)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The unmasked encoder: images -> [B, 1 + N, D] (CLS first). For probes and export."""
-        feats, _ = self.modality.local_features(self, source)
+        feats, _ = self.embed.local_features(source)
         return self.encode(feats)
 
 
@@ -158,6 +158,8 @@ class MAE(Method):
         cfg: the model config (``mae_config("image", size)`` for a preset).
     """
 
+    embedded_encoders = ("encoder.",)
+
     def __init__(self, cfg: MAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -172,7 +174,7 @@ class MAE(Method):
         N(0, 0.02); the sin-cos tables are fixed."""
         self.apply(init_mae_params)
         with torch.no_grad():
-            nn.init.normal_(self.encoder.cls_token, std=0.02)
+            nn.init.normal_(self.encoder.embed.cls_token, std=0.02)
             nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def forward(self, batch: dict) -> dict:
@@ -180,7 +182,7 @@ class MAE(Method):
         (masked patches); no host sync."""
         cfg = self.cfg
         source = batch["source"]
-        feats, _ = self.modality.local_features(self.encoder, source)  # [B, N, D]
+        feats, _ = self.encoder.embed.local_features(source)  # [B, N, D]
         batch_size, num_patches, _ = feats.shape
         # batch_masks validated ids_keep: the kernels skip their range checks (host syncs).
         mask, ids_keep = batch_masks(batch, batch_size, 1, num_patches, feats.device)

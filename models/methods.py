@@ -22,7 +22,10 @@ from .mlm_config import MLMConfig, mlm_config
 from .wav2vec2 import Wav2Vec2
 from .wav2vec2_config import Wav2Vec2Config, wav2vec2_config
 
-__all__ = ["MethodEntry", "METHODS", "method_entry", "method_config", "build_method"]
+__all__ = ["MethodEntry", "METHODS", "DEFAULT_METHOD", "method_entry", "method_config", "build_method"]
+
+DEFAULT_METHOD = "data2vec2"
+"""The method a recipe or checkpoint config that names none is trained with."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ class MLMEncoder(nn.Module):
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, L] (and padding [B, L], True = padding) -> [B, L, D]."""
-        x, padding_mask = self.modality.local_features(self, source, padding_mask)
+        x = self.local_encoder(source, padding_mask)
         return forward_blocks(self.blocks, x, key_padding_mask=padding_mask, layerdrop=self.layerdrop)[0]
 
 

@@ -60,10 +60,12 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
-    """A deep copy of ``module`` without the submodules named in ``omit``, never trained, in eval mode."""
+    """A deep copy of ``module`` without the submodules named in ``omit`` (dotted paths, e.g.
+    ``embed.local_encoder``), never trained, in eval mode."""
     teacher = copy_module.deepcopy(module)
-    for name in omit:
-        setattr(teacher, name, None)
+    for path in omit:
+        parent, _, name = path.rpartition(".")
+        setattr(teacher.get_submodule(parent), name, None)
     teacher.requires_grad_(False)
     return teacher.eval()
 
