@@ -39,12 +39,11 @@ from typing import Callable
 
 import torch
 
-from d2v2.models import save_pretrained
+from d2v2.models import DEFAULT_METHOD, save_pretrained
 from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
-from .checkpoint import resolve_checkpoint, run_folder_of
+from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
 from .runfolder import require_new, write_failure
-from .probe import method_from_checkpoint
 
 WEIGHTS = ("teacher", "student")
 FORMATS = ("auto", "d2v2")
@@ -406,7 +405,7 @@ def export(
     require_new(out_dir, "export")
     state_file = resolve_checkpoint(checkpoint)
     method, run_config = method_from_checkpoint(checkpoint)
-    name = run_config.get("method", "data2vec2")
+    name = run_config.get("method", DEFAULT_METHOD)
     has_teacher = getattr(method, "teacher", None) is not None
     weights = weights or ("teacher" if has_teacher else "student")
     if weights == "teacher" and not has_teacher:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from d2v2.models import build_method, count_parameters, method_entry
+from d2v2.models import DEFAULT_METHOD, build_method, count_parameters, method_entry
 
 from . import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
@@ -64,7 +64,7 @@ class RunConfig:
 
     recipe: str
     """The recipe the run was resolved from (a name in ``engine/recipes`` or a YAML path)."""
-    method: str = "data2vec2"
+    method: str = DEFAULT_METHOD
     """The pretraining method (``d2v2.models.METHODS``): data2vec2 unless the recipe names another."""
     model: ModelSpec
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +84,14 @@ class RunConfig:
 DEFAULT_RECIPE = "image-tiny"
 
 
+def build_run_method(cfg: RunConfig, fields: dict):
+    """The run's method and its whole config: the preset the recipe names, its overrides, then the
+    model ``fields`` the data decides (a data set's ``model_fields()``, or ``DataKind.model_fields``
+    of the data config for synthetic batches). The one place ``pretrain`` and the benches build it."""
+    model_cfg = cfg.model.build_config(**fields)
+    return build_method(cfg.method, model_cfg), model_cfg
+
+
 def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
     """Recipe + ``key=value`` overrides -> a validated RunConfig."""
     return config_from_dict(apply_overrides(load_recipe(recipe), list(overrides)))
@@ -96,7 +104,7 @@ def config_from_dict(data: dict) -> RunConfig:
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
-    method = str(data.get("method", "data2vec2"))
+    method = str(data.get("method", DEFAULT_METHOD))
     method_entry(method)  # an unknown method is a one-line error naming the known ones
     spec = ModelSpec(
         method=method,
@@ -207,8 +215,7 @@ def _train_in(
     if (refusal := env.broadcast_object(refusal)) is not None:  # every rank stops, not rank 0 alone
         raise runfolder.RunFolderError(refusal)
     # The data decides some model fields (the text vocabulary and padding id, the image size).
-    model_cfg = cfg.model.build_config(**dataset.model_fields())
-    model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
+    model, model_cfg = build_run_method(cfg, dataset.model_fields())  # same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
 
     resolved = to_dict(cfg)

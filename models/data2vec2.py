@@ -150,7 +150,7 @@ class Data2Vec2(Method):
         Logged values are tensors, so reading them is the caller's (one) sync.
         """
         cfg = self.cfg
-        clones = cfg.clone_batch
+        clones = self.modality.clones  # K: the loader's masks come from the same object
         source = batch["source"]
         feats, padding_mask = self.encoder.local_features(source, batch.get("padding_mask"))
         batch_size, length, dim = feats.shape
