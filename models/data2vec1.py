@@ -3,8 +3,8 @@
 Baevski, Hsu, Xu, Babu, Gu, Auli, "data2vec: A General Framework for Self-supervised Learning in
 Speech, Vision and Language", ICML 2022 (arXiv:2202.03555). Reference code: fairseq
 ``examples/data2vec/models/data2vec_audio.py``, ``data2vec_text.py``, ``data2vec_vision.py`` (the
-vision model is fairseq's re-implementation of ``facebookresearch/data2vec_vision``); every
-behaviour below follows ``reference/data2vec2.md`` section 2 (cited as "ref 2").
+vision model is fairseq's re-implementation of ``facebookresearch/data2vec_vision``), configured by
+``examples/data2vec/config/{audio,text,vision}/pretraining/*``; every behaviour below follows them.
 
 One training step (``Data2Vec1.forward``), B samples with one mask each:
 
@@ -21,7 +21,7 @@ Compared with data2vec 2.0 (``data2vec2``): the student runs on all N positions 
 (a learned mask vector where data2vec 2.0 drops the tokens), there is no decoder, and the teacher
 runs once per student pass instead of once per K.
 
-What the teacher is (ref 2, "teacher copy"), set by the config's ``teacher_omits`` / ``teacher_copies``:
+What the teacher is (``ema_transformer_only`` / ``skip_keys`` of the reference models), set by the config's ``teacher_omits`` / ``teacher_copies``:
     audio   the transformer only (``ema_transformer_only``): conv positions copied each step
             (``ema_layers_only``), input LayerNorm and blocks averaged; fed the student's CNN
             features before masking.
@@ -293,3 +293,18 @@ class Data2Vec1(Method):
             for name, p in self.named_parameters()
             if not name.startswith("teacher.") and (p.dim() <= 1 or name.endswith((".bias", "pos_embed")))
         }
+
+
+def standard_architecture(cfg: Data2Vec1Config) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export (a name of ``engine.interop.standard_targets``),
+    or (None, why not)."""
+    if cfg.modality == "text":
+        return "data2vec-text", "RoBERTa's encoder"
+    if cfg.modality == "audio":
+        if cfg.layer_norm_first or not cfg.input_norm or cfg.alibi or cfg.norm_eps != 1e-5:
+            return None, ("its config leaves data2vec 1.0 audio's architecture (pre-norm, no input LayerNorm, "
+                          "ALiBi or norm_eps != 1e-5)")  # fmt: skip
+        return "data2vec-audio", "wav2vec 2.0's encoder with 5 conv position layers"
+    if not cfg.layer_norm_first:
+        return None, "post-norm vision blocks (layer_norm_first false) have no BEiT counterpart"
+    return "data2vec-vision", "BEiT's pre-norm layer-scale blocks with absolute positions"

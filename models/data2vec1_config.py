@@ -1,10 +1,9 @@
-"""data2vec 1.0's config: every field with its meaning, the checks, and the released presets (ref 2).
+"""data2vec 1.0's config: every field with its meaning, the checks, and the released presets (fairseq ``examples/data2vec/config``).
 
 ``data2vec1_config(modality, size, **overrides)`` gives a released model's config: width, heads and
 depth from ``sizes.ENCODER_SIZES`` (data2vec 1.0 has no prenet: ``total_depth`` plain blocks, the same
 size as data2vec 2.0's), everything else from ``DATA2VEC1_PRESETS`` (fairseq
-``examples/data2vec/config/{audio,text,vision}/pretraining/*`` as ``reference/data2vec2.md`` section 2
-states them). What differs by modality is data here (which blocks, which mask, which teacher parts
+``examples/data2vec/config/{audio,text,vision}/pretraining/*``). What differs by modality is data here (which blocks, which mask, which teacher parts
 are copied), never a branch in the method.
 """
 
@@ -157,7 +156,7 @@ _MASKING_OF = {"audio": "wav2vec_span", "text": "mlm_span", "image": "beit_block
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets: the released configurations (ref 2), plus tiny ones for CPU runs
+# Presets: the released configurations (fairseq ``examples/data2vec/config``), plus tiny ones for CPU runs
 # ---------------------------------------------------------------------------------------------------
 
 # base_librispeech: wav2vec 2.0's post-norm encoder (conv positions, LayerNorm, dropout 0.1, blocks).
@@ -204,6 +203,6 @@ def data2vec1_config(modality: str, size: str, **overrides) -> Data2Vec1Config:
     """The preset ``(modality, size)``'s model config, with ``overrides`` applied (any field).
 
     Width and heads come from ``sizes.ENCODER_SIZES``, depth is its ``total_depth`` (no prenet); the
-    rest from ``DATA2VEC1_PRESETS`` (ref 2).
+    rest from ``DATA2VEC1_PRESETS``.
     """
     return build_preset(Data2Vec1Config, DATA2VEC1_PRESETS, "data2vec 1.0", modality, size, overrides)

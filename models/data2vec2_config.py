@@ -1,4 +1,4 @@
-"""data2vec 2.0's config: every field with its meaning, the checks, and the released presets (ref 1.11).
+"""data2vec 2.0's config: every field with its meaning, the checks, and the released presets (fairseq ``examples/data2vec/config/v2/*``).
 
 ``data2vec2_config(modality, size, **overrides)`` gives a released preset's model config; sizes
 come from ``sizes.ENCODER_SIZES`` and everything else from ``DATA2VEC2_PRESETS``. Each field

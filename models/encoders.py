@@ -13,7 +13,7 @@ References: data2vec 2.0 (Baevski et al., ICML 2023, arXiv:2212.07525), fairseq
 ``examples/data2vec/models/modalities/{images,audio,text,base}.py``; wav2vec 2.0 (Baevski et al.,
 NeurIPS 2020) ``fairseq/models/wav2vec/wav2vec2.py: ConvFeatureExtractionModel``; MAE (He et al.,
 CVPR 2022) for the sin-cos table layout; ALiBi (Press et al., ICLR 2022) for the slopes.
-See ``reference/data2vec2.md`` sections 1.8 and 1.9.
+fairseq ``examples/data2vec/models/modalities/{images,audio,text}.py`` build the same parts.
 """
 
 from __future__ import annotations

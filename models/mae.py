@@ -2,7 +2,7 @@
 
 He, Chen, Xie, Li, Dollár, Girshick, "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022
 (arXiv:2111.06377). Reference code: ``facebookresearch/mae: models_mae.py`` (``MaskedAutoencoderViT``)
-and ``main_pretrain.py``; the step below is ``reference/data2vec2.md`` section 4.1.
+and ``main_pretrain.py``; the step below follows ``models_mae.py: MaskedAutoencoderViT.forward``.
 
 One training step (``MAE.forward``), B images, one mask each (25 % of the N patches kept):
 
@@ -203,3 +203,9 @@ class MAE(Method):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
+
+def standard_architecture(cfg: MAEConfig) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: timm's ViT, or (None, why not)."""
+    if cfg.norm_eps != 1e-6:
+        return None, f"norm_eps {cfg.norm_eps}: timm's ViT uses 1e-6"
+    return "timm-vit", "a pre-norm ViT"

@@ -1,4 +1,4 @@
-"""MAE's config: every field with its meaning, the checks, and the released presets (ref 4.1).
+"""MAE's config: every field with its meaning, the checks, and the released presets (``facebookresearch/mae``).
 
 ``mae_config(modality, size, **overrides)`` gives a preset's model config; the encoder's width, heads
 and depth come from ``sizes.ENCODER_SIZES`` (``total_depth`` plain pre-norm blocks, so that MAE and
@@ -70,7 +70,7 @@ class MAEConfig(ImageFields, EncoderConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets: the MAE paper's ViT-B (ref 4.1), and a tiny one at data2vec 2.0's tiny image size
+# Presets: the MAE paper's ViT-B (``PRETRAIN.md``), and a tiny one at data2vec 2.0's tiny image size
 # ---------------------------------------------------------------------------------------------------
 
 MAE_PRESETS: dict[tuple[str, str], dict] = {

@@ -185,3 +185,8 @@ class MLM(Method):
         sample_size = weights.sum()
         loss = (nll * weights.flatten()).sum() / sample_size.clamp_min(1.0)
         return {"loss": loss, "sample_size": sample_size.detach()}
+
+
+def standard_architecture(cfg: MLMConfig) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: RoBERTa's."""
+    return "roberta", "RoBERTa's encoder"

@@ -85,11 +85,11 @@ class Modality:
         raise NotImplementedError
 
     def teacher_tokens(self, teacher: nn.Module, student: nn.Module, source, feats, padding_mask) -> tuple:
-        """data2vec 2.0's teacher input: (tokens, context) for its blocks, unmasked (ref 1.6)."""
+        """data2vec 2.0's teacher input: (tokens, context) for its blocks, unmasked (``Data2VecMultiModel.forward``, ``ema_encoder_only``)."""
         raise NotImplementedError
 
     def build_decoder(self, cfg) -> nn.Module:
-        """data2vec 2.0's conv decoder for this modality (ref 1.5)."""
+        """data2vec 2.0's conv decoder for this modality (``modalities/modules.py: Decoder1d, Decoder2d``)."""
         return Decoder1d(
             cfg.embed_dim, cfg.decoder_dim, cfg.decoder_kernel, cfg.decoder_layers, cfg.decoder_groups,
             cfg.decoder_residual, cfg.projection_layers, cfg.projection_ratio, cfg.decoder_input_dropout,
@@ -97,7 +97,7 @@ class Modality:
         )  # fmt: skip
 
     def reset_init(self, encoder: nn.Module, decoder: nn.Module | None) -> None:
-        """Undo BERT init where the reference keeps PyTorch's default (ref 1.5, 1.10)."""
+        """Undo BERT init where the reference keeps PyTorch's default (``Data2VecMultiModel.__init__``)."""
 
     def has_prenet_norm(self, cfg) -> bool:
         """Whether the encoder has the prenet LayerNorm (text has none without prenet blocks)."""
@@ -236,7 +236,7 @@ class AudioModality(Modality):
 class TextModality(Modality):
     """Token ids [B, L]: token + learned absolute positions (padding-aware) + LayerNorm + dropout,
     uniform random masking, the 1-D decoder; data2vec 2.0's teacher is only the shared blocks, fed the
-    student's embedding output (quirk 1.14.3).
+    student's embedding output (with its training-mode dropout, as the reference).
 
     Config fields: vocab_size, max_positions, padding_idx, embed_dim, norm_eps, embed_dropout,
     prenet_depth, mask_ratio, clone_batch; optional ``num_embeddings`` (default vocab_size): rows of

@@ -5,7 +5,7 @@ for targets) and the shared ``depth`` blocks whose FFN outputs make the targets;
 split (MAE, data2vec 1.0, wav2vec 2.0, MLM baselines) uses ``prenet_depth + depth`` plain blocks, so
 every method compares at equal size. The MLP is 4 x D everywhere.
 
-Released sizes (reference/data2vec2.md section 1.11): images base 768/12/2+10, large 1024/16/0+24,
+Released sizes (fairseq ``examples/data2vec/config/v2/*_task.yaml``): images base 768/12/2+10, large 1024/16/0+24,
 huge 1280/16/0+32 (patch 14); audio base 768/12/0+12, large 1024/16/8+16; text base 768/12/0+12,
 large 1024/16/0+24. ``tiny`` (and ``small`` for images, ViT-S) are ours, for CPU runs and tests.
 """

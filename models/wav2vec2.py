@@ -1,6 +1,6 @@
 """wav2vec 2.0 (speech) as a d2v2 method: the contrastive baseline data2vec 2.0 compares against.
 
-One training step (``reference/data2vec2.md`` section 4.2; fairseq ``wav2vec2.py: Wav2Vec2Model``)::
+One training step (fairseq ``fairseq/models/wav2vec/wav2vec2.py: Wav2Vec2Model``)::
 
     f      = CNN(wave)                   [B, N, 512]  "default" mode; gradients into it x feature_grad_mult
     pen    = mean(f ** 2)                             the L2 feature penalty
@@ -293,3 +293,9 @@ def contrastive_logits(
     negative = negative.masked_fill(same, float("-inf"))
     return torch.cat([positive, negative], dim=-1) / logit_temp
 
+
+def standard_architecture(cfg: Wav2Vec2Config) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: HF's wav2vec 2.0, or (None, why not)."""
+    if cfg.norm_eps != 1e-5:
+        return None, f"norm_eps {cfg.norm_eps}: HF's feature projection LayerNorm shares it, d2v2's uses 1e-5"
+    return "wav2vec2", "wav2vec 2.0's encoder"

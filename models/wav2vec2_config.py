@@ -4,7 +4,7 @@
 depth come from ``sizes.ENCODER_SIZES`` (wav2vec 2.0 has no prenet: ``total_depth`` blocks, so it
 compares with data2vec 2.0 at equal size); the rest from ``WAV2VEC2_PRESETS``. The base preset is
 fairseq's ``examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml`` on the
-``Wav2Vec2Config`` defaults (``reference/data2vec2.md`` section 4.2).
+``Wav2Vec2Config`` defaults (``fairseq/models/wav2vec/wav2vec2.py``).
 """
 
 from __future__ import annotations
