@@ -18,12 +18,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
-from .encoders import WAV2VEC2_CONV_LAYERS
+from .layers.encoders import WAV2VEC2_CONV_LAYERS
 from .modalities import MODALITIES
 from .sizes import encoder_size
 
 __all__ = [
-    "ConfigChecker", "EncoderConfig", "Dropouts", "ImageFields", "AudioFields", "TextFields", "TeacherTargets",
+    "ConfigChecker", "EncoderConfig", "Dropouts", "ImageFields", "AudioFields", "TextFields", "MaskToken",
+    "TeacherTargets",
     "Impl", "ModalityName", "TargetNorm", "build_preset",
 ]  # fmt: skip
 
@@ -116,6 +117,11 @@ class EncoderConfig:
             if own is not None:
                 own(self, check)
         MODALITIES[self.modality].check_config(self, check.fail)
+
+    @property
+    def num_extra_tokens(self) -> int:
+        """Tokens prepended to the encoder's sequences: one CLS for images, none otherwise."""
+        return MODALITIES[self.modality].num_extra_tokens
 
     def _check_fields(self, check: ConfigChecker) -> None:
         check.choice("impl", ("auto", "triton", "torch"))
@@ -215,6 +221,30 @@ class TextFields:
 
 
 @dataclass(kw_only=True)
+class MaskToken:
+    """A ``<mask>`` token id for text methods that corrupt the input tokens (data2vec 1.0, the MLM)."""
+
+    __slots__ = ()
+    mask_idx: int | None = None
+    """Id of the ``<mask>`` token: the tokenizer's own, in [0, vocab_size) (the data sets it), or None
+    to reserve the id vocab_size, which the tokenizer never produces (one extra embedding row)."""
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the token table (read by ``TextModality``): vocab_size, + 1 for a reserved ``<mask>``."""
+        return self.vocab_size + (1 if self.mask_idx is None else 0)
+
+    def _check_fields(self, check: ConfigChecker) -> None:
+        if self.mask_idx is not None and (
+            isinstance(self.mask_idx, bool) or not isinstance(self.mask_idx, int)
+            or not 0 <= self.mask_idx < self.vocab_size or self.mask_idx == self.padding_idx
+        ):  # fmt: skip
+            check.fail("mask_idx", f"must be None or an id in [0, vocab_size={self.vocab_size}) other than "
+                       f"padding_idx, got {self.mask_idx!r}",
+                       "use None to reserve the id vocab_size, or the tokenizer's <mask> id")  # fmt: skip
+
+
+@dataclass(kw_only=True)
 class TeacherTargets:
     """data2vec's targets (the EMA teacher's top blocks, normalised and averaged) and its safety stops."""
 
@@ -253,10 +283,9 @@ class TeacherTargets:
         if self.average_top_k_layers > self.depth:
             check.fail("average_top_k_layers", f"({self.average_top_k_layers}) cannot exceed depth ({self.depth})",
                        "average at most all blocks")  # fmt: skip
-        if self.loss_scale is not None and (
-            isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, (int, float)) or not self.loss_scale > 0
-        ):
-            check.fail("loss_scale", f"must be None (1/sqrt(D)) or > 0, got {self.loss_scale!r}", "use None or 1.0")
+        scale = self.loss_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            check.fail("loss_scale", f"must be None (1/sqrt(D)) or > 0, got {scale!r}", "use None or 1.0")
 
 
 def build_preset(config_type: type, presets: dict, label: str, modality: str, size: str, overrides: dict,

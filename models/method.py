@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .embeddings import migrate_embed_keys
-from .masking import mask_to_ids
+from .layers.embeddings import migrate_embed_keys
+from .layers.masking import mask_to_ids
 from .modalities import Modality
 
 __all__ = ["Method", "batch_masks", "check_mask"]

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import data2vec1, data2vec2, mae, mlm, wav2vec2
-from .data2vec1_config import Data2Vec1Config, data2vec1_config
-from .data2vec2_config import Data2Vec2Config, data2vec2_config
-from .mae_config import MAEConfig, mae_config
+from .data2vec1.config import Data2Vec1Config, data2vec1_config
+from .data2vec2.config import Data2Vec2Config, data2vec2_config
+from .mae.config import MAEConfig, mae_config
 from .method import Method
-from .mlm_config import MLMConfig, mlm_config
-from .wav2vec2_config import Wav2Vec2Config, wav2vec2_config
+from .mlm.config import MLMConfig, mlm_config
+from .wav2vec2.config import Wav2Vec2Config, wav2vec2_config
 
 __all__ = ["MethodEntry", "METHODS", "DEFAULT_METHOD", "method_entry", "method_config", "build_method"]
 

@@ -26,16 +26,16 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .decoders import Decoder1d, Decoder2d
-from .embeddings import AudioEmbed, ImageEmbed, TextEmbed
-from .encoders import audio_num_frames
-from .masking import inverse_block_mask, random_mask, span_mask
+from .layers.decoders import Decoder1d, Decoder2d
+from .layers.embeddings import AudioEmbed, ImageEmbed, TextEmbed
+from .layers.encoders import audio_num_frames
+from .layers.masking import inverse_block_mask, random_mask, span_mask
 
-__all__ = ["Modality", "ImageModality", "AudioModality", "TextModality", "MODALITIES", "modality_for", "Masker"]
+__all__ = ["Modality", "ImageModality", "AudioModality", "TextModality", "MODALITIES", "modality_for", "MaskFunction"]
 
 # masker(rows, shape, generator=generator) -> bool [rows, N], True = masked, the same count in every row;
 # ``shape`` is the modality's mask shape (an (H, W) grid for images, a length otherwise).
-Masker = Callable[[int, "int | tuple[int, int]", "torch.Generator | None"], torch.Tensor]
+MaskFunction = Callable[[int, "int | tuple[int, int]", "torch.Generator | None"], torch.Tensor]
 
 
 class Modality:
@@ -54,14 +54,14 @@ class Modality:
     """Encoder submodules (dotted paths) data2vec 2.0's teacher does not own (fairseq
     ``data2vec2.py: make_ema_teacher``); everything else is EMA-tracked."""
 
-    def __init__(self, cfg, clones: int | None = None, masker: Masker | None = None):
+    def __init__(self, cfg, clones: int | None = None, masker: MaskFunction | None = None):
         self.cfg = cfg
         self.clones = int(cfg.clone_batch if clones is None else clones)
         self.masker = masker or self.default_masker(cfg)
 
     # -- data side (loader workers) -------------------------------------------------------------------
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         raise NotImplementedError
 
     def mask_shape(self, source: torch.Tensor) -> int | tuple[int, int]:
@@ -129,7 +129,7 @@ class ImageModality(Modality):
     def grid(self) -> tuple[int, int]:
         return self.cfg.grid
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(inverse_block_mask, mask_ratio=cfg.mask_ratio, block=cfg.mask_length, adjust=cfg.mask_prob_adjust)
 
     def mask_shape(self, source: torch.Tensor) -> tuple[int, int]:
@@ -183,7 +183,7 @@ class AudioModality(Modality):
     name = "audio"
     teacher_omits = ("embed.local_encoder",)
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(span_mask, mask_ratio=cfg.mask_ratio, span=cfg.mask_length, adjust=cfg.mask_prob_adjust)
 
     def num_positions(self, source: torch.Tensor) -> int:
@@ -247,7 +247,7 @@ class TextModality(Modality):
     name = "text"
     teacher_omits = ("embed.local_encoder", "context_norm", "context_dropout", "prenet")
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(random_mask, mask_ratio=cfg.mask_ratio)
 
     def num_positions(self, source: torch.Tensor) -> int:
@@ -278,7 +278,7 @@ class TextModality(Modality):
 MODALITIES: dict[str, type[Modality]] = {m.name: m for m in (ImageModality, AudioModality, TextModality)}
 
 
-def modality_for(cfg, clones: int | None = None, masker: Masker | None = None) -> Modality:
+def modality_for(cfg, clones: int | None = None, masker: MaskFunction | None = None) -> Modality:
     """The modality object of a method config (``cfg.modality`` names it)."""
     if cfg.modality not in MODALITIES:
         raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {cfg.modality!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .embeddings import migrate_embed_keys
+from .layers.embeddings import migrate_embed_keys
 from .methods import build_method, method_entry
 
 __all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "write_folder", "load_pretrained", "config_from_dict"]

@@ -68,7 +68,7 @@ def student_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if not n.startswith("teacher.")}
 
 
-def train_losses(model, batch: dict, steps: int, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.98)) -> list:
+def train_losses(model, batch: dict, steps: int, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> list:
     """AdamW on one fixed batch for ``steps`` updates, ``after_step`` after each: the losses."""
     optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=betas)
     losses = []

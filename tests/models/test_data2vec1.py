@@ -1,4 +1,4 @@
-"""data2vec 1.0 (``models/data2vec1.py``): student input, targets, loss, teacher, EMA, sizes, masks, config."""
+"""data2vec 1.0 (``models/data2vec1/``): student input, targets, loss, teacher, EMA, sizes, masks, config."""
 
 import math
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.blocks import PreNormBlock, forward_blocks
+from d2v2.models.layers.blocks import PreNormBlock, forward_blocks
 from d2v2.models.data2vec1 import Data2Vec1, data2vec1_config
 from d2v2.models.data2vec2 import data2vec2_config
-from d2v2.models.masking import beit_block_mask, mlm_span_mask
+from d2v2.models.layers.masking import beit_block_mask, mlm_span_mask
 from d2v2.models.sizes import count_parameters
-from d2v2.models.teacher import ema_decay_schedule
+from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
+from tests.models.fixtures import student_parameters, train_losses
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, input_dropout=0.0,
@@ -39,10 +40,6 @@ def make_batch(model, batch_size=2, seed=0):
         source = torch.randint(2, cfg.vocab_size, (batch_size, TEXT_TOKENS))
     mask = model.modality.make_masks(batch_size, source, generator=torch.Generator().manual_seed(seed))
     return {"source": source, "mask": mask}
-
-
-def student_parameters(model):
-    return {n: p for n, p in model.named_parameters() if not n.startswith("teacher.")}
 
 
 # -- the student -----------------------------------------------------------------------------------
@@ -222,15 +219,7 @@ def test_released_ema_schedules(modality, start, end, steps):
 def test_tiny_loss_falls_on_a_fixed_batch(modality):
     model = Data2Vec1(tiny_config(modality, **NO_DROPOUT)).train()
     batch = make_batch(model)
-    optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=2e-3)
-    losses = []
-    for step in range(1, 21):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        model.after_step(step)
-        losses.append(out["loss"].item())
+    losses = train_losses(model, batch, steps=20, lr=2e-3, weight_decay=0.01)
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
 
 

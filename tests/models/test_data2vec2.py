@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from d2v2.models.data2vec2 import DATA2VEC2_PRESETS, Data2Vec2, Data2Vec2Config, data2vec2_config
-from d2v2.models.masking import mask_to_ids
+from d2v2.models.layers.masking import mask_to_ids
 from d2v2.models.modalities import modality_for
 from d2v2.models.sizes import count_parameters
-from d2v2.models.teacher import ema_decay_schedule
+from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
+from tests.models.fixtures import student_parameters, train_losses
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, prenet_dropout=0.0,
@@ -39,10 +40,6 @@ def make_source(cfg, batch_size=2):
 def make_batch(model, batch_size=2, generator=None):
     source = make_source(model.cfg, batch_size)
     return {"source": source, "mask": model.modality.make_masks(batch_size, source, generator=generator)}
-
-
-def student_parameters(model):
-    return {n: p for n, p in model.named_parameters() if not n.startswith("teacher.")}
 
 
 # -- the student -----------------------------------------------------------------------------------
@@ -387,15 +384,7 @@ def test_triton_path_matches_torch_path_on_a_micro_model(modality):
 def test_loss_goes_down_on_a_fixed_batch(modality):
     model = Data2Vec2(tiny_config(modality, **NO_DROPOUT)).train()
     batch = make_batch(model, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=2e-3)
-    losses = []
-    for step in range(1, 21):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        model.after_step(step)
-        losses.append(out["loss"].item())
+    losses = train_losses(model, batch, steps=20, lr=2e-3, weight_decay=0.01)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.75 * first, losses
 

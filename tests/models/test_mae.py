@@ -5,8 +5,9 @@ import torch
 
 from d2v2.models import build_method, count_parameters, method_config
 from d2v2.models.mae import MAE, MAE_PRESETS, mae_config, patchify
-from d2v2.models.masking import mask_to_ids
+from d2v2.models.layers.masking import mask_to_ids
 from tests.helpers import assert_close
+from tests.models.fixtures import train_losses
 
 
 def tiny_mae(**overrides) -> MAE:
@@ -116,14 +117,7 @@ def test_probe_features_are_the_unmasked_encoder_without_cls():
 def test_loss_goes_down_on_a_fixed_batch():
     model = tiny_mae().train()
     batch = make_batch(model, batch_size=4)
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=2e-3, betas=(0.9, 0.95))
-    losses = []
-    for _ in range(15):
-        loss = model(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, steps=15, lr=2e-3, weight_decay=0.05, betas=(0.9, 0.95))
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d2v2.models import load_pretrained, save_pretrained
-from d2v2.models.embeddings import embed_paths
+from d2v2.models.layers.embeddings import embed_paths
 from tests.helpers import assert_close
 from tests.models.fixtures import make_batch, make_source, registered_pairs, student_parameters, tiny_method
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2v2.models import MODALITIES, modality_for
-from d2v2.models.embeddings import EMBED_PARTS
+from d2v2.models.layers.embeddings import EMBED_PARTS
 from tests.models.fixtures import make_source, tiny_config
 
 

@@ -43,17 +43,17 @@ from torch import nn
 
 from d2v2.kernels.gather_tokens import gather_tokens
 
-from .blocks import PostNormBlock, forward_blocks, init_bert_params
-from .encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
-from .masking import mask_to_ids, wav2vec_span_mask
-from .method import Method, check_mask
-from .modalities import modality_for
-from .quantizer import GumbelVectorQuantizer
-from .wav2vec2_config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
+from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
+from ..layers.encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
+from ..layers.masking import mask_to_ids, wav2vec_span_mask
+from ..layers.quantizer import GumbelVectorQuantizer
+from ..method import Method, check_mask
+from ..modalities import modality_for
+from .config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
     "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_PRESETS", "sample_negatives",
-    "contrastive_logits", "grad_multiply",
+    "contrastive_logits", "grad_multiply", "standard_architecture",
 ]  # fmt: skip
 
 

@@ -46,16 +46,19 @@ from torch import nn
 from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
-from .blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
-from .data2vec1_config import DATA2VEC1_PRESETS, Data2Vec1Config, data2vec1_config
-from .data2vec2 import Data2Vec2
-from .embeddings import embed_paths
-from .masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
-from .method import Method, check_mask
-from .modalities import Masker, Modality, modality_for
-from .teacher import ema_update, frozen_copy, weighted_std
+from ..data2vec2.model import Data2Vec2
+from ..layers.blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
+from ..layers.embeddings import embed_paths
+from ..layers.masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
+from ..layers.teacher import ema_update, frozen_copy, weighted_std
+from ..method import Method, check_mask
+from ..modalities import MaskFunction, Modality, modality_for
+from .config import DATA2VEC1_PRESETS, Data2Vec1Config, data2vec1_config
 
-__all__ = ["Data2Vec1", "Data2Vec1Encoder", "Data2Vec1Config", "data2vec1_config", "DATA2VEC1_PRESETS", "masker_for"]
+__all__ = [
+    "Data2Vec1", "Data2Vec1Encoder", "Data2Vec1Config", "data2vec1_config", "DATA2VEC1_PRESETS", "masker_for",
+    "standard_architecture",
+]  # fmt: skip
 
 _MASKERS = {
     "wav2vec_span": lambda cfg: partial(wav2vec_span_mask, mask_prob=cfg.mask_prob, span=cfg.mask_length,
@@ -66,7 +69,7 @@ _MASKERS = {
 }  # fmt: skip
 
 
-def masker_for(cfg: Data2Vec1Config) -> Masker:
+def masker_for(cfg: Data2Vec1Config) -> MaskFunction:
     """The config's mask algorithm as the modality's ``masker(rows, shape, generator=g)``."""
     return _MASKERS[cfg.masking](cfg)
 

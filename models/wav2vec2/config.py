@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ConfigChecker, Dropouts, EncoderConfig, build_preset
-from .encoders import WAV2VEC2_CONV_LAYERS
+from ..config import ConfigChecker, Dropouts, EncoderConfig, build_preset
+from ..layers.encoders import WAV2VEC2_CONV_LAYERS
 
 __all__ = ["Wav2Vec2Config", "WAV2VEC2_PRESETS", "wav2vec2_config"]
 

@@ -60,14 +60,17 @@ import torch.nn.functional as F
 from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
-from .blocks import init_bert_params
-from .data2vec2_config import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
-from .data2vec2_encoder import Data2Vec2Encoder
-from .method import Method, batch_masks
-from .modalities import modality_for
-from .teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
+from ..layers.blocks import init_bert_params
+from ..layers.teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
+from ..method import Method, batch_masks
+from ..modalities import modality_for
+from .config import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
+from .encoder import Data2Vec2Encoder
 
-__all__ = ["Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_PRESETS"]
+__all__ = [
+    "Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_PRESETS",
+    "standard_architecture",
+]  # fmt: skip
 
 # The reference checks for collapsed variances only after this many updates (``min_target_var``
 # in ``Data2VecMultiModel.forward``).

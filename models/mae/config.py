@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import ConfigChecker, EncoderConfig, ImageFields, build_preset
+from ..config import ConfigChecker, EncoderConfig, ImageFields, build_preset
 
 __all__ = ["MAEConfig", "MAE_PRESETS", "mae_config"]
 

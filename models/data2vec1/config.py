@@ -1,10 +1,11 @@
-"""data2vec 1.0's config: every field with its meaning, the checks, and the released presets (fairseq ``examples/data2vec/config``).
+"""data2vec 1.0's config: every field with its meaning, the checks, and the released presets (fairseq
+``examples/data2vec/config``).
 
 ``data2vec1_config(modality, size, **overrides)`` gives a released model's config: width, heads and
 depth from ``sizes.ENCODER_SIZES`` (data2vec 1.0 has no prenet: ``total_depth`` plain blocks, the same
 size as data2vec 2.0's), everything else from ``DATA2VEC1_PRESETS`` (fairseq
-``examples/data2vec/config/{audio,text,vision}/pretraining/*``). What differs by modality is data here (which blocks, which mask, which teacher parts
-are copied), never a branch in the method.
+``examples/data2vec/config/{audio,text,vision}/pretraining/*``). What differs by modality is data
+here (which blocks, which mask, which teacher parts are copied), never a branch in the method.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import (
+from ..config import (
     AudioFields,
     ConfigChecker,
     Dropouts,
     EncoderConfig,
     ImageFields,
+    MaskToken,
     TeacherTargets,
     TextFields,
     build_preset,
 )
-from .modalities import MODALITIES
 
 __all__ = ["Data2Vec1Config", "DATA2VEC1_PRESETS", "data2vec1_config"]
 
 
 @dataclass(kw_only=True, slots=True)
-class Data2Vec1Config(TeacherTargets, TextFields, AudioFields, ImageFields, Dropouts, EncoderConfig):
+class Data2Vec1Config(TeacherTargets, MaskToken, TextFields, AudioFields, ImageFields, Dropouts, EncoderConfig):
     """Everything that defines a data2vec 1.0 model and its training objective.
 
     Build one with ``data2vec1_config(modality, size, **overrides)``; the shared fields are documented
@@ -58,10 +59,6 @@ class Data2Vec1Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
     vocab_size: int = 50264
     """Token ids of the data in [0, vocab_size); set from the tokenizer. The default is RoBERTa's
     GPT-2 BPE dictionary without its ``<mask>``, which ``mask_idx=None`` appends as id 50264."""
-    mask_idx: int | None = None
-    """The ``<mask>`` token id that replaces masked tokens (text). None appends one embedding row after
-    the vocabulary (id vocab_size), as our tokenizers have no mask token; an id in [0, vocab_size)
-    reuses a token the tokenizer reserves for it."""
 
     # -- masking (the data loader makes one mask per sample) -----------------------------------------
     masking: Literal["wav2vec_span", "mlm_span", "beit_block"] = "wav2vec_span"
@@ -101,19 +98,9 @@ class Data2Vec1Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
     transformer the student's)."""
 
     @property
-    def num_extra_tokens(self) -> int:
-        """Tokens prepended to the sequences: one CLS for images, none otherwise."""
-        return MODALITIES[self.modality].num_extra_tokens
-
-    @property
     def mask_token(self) -> int:
         """The ``<mask>`` id the text student sees (``mask_idx``, or vocab_size when appended)."""
         return self.vocab_size if self.mask_idx is None else self.mask_idx
-
-    @property
-    def num_embeddings(self) -> int:
-        """Rows of the token table (read by ``TextModality``): the vocabulary plus an appended mask."""
-        return self.vocab_size + (1 if self.mask_idx is None else 0)
 
     def _check_fields(self, check: ConfigChecker) -> None:
         """Raise ValueError naming the field and the fix for every bad value or combination."""
@@ -141,12 +128,6 @@ class Data2Vec1Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
         if (self.mask_fill == "token") != (self.modality == "text"):
             fail("mask_fill", f"{self.mask_fill!r} does not fit {self.modality} (text masks token ids with 'token'; "
                  "audio and vision replace features with 'uniform' or 'normal')", "use the preset's value")  # fmt: skip
-        if self.mask_idx is not None and (isinstance(self.mask_idx, bool) or not isinstance(self.mask_idx, int)
-                                          or not 0 <= self.mask_idx < self.vocab_size):  # fmt: skip
-            fail("mask_idx", f"must be None or an id in [0, vocab_size={self.vocab_size}), got {self.mask_idx!r}",
-                 "leave it None to append a mask row")  # fmt: skip
-        if self.mask_idx is not None and self.mask_idx == self.padding_idx:
-            fail("mask_idx", f"({self.mask_idx}) must differ from padding_idx", "use another id or None")
         if self.modality == "image" and self.num_mask_patches >= self.grid[0] * self.grid[1]:
             fail("num_mask_patches", f"({self.num_mask_patches}) must be below the {self.grid[0] * self.grid[1]} "
                  "patches", "mask fewer patches")  # fmt: skip

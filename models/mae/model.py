@@ -35,15 +35,15 @@ from torch import nn
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 from d2v2.kernels.scatter_tokens import scatter_tokens
 
-from .blocks import PreNormBlock, forward_blocks
-from .encoders import sincos_pos_embed_2d
-from .mae_config import MAE_PRESETS, MAEConfig, mae_config
-from .masking import random_mask
-from .method import Method, batch_masks
-from .modalities import Modality, modality_for
+from ..layers.blocks import PreNormBlock, forward_blocks
+from ..layers.encoders import sincos_pos_embed_2d
+from ..layers.masking import random_mask
+from ..method import Method, batch_masks
+from ..modalities import Modality, modality_for
+from .config import MAE_PRESETS, MAEConfig, mae_config
 
 __all__ = ["MAE", "MAEConfig", "MAEEncoder", "MAEDecoder", "mae_config", "MAE_PRESETS", "grid_random_mask",
-           "patchify", "init_mae_params"]  # fmt: skip
+           "patchify", "init_mae_params", "standard_architecture"]  # fmt: skip
 
 
 def grid_random_mask(rows: int, grid: tuple[int, int], mask_ratio: float, generator=None) -> torch.Tensor:

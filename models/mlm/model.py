@@ -33,14 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import PostNormBlock, forward_blocks, init_bert_params
-from .encoders import TokenEmbedding
-from .masking import random_mask
-from .method import Method, batch_masks
-from .mlm_config import MLM_PRESETS, MLMConfig, mlm_config
-from .modalities import Modality, modality_for
+from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
+from ..layers.encoders import TokenEmbedding
+from ..layers.masking import random_mask
+from ..method import Method, batch_masks
+from ..modalities import Modality, modality_for
+from .config import MLM_PRESETS, MLMConfig, mlm_config
 
-__all__ = ["MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_PRESETS", "corrupt_tokens"]
+__all__ = [
+    "MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_PRESETS", "corrupt_tokens",
+    "standard_architecture",
+]  # fmt: skip
 
 
 class MLMEncoder(nn.Module):

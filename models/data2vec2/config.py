@@ -10,22 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import (
+from ..config import (
     AudioFields,
     ConfigChecker,
     Dropouts,
     EncoderConfig,
     ImageFields,
-    Impl,
-    ModalityName,
-    TargetNorm,
     TeacherTargets,
     TextFields,
     build_preset,
 )
-from .modalities import MODALITIES
 
-__all__ = ["Data2Vec2Config", "DATA2VEC2_PRESETS", "data2vec2_config", "ModalityName", "TargetNorm", "Impl"]
+__all__ = ["Data2Vec2Config", "DATA2VEC2_PRESETS", "data2vec2_config"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,11 +79,6 @@ class Data2Vec2Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
     # -- loss -----------------------------------------------------------------------------------------
     cls_loss: float = 0.0
     """Weight of the CLS loss (images 0.01; must be 0 for audio and text, which have no CLS token)."""
-
-    @property
-    def num_extra_tokens(self) -> int:
-        """Tokens prepended to the student and teacher sequences: one CLS for images, none otherwise."""
-        return MODALITIES[self.modality].num_extra_tokens
 
     def _check_fields(self, check: ConfigChecker) -> None:
         """Raise ValueError naming the field and the fix for every bad value or combination."""

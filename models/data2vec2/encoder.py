@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import PostNormBlock, forward_blocks
-from .modalities import Modality
+from ..layers.blocks import PostNormBlock, forward_blocks
+from ..modalities import Modality
 
 __all__ = ["Data2Vec2Encoder"]
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigChecker, Dropouts, EncoderConfig, TextFields, build_preset
+from ..config import ConfigChecker, Dropouts, EncoderConfig, MaskToken, TextFields, build_preset
 
 __all__ = ["MLMConfig", "MLM_PRESETS", "mlm_config"]
 
 
 @dataclass(kw_only=True, slots=True)
-class MLMConfig(TextFields, Dropouts, EncoderConfig):
+class MLMConfig(MaskToken, TextFields, Dropouts, EncoderConfig):
     """Everything that defines a RoBERTa-style masked LM (Liu et al., "RoBERTa: A Robustly Optimized
     BERT Pretraining Approach", 2019; fairseq ``models/roberta/model.py``, ``data/mask_tokens_dataset.py``,
     ``criterions/masked_lm.py``).
@@ -34,9 +34,6 @@ class MLMConfig(TextFields, Dropouts, EncoderConfig):
     modalities = ("text",)  # a masked language model
     post_mlp_dropout: float = 0.0
     """Dropout on the FFN output before the residual add (RoBERTa's dropout 0.1)."""
-    mask_idx: int | None = None
-    """Id of the ``<mask>`` token: the tokenizer's own, in [0, vocab_size) (the data sets it), or None
-    to reserve the id vocab_size (one extra embedding row; see the module docstring)."""
 
     # -- masking (the data loader selects the tokens; the corruption is drawn in the step) -------------
     mask_ratio: float = 0.15
@@ -52,11 +49,6 @@ class MLMConfig(TextFields, Dropouts, EncoderConfig):
         """The ``<mask>`` id the model feeds: mask_idx, or the reserved vocab_size."""
         return self.vocab_size if self.mask_idx is None else self.mask_idx
 
-    @property
-    def num_embeddings(self) -> int:
-        """Rows of the token embedding and outputs of the LM head: vocab_size, + 1 for a reserved ``<mask>``."""
-        return self.vocab_size + (1 if self.mask_idx is None else 0)
-
     def _check_fields(self, check: ConfigChecker) -> None:
         """Raise ValueError naming the field and the fix for every bad value or combination."""
         check.fraction("post_mlp_dropout")
@@ -68,13 +60,6 @@ class MLMConfig(TextFields, Dropouts, EncoderConfig):
             check.fail("random_token_prob", f"({self.random_token_prob}) + mask_token_prob ({self.mask_token_prob}) "
                        "exceeds 1", "lower either (RoBERTa: 0.8 and 0.1)")  # fmt: skip
         check.open_fraction("mask_ratio", "select some but not all tokens (0.15)")
-        if self.mask_idx is not None and (
-            isinstance(self.mask_idx, bool) or not isinstance(self.mask_idx, int)
-            or not 0 <= self.mask_idx < self.vocab_size or self.mask_idx == self.padding_idx
-        ):  # fmt: skip
-            check.fail("mask_idx", f"must be None or an id in [0, vocab_size={self.vocab_size}) other than "
-                       f"padding_idx, got {self.mask_idx!r}",
-                       "use None to reserve the id vocab_size, or the tokenizer's <mask> id")  # fmt: skip
         if self.num_embeddings - (self.padding_idx is not None) < 2:
             check.fail("vocab_size", f"({self.vocab_size}) leaves no token to draw as a random replacement",
                        "use a real vocabulary")  # fmt: skip
