@@ -94,7 +94,6 @@ class Runner:
                  overrides: Sequence[str] = ()):  # fmt: skip
         from d2v2.engine.data.build import batches_by_size, build_dataset, build_loader
         from d2v2.engine.data.loader import DataPosition
-        from d2v2.engine.config import to_dict
         from d2v2.engine.run import build_run_method, resolve_config
         from d2v2.engine.trainer import Trainer
 
@@ -105,7 +104,7 @@ class Runner:
         with torch.random.fork_rng(devices=[]):
             self.dataset = build_dataset(modality, cfg.data)
         model, model_cfg = build_run_method(cfg, self.dataset.model_fields())
-        self.config_dict = {**to_dict(cfg), "model": {"size": size, **to_dict(model_cfg)}}
+        self.config_dict = cfg.resolved(model_cfg)
         self.batches = iter(build_loader(self.dataset, cfg.data, seed, model.modality, DataPosition()))
         hint = 0 if batches_by_size(self.dataset) else cfg.data.batch_size
         run_dir = scratch / f"{method}-{seed}"

@@ -61,7 +61,7 @@ def build(method: str, modality: str, size: str):
     from d2v2.engine.run import build_run_method, resolve_config
 
     cfg = resolve_config(f"{modality}-{size}")
-    cfg.method = cfg.model.method = method
+    cfg.model.method = method
     return build_run_method(cfg, data_kind(modality).model_fields(cfg.data))[0], cfg
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from d2v2.models import DEFAULT_METHOD, build_method, count_parameters, method_entry
+from d2v2.models.config import ModalityName
 
 from . import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
@@ -37,7 +38,7 @@ class ModelSpec:
 
     method: str
     """The method's registered name (``d2v2.models.METHODS``)."""
-    modality: typing.Literal["image", "audio", "text"]
+    modality: ModalityName
     size: str
     """A size of ``d2v2.models.ENCODER_SIZES`` (tiny, base, large, ...)."""
     overrides: dict = field(default_factory=dict)
@@ -64,13 +65,24 @@ class RunConfig:
 
     recipe: str
     """The recipe the run was resolved from (a name in ``engine/recipes`` or a YAML path)."""
-    method: str = DEFAULT_METHOD
-    """The pretraining method (``d2v2.models.METHODS``): data2vec2 unless the recipe names another."""
     model: ModelSpec
+    """The method, modality, size and model overrides (a recipe's top-level ``method:`` lands here)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: distributed.DistConfig = field(default_factory=distributed.DistConfig)
+
+    @property
+    def method(self) -> str:
+        """The pretraining method (``d2v2.models.METHODS``), held once, by ``model``."""
+        return self.model.method
+
+    def resolved(self, model_cfg) -> dict:
+        """What ``config.yaml`` holds: this config as plain values, the method named at the top, and as
+        the model section the method's whole config (what resume, probe and export rebuild it from)."""
+        values = to_dict(self)
+        values["model"] = {"size": self.model.size, **to_dict(model_cfg)}
+        return {"recipe": values.pop("recipe"), "method": self.method, **values}
 
     def __post_init__(self):
         if self.train.max_steps > self.optim.total_steps:
@@ -104,11 +116,11 @@ def config_from_dict(data: dict) -> RunConfig:
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
-    method = str(data.get("method", DEFAULT_METHOD))
+    method = str(data.pop("method", DEFAULT_METHOD))
     method_entry(method)  # an unknown method is a one-line error naming the known ones
     spec = ModelSpec(
         method=method,
-        modality=convert(model.pop("modality"), typing.Literal["image", "audio", "text"], "model.modality"),
+        modality=convert(model.pop("modality"), ModalityName, "model.modality"),
         size=str(model.pop("size")),
         overrides=model,
     )
@@ -218,8 +230,7 @@ def _train_in(
     model, model_cfg = build_run_method(cfg, dataset.model_fields())  # same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
 
-    resolved = to_dict(cfg)
-    resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}  # the method's whole config
+    resolved = cfg.resolved(model_cfg)
 
     def loader_fn(position: DataPosition):
         return build_loader(
