@@ -167,3 +167,20 @@ def test_an_old_format_export_still_loads(tmp_path):
     loaded = load_pretrained(folder)
     source = torch.randn(2, 2000)
     assert torch.equal(loaded(source), encoder(source))
+
+
+def test_an_old_run_folder_resumes(tmp_path, monkeypatch):
+    """A run whose checkpoint holds the embedding parts under their old names continues where it stopped."""
+    from d2v2.engine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    fast = ["--set", "data.num_workers=0", "--set", "data.batch_size=4", "--set", "train.log_every=1"]
+    assert main(["pretrain", "--recipe", "audio-tiny", "--out", "run", "--max-steps", "1", *fast]) == 0
+    state_file = latest_checkpoint(tmp_path / "run") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["method"] = _flat_embed_names(state["method"], ("encoder.", "teacher."))
+    assert "encoder.local_encoder.conv_layers.0.conv.weight" in state["method"]  # as d2v2 wrote it before
+    torch.save(state, state_file)
+    assert main(["pretrain", "--out", "run", "--max-steps", "2", *fast]) == 0
+    resumed = load_checkpoint(tmp_path / "run")
+    assert resumed["trainer"]["step"] == 2 and "encoder.embed.pos_conv.convs.0.weight" in resumed["method"]
