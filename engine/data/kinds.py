@@ -35,6 +35,12 @@ class DataKind:
     source: Callable[..., torch.Tensor]
     """``source(data_cfg, size, generator, device)``: a synthetic collated source of ``size`` longest
     items (``device="meta"``: shapes only)."""
+    unit: str
+    """What a data rate counts (images, seconds of audio, token blocks)."""
+    amount: Callable[..., float]
+    """``amount(source)``: a collated source's size in ``unit``."""
+    per_batch: Callable[..., float]
+    """``per_batch(data_cfg)``: one per-process batch's size in ``unit``, at most."""
 
 
 def _image_dataset(cfg, train: bool = True):
@@ -71,12 +77,15 @@ DATA_KINDS: dict[str, DataKind] = {
         batch_size=lambda cfg: cfg.batch_size,
         source=lambda cfg, size, generator=None, device="cpu": _random(
             (size, 3, cfg.crop_size, cfg.crop_size), generator, device),
+        unit="images", amount=lambda source: float(source.shape[0]), per_batch=lambda cfg: cfg.batch_size,
     ),
     "audio": DataKind(
         build=_audio_dataset,
         model_fields=lambda cfg: {},
         batch_size=lambda cfg: max(1, cfg.max_tokens // cfg.max_samples),  # the loader's batch of longest clips
         source=lambda cfg, size, generator=None, device="cpu": _random((size, cfg.max_samples), generator, device),
+        unit="audio s", amount=lambda source: source.numel() / audio.SAMPLE_RATE,
+        per_batch=lambda cfg: cfg.max_tokens / audio.SAMPLE_RATE,
     ),
     "text": DataKind(
         build=_text_dataset,
@@ -84,6 +93,7 @@ DATA_KINDS: dict[str, DataKind] = {
         batch_size=lambda cfg: cfg.batch_size,
         source=lambda cfg, size, generator=None, device="cpu": _random(
             (size, cfg.block_size), generator, device, high=cfg.vocab_size),
+        unit="blocks", amount=lambda source: float(source.shape[0]), per_batch=lambda cfg: cfg.batch_size,
     ),
 }  # fmt: skip
 
