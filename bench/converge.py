@@ -94,10 +94,8 @@ class Runner:
                  overrides: Sequence[str] = ()):  # fmt: skip
         from d2v2.engine.data.build import batches_by_size, build_dataset, build_loader
         from d2v2.engine.data.loader import DataPosition
-        from d2v2.engine.config import to_dict
-        from d2v2.engine.run import resolve_config
+        from d2v2.engine.run import build_run_method, resolve_config
         from d2v2.engine.trainer import Trainer
-        from d2v2.models import build_method
 
         self.method, self.modality, self.seed, self.device = method, modality, seed, device
         self.recipe = recipe_for(method, modality, size)
@@ -105,9 +103,8 @@ class Runner:
         torch.manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             self.dataset = build_dataset(modality, cfg.data)
-        model_cfg = cfg.model.build_config(**self.dataset.model_fields())
-        model = build_method(method, model_cfg)
-        self.config_dict = {**to_dict(cfg), "model": {"size": size, **to_dict(model_cfg)}}
+        model, model_cfg = build_run_method(cfg, self.dataset.model_fields())
+        self.config_dict = cfg.resolved(model_cfg)
         self.batches = iter(build_loader(self.dataset, cfg.data, seed, model.modality, DataPosition()))
         hint = 0 if batches_by_size(self.dataset) else cfg.data.batch_size
         run_dir = scratch / f"{method}-{seed}"

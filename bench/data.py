@@ -57,8 +57,6 @@ QUICK_BATCHES = 3
 # An assumed step of the base recipes on one current GPU (bf16), per modality: the order of the
 # train bench's figures, not a measurement of this machine. Pass --step-ms for a measured one.
 DEFAULT_STEP_MS = {"image": 250.0, "audio": 250.0, "text": 250.0}
-UNITS = {"image": "images", "audio": "audio s", "text": "blocks"}
-SAMPLE_RATE = 16_000
 
 
 def build(modality: str, overrides: Sequence[str] = ()) -> tuple[Callable[[int], Any], Any]:
@@ -80,16 +78,21 @@ def build(modality: str, overrides: Sequence[str] = ()) -> tuple[Callable[[int],
     return loader, cfg
 
 
+def _kind(modality: str):
+    """The engine's entry for the modality's data: its unit (images, seconds of audio, token blocks)."""
+    from d2v2.engine.data.kinds import data_kind
+
+    return data_kind(modality)
+
+
 def _units(modality: str, batch: Mapping[str, Any]) -> float:
-    """A batch's size in the modality's unit: images, seconds of audio, token blocks."""
-    source = batch["source"]
-    return source.numel() / SAMPLE_RATE if modality == "audio" else float(source.shape[0])
+    """A batch's size in the modality's unit."""
+    return _kind(modality).amount(batch["source"])
 
 
 def _need_per_s(modality: str, cfg, step_ms: float) -> float:
     """Units per second one GPU consumes at ``step_ms`` a step, one recipe batch per step."""
-    per_step = cfg.data.max_tokens / SAMPLE_RATE if modality == "audio" else cfg.data.batch_size
-    return per_step * 1000.0 / step_ms
+    return _kind(modality).per_batch(cfg.data) * 1000.0 / step_ms
 
 
 def measure(modality: str, loader: Callable[[int], Any], workers: int, batches: int) -> dict[str, Any]:
@@ -118,7 +121,7 @@ def measure(modality: str, loader: Callable[[int], Any], workers: int, batches: 
     share = max(workers, 1)  # the main process does the work when there are no workers
     row = {
         "modality": modality, "workers": workers, "status": "ok", "batches": batches,
-        "samples_per_batch": samples / batches, "unit": UNITS[modality],
+        "samples_per_batch": samples / batches, "unit": _kind(modality).unit,
         "batches_per_s": batches / elapsed, "samples_per_s": samples / elapsed, "units_per_s": units / elapsed,
         "batches_per_s_per_worker": batches / elapsed / share, "samples_per_s_per_worker": samples / elapsed / share,
         "units_per_s_per_worker": units / elapsed / share, "first_batch_s": first_s,
@@ -166,7 +169,7 @@ def run(
                     raise build_error
                 row = measure(modality, loader, w, batches)
             except Exception as e:  # noqa: BLE001 - one failing loader must not lose the others
-                row = {"modality": modality, "workers": w, "status": "error", "unit": UNITS[modality],
+                row = {"modality": modality, "workers": w, "status": "error", "unit": _kind(modality).unit,
                        "note": harness.error_line(e)}  # fmt: skip
             row.update(device=stamp["device"], torch=stamp["torch"], date=stamp["date"])
             rows.append(row)
@@ -191,7 +194,7 @@ def _workers_needed(modality: str, cfg, step_ms: float, measured: bool, rows: Se
     need = _need_per_s(modality, cfg, step_ms) if cfg is not None else None
     return {
         "step_ms": step_ms, "step_ms_source": "--step-ms" if measured else "assumed (DEFAULT_STEP_MS)",
-        "unit": UNITS[modality], "need_per_s": need, "per_worker_per_s": per_worker,
+        "unit": _kind(modality).unit, "need_per_s": need, "per_worker_per_s": per_worker,
         "workers_per_gpu": math.ceil(need / per_worker) if need and per_worker else None,
     }  # fmt: skip
 

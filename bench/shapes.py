@@ -73,18 +73,14 @@ class ShapeSpec:
 def spec_from_recipe(name: str, recipe: str) -> ShapeSpec:
     """The ShapeSpec of a data2vec 2.0 recipe (``<modality>-<size>``): data sizes from its data
     section, model sizes from the preset it names, K from one mask its modality makes."""
+    from d2v2.engine.data.kinds import data_kind
     from d2v2.engine.run import resolve_config
     from d2v2.models import modality_for
 
     run = resolve_config(recipe)
-    data, modality = run.data, run.model.modality
-    cfg = run.model.build_config(image_size=data.crop_size)
-    if modality == "image":
-        source, batch = torch.empty(1, 3, data.crop_size, data.crop_size, device="meta"), data.batch_size
-    elif modality == "audio":  # the loader's batch of longest clips
-        source, batch = torch.empty(1, data.max_samples, device="meta"), max(1, data.max_tokens // data.max_samples)
-    else:
-        source, batch = torch.empty(1, data.block_size, device="meta"), data.batch_size
+    data, modality, kind = run.data, run.model.modality, data_kind(run.model.modality)
+    cfg = run.model.build_config(**kind.model_fields(data))
+    source, batch = kind.source(data, 1, device="meta"), kind.batch_size(data)
     masks = modality_for(cfg).make_masks(1, source, torch.Generator().manual_seed(0))  # [M, N], equal counts
     return ShapeSpec(
         name, modality, run.model.size, batch=batch, clones=masks.shape[0], length=masks.shape[1],

@@ -53,20 +53,16 @@ SIZES = ("tiny", "base")
 
 def build(method: str, modality: str, size: str):
     """The one place a benchmarked method is built: ``method`` (a name in ``d2v2.models.METHODS``) for
-    the recipe ``<modality>-<size>``, as ``d2v2 pretrain`` builds it, with the fields its data would
-    decide taken from the recipe (synthetic data has no tokenizer: RoBERTa's special ids, ``<pad>`` 1
-    and ``<mask>`` 4, as the engine's BPE lays them out). Returns (method, resolved run config)."""
-    from d2v2.engine.run import resolve_config
-    from d2v2.models import build_method
+    the recipe ``<modality>-<size>``, as ``d2v2 pretrain`` builds it (``build_run_method``), with the
+    fields its data would decide taken from the recipe's data section (``DataKind.model_fields``:
+    synthetic data has no tokenizer, so the engine BPE's special ids). Returns (method, resolved run
+    config)."""
+    from d2v2.engine.data.kinds import data_kind
+    from d2v2.engine.run import build_run_method, resolve_config
 
     cfg = resolve_config(f"{modality}-{size}")
-    cfg.method = cfg.model.method = method
-    data = cfg.data
-    fields = {
-        "image": {"image_size": data.crop_size},
-        "text": {"vocab_size": data.vocab_size, "padding_idx": 1, "mask_idx": 4, "max_positions": max(data.block_size, 512)},
-    }.get(modality, {})
-    return build_method(method, cfg.model.build_config(**fields)), cfg
+    cfg.model.method = method
+    return build_run_method(cfg, data_kind(modality).model_fields(cfg.data))[0], cfg
 
 
 def default_size(device: torch.device) -> str:
@@ -88,20 +84,16 @@ def supports(method: str, modality: str) -> bool:
 def synthetic_batches(method, cfg, batch: int | None = None, seed: int = 0) -> Iterator[dict]:
     """Endless batches of the recipe's per-GPU size (or ``batch`` samples), made as the loader makes
     them: the method's modality draws the masks on the CPU, kept ids beside them, pinned."""
-    from d2v2.models.masking import mask_to_ids
+    from d2v2.engine.data.kinds import data_kind
+    from d2v2.models import mask_to_ids
 
     gen = torch.Generator().manual_seed(seed)
-    data, modality = cfg.data, cfg.model.modality
-    size = batch or (max(1, data.max_tokens // data.max_samples) if modality == "audio" else data.batch_size)
+    kind = data_kind(cfg.model.modality)
+    size = batch or kind.batch_size(cfg.data)
     pin = torch.cuda.is_available()
     index = 0
     while True:
-        if modality == "image":
-            source = torch.randn(size, 3, data.crop_size, data.crop_size, generator=gen)
-        elif modality == "audio":  # the loader's batch of longest clips
-            source = torch.randn(size, data.max_samples, generator=gen)
-        else:  # ids past the special tokens
-            source = torch.randint(5, data.vocab_size, (size, data.block_size), generator=gen)
+        source = kind.source(cfg.data, size, gen)
         mask = method.modality.make_masks(size, source, gen)
         tensors = {"source": source, "mask": mask, "ids_keep": mask_to_ids(mask)}
         if pin:

@@ -318,6 +318,37 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"checkpoint {file} cannot be read ({type(e).__name__}: {reason}); it may be truncated, "
                          "incomplete or not a d2v2 checkpoint") from e
+    return upgrade_weights(state)
+
+
+def method_from_checkpoint(path: str):
+    """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict).
+    What probe and export load."""
+    from d2v2.models import DEFAULT_METHOD, build_method, method_entry
+
+    from .config import from_dict
+
+    state = load_checkpoint(path)
+    if "config" not in state or "method" not in state:
+        raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
+    name = state["config"].get("method", DEFAULT_METHOD)
+    model_cfg = dict(state["config"]["model"])
+    model_cfg.pop("size", None)
+    model = build_method(name, from_dict(method_entry(name).config, model_cfg, "model"))
+    model.load_state_dict(state["method"])
+    return model.eval(), state["config"]
+
+
+def upgrade_weights(state: dict) -> dict:
+    """A checkpoint's ``method`` weights in today's names, whatever d2v2 wrote them: the one key
+    migration, the method's own ``upgrade_state_dict`` (e.g. the embedding parts under ``embed``)."""
+    from d2v2.models.methods import DEFAULT_METHOD, METHODS
+
+    config = state.get("config")
+    if isinstance(state.get("method"), dict) and isinstance(config, dict):
+        name = config.get("method", DEFAULT_METHOD)
+        if name in METHODS:
+            state["method"] = METHODS[name].model.upgrade_state_dict(state["method"])
     return state
 
 

@@ -6,12 +6,13 @@ Every subcommand turns bad input into a one-line error and exit code 2 (no trace
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import signal
 import sys
 
-VERSION = "0.1.0"
+VERSION = importlib.metadata.version("d2v2")  # setup.py is the one place the version is written
 
 
 # Modules of the `engine` and `bench` extras: a lean `pip install d2v2` (kernels and models only) lacks them.

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v2.models import Method, build_method, method_entry
+from d2v2.models import Method
 
-from .checkpoint import load_checkpoint, resolve_checkpoint, run_folder_of
+from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
 from .config import from_dict
 from .probe_sets import labelled_set
 
@@ -34,19 +34,6 @@ def default_result_path(state_file: Path) -> Path:
     if folder.parent.name == "checkpoints":
         return folder.parent.parent / "probe" / f"{folder.name}.json"
     return folder.parent / f"probe-{folder.name}.json"
-
-
-def method_from_checkpoint(path: str) -> tuple[Method, dict]:
-    """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict)."""
-    state = load_checkpoint(path)
-    if "config" not in state or "method" not in state:
-        raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
-    name = state["config"].get("method", "data2vec2")
-    model_cfg = dict(state["config"]["model"])
-    model_cfg.pop("size", None)
-    model = build_method(name, from_dict(method_entry(name).config, model_cfg, "model"))
-    model.load_state_dict(state["method"])
-    return model.eval(), state["config"]
 
 
 @torch.no_grad()

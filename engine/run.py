@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from d2v2.models import build_method, count_parameters, method_entry
+from d2v2.models import DEFAULT_METHOD, build_method, count_parameters, method_entry
+from d2v2.models.config import ModalityName
 
 from . import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
@@ -38,7 +39,7 @@ class ModelSpec:
 
     method: str
     """The method's registered name (``d2v2.models.METHODS``)."""
-    modality: typing.Literal["image", "audio", "text"]
+    modality: ModalityName
     size: str
     """A size of ``d2v2.models.ENCODER_SIZES`` (tiny, base, large, ...)."""
     overrides: dict = field(default_factory=dict)
@@ -65,13 +66,24 @@ class RunConfig:
 
     recipe: str
     """The recipe the run was resolved from (a name in ``engine/recipes`` or a YAML path)."""
-    method: str = "data2vec2"
-    """The pretraining method (``d2v2.models.METHODS``): data2vec2 unless the recipe names another."""
     model: ModelSpec
+    """The method, modality, size and model overrides (a recipe's top-level ``method:`` lands here)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: distributed.DistConfig = field(default_factory=distributed.DistConfig)
+
+    @property
+    def method(self) -> str:
+        """The pretraining method (``d2v2.models.METHODS``), held once, by ``model``."""
+        return self.model.method
+
+    def resolved(self, model_cfg) -> dict:
+        """What ``config.yaml`` holds: this config as plain values, the method named at the top, and as
+        the model section the method's whole config (what resume, probe and export rebuild it from)."""
+        values = to_dict(self)
+        values["model"] = {"size": self.model.size, **to_dict(model_cfg)}
+        return {"recipe": values.pop("recipe"), "method": self.method, **values}
 
     def __post_init__(self):
         if self.train.max_steps > self.optim.total_steps:
@@ -83,6 +95,14 @@ class RunConfig:
 
 
 DEFAULT_RECIPE = "image-tiny"
+
+
+def build_run_method(cfg: RunConfig, fields: dict):
+    """The run's method and its whole config: the preset the recipe names, its overrides, then the
+    model ``fields`` the data decides (a data set's ``model_fields()``, or ``DataKind.model_fields``
+    of the data config for synthetic batches). The one place ``pretrain`` and the benches build it."""
+    model_cfg = cfg.model.build_config(**fields)
+    return build_method(cfg.method, model_cfg), model_cfg
 
 
 def resolve_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
@@ -97,11 +117,11 @@ def config_from_dict(data: dict) -> RunConfig:
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
-    method = str(data.get("method", "data2vec2"))
+    method = str(data.pop("method", DEFAULT_METHOD))
     method_entry(method)  # an unknown method is a one-line error naming the known ones
     spec = ModelSpec(
         method=method,
-        modality=convert(model.pop("modality"), typing.Literal["image", "audio", "text"], "model.modality"),
+        modality=convert(model.pop("modality"), ModalityName, "model.modality"),
         size=str(model.pop("size")),
         overrides=model,
     )
@@ -215,12 +235,10 @@ def _train_in(
     if (refusal := env.broadcast_object(refusal)) is not None:  # every rank stops, not rank 0 alone
         raise runfolder.RunFolderError(refusal)
     # The data decides some model fields (the text vocabulary and padding id, the image size).
-    model_cfg = cfg.model.build_config(**dataset.model_fields())
-    model = build_method(cfg.method, model_cfg)  # the same weights on every rank: same seed, same draws
+    model, model_cfg = build_run_method(cfg, dataset.model_fields())  # same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
 
-    resolved = to_dict(cfg)
-    resolved["model"] = {"size": cfg.model.size, **to_dict(model_cfg)}  # the method's whole config
+    resolved = cfg.resolved(model_cfg)
 
     def loader_fn(position: DataPosition):
         return build_loader(

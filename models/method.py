@@ -8,10 +8,13 @@ through the members below.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from .masking import mask_to_ids
+from .layers.embeddings import migrate_embed_keys
+from .layers.masking import mask_to_ids
 from .modalities import Modality
 
 __all__ = ["Method", "batch_masks", "check_mask"]
@@ -31,6 +34,15 @@ class Method(nn.Module):
     encoder: nn.Module
     log_keys: tuple[str, ...] = ()
     """Further ``forward`` outputs the trainer writes to metrics.jsonl on logging steps (rank 0's values)."""
+    embedded_encoders: ClassVar[tuple[str, ...]] = ()
+    """State-dict prefixes of the encoders that hold a modality ``embed`` module (``"encoder."``,
+    ``"teacher."``): where ``upgrade_state_dict`` moves the embedding parts of older checkpoints."""
+
+    @classmethod
+    def upgrade_state_dict(cls, state: dict) -> dict:
+        """A ``method`` state dict written by an earlier d2v2, in today's names (the one key migration:
+        embedding parts moved under ``embed``, see ``embeddings.migrate_embed_keys``)."""
+        return migrate_embed_keys(state, cls.embedded_encoders) if cls.embedded_encoders else state
 
     def forward(self, batch: dict) -> dict:
         """One training step's loss on ``batch`` (``source``, optional ``padding_mask``, ``mask`` and

@@ -4,8 +4,8 @@ A method (data2vec 2.0, data2vec 1.0, the baselines) never asks which modality i
 its ``Modality`` object (the reference's ``ModalitySpecificEncoder`` split into what builds modules
 and what runs them). A modality owns:
 
-- the local encoder and how positions enter (``build_embedding`` attaches them to an encoder module,
-  ``local_features`` and ``embed`` run them);
+- the embedding module (``build_embed(cfg)``: an ``ImageEmbed`` / ``AudioEmbed`` / ``TextEmbed`` from
+  ``embeddings``, the local encoder and how positions enter), which the encoder holds as ``embed``;
 - extra tokens (``num_extra_tokens``: the image CLS);
 - which encoder parts data2vec 2.0's teacher does not copy (``teacher_omits``) and what it is fed
   (``teacher_tokens``);
@@ -26,26 +26,16 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from d2v2.kernels.gather_tokens import gather_tokens
+from .layers.decoders import Decoder1d, Decoder2d
+from .layers.embeddings import AudioEmbed, ImageEmbed, TextEmbed
+from .layers.encoders import audio_num_frames
+from .layers.masking import inverse_block_mask, random_mask, span_mask
 
-from .decoders import Decoder1d, Decoder2d
-from .encoders import (
-    AudioFeatureEncoder,
-    ConvPositionalEncoder,
-    PatchEmbed,
-    TokenEmbedding,
-    alibi_slopes,
-    audio_num_frames,
-    frame_padding_mask,
-    sincos_pos_embed_2d,
-)
-from .masking import inverse_block_mask, random_mask, span_mask
-
-__all__ = ["Modality", "ImageModality", "AudioModality", "TextModality", "MODALITIES", "modality_for", "Masker"]
+__all__ = ["Modality", "ImageModality", "AudioModality", "TextModality", "MODALITIES", "modality_for", "MaskFunction"]
 
 # masker(rows, shape, generator=generator) -> bool [rows, N], True = masked, the same count in every row;
 # ``shape`` is the modality's mask shape (an (H, W) grid for images, a length otherwise).
-Masker = Callable[[int, "int | tuple[int, int]", "torch.Generator | None"], torch.Tensor]
+MaskFunction = Callable[[int, "int | tuple[int, int]", "torch.Generator | None"], torch.Tensor]
 
 
 class Modality:
@@ -61,16 +51,17 @@ class Modality:
     num_extra_tokens: ClassVar[int] = 0
     """Tokens prepended to every sequence (the image CLS)."""
     teacher_omits: ClassVar[tuple[str, ...]] = ()
-    """Encoder parts data2vec 2.0's teacher does not own (ref 1.6); everything else is EMA-tracked."""
+    """Encoder submodules (dotted paths) data2vec 2.0's teacher does not own (fairseq
+    ``data2vec2.py: make_ema_teacher``); everything else is EMA-tracked."""
 
-    def __init__(self, cfg, clones: int | None = None, masker: Masker | None = None):
+    def __init__(self, cfg, clones: int | None = None, masker: MaskFunction | None = None):
         self.cfg = cfg
         self.clones = int(cfg.clone_batch if clones is None else clones)
         self.masker = masker or self.default_masker(cfg)
 
     # -- data side (loader workers) -------------------------------------------------------------------
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         raise NotImplementedError
 
     def mask_shape(self, source: torch.Tensor) -> int | tuple[int, int]:
@@ -89,51 +80,16 @@ class Modality:
 
     # -- model side ---------------------------------------------------------------------------------
 
-    def build_embedding(self, encoder: nn.Module) -> None:
-        """Attach the local encoder (``encoder.local_encoder``) and the positional parts to ``encoder``.
-
-        Every encoder gets the same optional slots (``pos_embed``, ``cls_token``, ``pos_conv``,
-        ``alibi_scale``, the ``alibi_slopes`` buffer), None where this modality has no such part, so
-        that teacher copies can drop parts by name whatever the modality.
-        """
-        encoder.pos_embed = encoder.cls_token = encoder.pos_conv = encoder.alibi_scale = None
-        encoder.register_buffer("alibi_slopes", None, persistent=False)
-        self.build_parts(encoder)
-
-    def build_parts(self, encoder: nn.Module) -> None:
-        """The modality's own parts (see ``build_embedding``)."""
+    def build_embed(self, cfg) -> nn.Module:
+        """The embedding module the encoder holds as ``embed`` (see ``embeddings``)."""
         raise NotImplementedError
-
-    def local_features(
-        self, encoder: nn.Module, source: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """source -> (features [B, N, D], token padding mask [B, N] or None). Runs once per sample."""
-        return encoder.local_encoder(source), None
-
-    def embed(
-        self,
-        encoder: nn.Module,
-        feats: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        ids_keep: torch.Tensor | None = None,
-        clones: int = 1,
-        check_ids: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Add positions (and extra tokens) to features: (tokens [R, extra + L, D], original positions
-        [R, L] for ALiBi or None). Without ``ids_keep`` all N positions; with it only the kept ones of
-        each of the ``clones`` masked copies (clone-major ``mask`` [B*clones, N], ``ids_keep`` [B*clones, k])."""
-        raise NotImplementedError
-
-    def alibi(self, encoder: nn.Module) -> torch.Tensor | None:
-        """Effective ALiBi slopes [H], or None when the modality has no ALiBi."""
-        return None
 
     def teacher_tokens(self, teacher: nn.Module, student: nn.Module, source, feats, padding_mask) -> tuple:
-        """data2vec 2.0's teacher input: (tokens, context) for its blocks, unmasked (ref 1.6)."""
+        """data2vec 2.0's teacher input: (tokens, context) for its blocks, unmasked (``Data2VecMultiModel.forward``, ``ema_encoder_only``)."""
         raise NotImplementedError
 
     def build_decoder(self, cfg) -> nn.Module:
-        """data2vec 2.0's conv decoder for this modality (ref 1.5)."""
+        """data2vec 2.0's conv decoder for this modality (``modalities/modules.py: Decoder1d, Decoder2d``)."""
         return Decoder1d(
             cfg.embed_dim, cfg.decoder_dim, cfg.decoder_kernel, cfg.decoder_layers, cfg.decoder_groups,
             cfg.decoder_residual, cfg.projection_layers, cfg.projection_ratio, cfg.decoder_input_dropout,
@@ -141,7 +97,7 @@ class Modality:
         )  # fmt: skip
 
     def reset_init(self, encoder: nn.Module, decoder: nn.Module | None) -> None:
-        """Undo BERT init where the reference keeps PyTorch's default (ref 1.5, 1.10)."""
+        """Undo BERT init where the reference keeps PyTorch's default (``Data2VecMultiModel.__init__``)."""
 
     def has_prenet_norm(self, cfg) -> bool:
         """Whether the encoder has the prenet LayerNorm (text has none without prenet blocks)."""
@@ -171,10 +127,9 @@ class ImageModality(Modality):
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.cfg.image_size // self.cfg.patch_size
-        return side, side
+        return self.cfg.grid
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(inverse_block_mask, mask_ratio=cfg.mask_ratio, block=cfg.mask_length, adjust=cfg.mask_prob_adjust)
 
     def mask_shape(self, source: torch.Tensor) -> tuple[int, int]:
@@ -183,20 +138,8 @@ class ImageModality(Modality):
     def num_positions(self, source: torch.Tensor | None = None) -> int:
         return self.grid[0] * self.grid[1]
 
-    def build_parts(self, encoder: nn.Module) -> None:
-        cfg, dim = self.cfg, self.cfg.embed_dim
-        encoder.local_encoder = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, dim)
-        encoder.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, self.grid), requires_grad=False)  # [N, D]
-        encoder.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-
-    def embed(self, encoder, feats, mask=None, ids_keep=None, clones=1, check_ids=True):
-        if ids_keep is not None:
-            x = gather_tokens(feats, ids_keep, pos=encoder.pos_embed, clones=clones, impl=encoder.impl,
-                              check_ids=check_ids)  # fmt: skip
-        else:
-            x = feats + encoder.pos_embed.to(feats.dtype)
-        cls = encoder.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1), None  # [R, 1 + k, D]
+    def build_embed(self, cfg) -> nn.Module:
+        return ImageEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.impl)
 
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
         # A full EMA copy: it embeds the raw image itself.
@@ -238,9 +181,9 @@ class AudioModality(Modality):
     """
 
     name = "audio"
-    teacher_omits = ("local_encoder",)
+    teacher_omits = ("embed.local_encoder",)
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(span_mask, mask_ratio=cfg.mask_ratio, span=cfg.mask_length, adjust=cfg.mask_prob_adjust)
 
     def num_positions(self, source: torch.Tensor) -> int:
@@ -250,39 +193,10 @@ class AudioModality(Modality):
         """Frames the CNN makes from ``num_samples`` samples (int or integer tensor)."""
         return audio_num_frames(num_samples, self.cfg.conv_feature_layers)
 
-    def build_parts(self, encoder: nn.Module) -> None:
-        cfg, dim = self.cfg, self.cfg.embed_dim
-        encoder.local_encoder = AudioFeatureEncoder(dim, cfg.conv_feature_layers)
-        encoder.pos_conv = ConvPositionalEncoder(dim, cfg.conv_pos_width, cfg.conv_pos_depth, cfg.conv_pos_groups, cfg.impl)
-        if getattr(cfg, "alibi", True):
-            encoder.alibi_slopes = alibi_slopes(cfg.num_heads)  # fixed [H] buffer; not saved, rebuilt on construction
-            encoder.alibi_scale = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.alibi_scale_init)))
-
-    def local_features(self, encoder, source, padding_mask=None):
-        feats = encoder.local_encoder(source)
-        if padding_mask is None:
-            return feats, None
-        return feats, frame_padding_mask(padding_mask, feats.shape[1], encoder.local_encoder.conv_spec)
-
-    def embed(self, encoder, feats, mask=None, ids_keep=None, clones=1, check_ids=True):
-        if ids_keep is None:
-            return feats + encoder.pos_conv(feats), None
-        if mask is None:
-            raise ValueError("mask is required with ids_keep for audio (masked frames are zeroed before pos_conv)")
-        # encoder_zero_mask: the conv positional encoder sees every clone at full length with its
-        # masked frames zeroed; its output at the kept frames is added to the kept features.
-        batch, length, dim = feats.shape
-        hidden = mask.view(batch, clones, length, 1)
-        zeroed = torch.where(hidden, 0.0, feats[:, None]).reshape(batch * clones, length, dim)
-        pos = encoder.pos_conv(zeroed)  # [B*K, N, D]
-        x = gather_tokens(feats, ids_keep, clones=clones, impl=encoder.impl, check_ids=check_ids)
-        x = x + gather_tokens(pos, ids_keep, impl=encoder.impl, check_ids=check_ids)
-        return x, ids_keep
-
-    def alibi(self, encoder) -> torch.Tensor | None:
-        if encoder.alibi_scale is None:
-            return None
-        return encoder.alibi_slopes * encoder.alibi_scale.clamp_min(0)
+    def build_embed(self, cfg) -> nn.Module:
+        return AudioEmbed(cfg.embed_dim, cfg.conv_feature_layers, cfg.conv_pos_width, cfg.conv_pos_depth,
+                          cfg.conv_pos_groups, cfg.num_heads, getattr(cfg, "alibi", True), cfg.alibi_scale_init,
+                          cfg.impl)  # fmt: skip
 
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
         # An EMA copy without the CNN, fed the student's CNN features (computed once, detached).
@@ -291,14 +205,14 @@ class AudioModality(Modality):
     def reset_init(self, encoder, decoder) -> None:
         if decoder is not None:
             decoder.reset_projection()
-        encoder.local_encoder.reset_projection()
+        encoder.embed.local_encoder.reset_projection()
 
     @classmethod
     def check_config(cls, cfg, fail) -> None:
         super().check_config(cfg, fail)
         cls.check_conv_feature_layers(cfg, fail)
-        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth)
-        if kernel % 2 == 0:
+        kernel = max(3, cfg.conv_pos_width // cfg.conv_pos_depth) if hasattr(cfg, "conv_pos_width") else 3
+        if kernel % 2 == 0:  # the multi-layer conv positions (wav2vec 2.0 has one conv of any kernel)
             fail("conv_pos_width", f"gives an even positional kernel max(3, {cfg.conv_pos_width} // "
                  f"{cfg.conv_pos_depth}) = {kernel}", "choose a width that gives an odd kernel (95 -> 19)")  # fmt: skip
         if cfg.embed_dim % cfg.conv_pos_groups != 0:
@@ -322,7 +236,7 @@ class AudioModality(Modality):
 class TextModality(Modality):
     """Token ids [B, L]: token + learned absolute positions (padding-aware) + LayerNorm + dropout,
     uniform random masking, the 1-D decoder; data2vec 2.0's teacher is only the shared blocks, fed the
-    student's embedding output (quirk 1.14.3).
+    student's embedding output (with its training-mode dropout, as the reference).
 
     Config fields: vocab_size, max_positions, padding_idx, embed_dim, norm_eps, embed_dropout,
     prenet_depth, mask_ratio, clone_batch; optional ``num_embeddings`` (default vocab_size): rows of
@@ -331,27 +245,17 @@ class TextModality(Modality):
     """
 
     name = "text"
-    teacher_omits = ("local_encoder", "context_norm", "context_dropout", "prenet")
+    teacher_omits = ("embed.local_encoder", "context_norm", "context_dropout", "prenet")
 
-    def default_masker(self, cfg) -> Masker:
+    def default_masker(self, cfg) -> MaskFunction:
         return partial(random_mask, mask_ratio=cfg.mask_ratio)
 
     def num_positions(self, source: torch.Tensor) -> int:
         return source.shape[-1]
 
-    def build_parts(self, encoder: nn.Module) -> None:
-        cfg = self.cfg
-        encoder.local_encoder = TokenEmbedding(
-            getattr(cfg, "num_embeddings", cfg.vocab_size), cfg.embed_dim, cfg.max_positions, cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout
-        )
-
-    def local_features(self, encoder, source, padding_mask=None):
-        return encoder.local_encoder(source, padding_mask), padding_mask
-
-    def embed(self, encoder, feats, mask=None, ids_keep=None, clones=1, check_ids=True):
-        if ids_keep is None:
-            return feats, None
-        return gather_tokens(feats, ids_keep, clones=clones, impl=encoder.impl, check_ids=check_ids), None
+    def build_embed(self, cfg) -> nn.Module:
+        return TextEmbed(getattr(cfg, "num_embeddings", cfg.vocab_size), cfg.embed_dim, cfg.max_positions,
+                         cfg.padding_idx, cfg.norm_eps, cfg.embed_dropout, cfg.impl)  # fmt: skip
 
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
         # ema_encoder_only: the student's (identity for prenet_depth 0) contextualisation, unmasked.
@@ -374,7 +278,7 @@ class TextModality(Modality):
 MODALITIES: dict[str, type[Modality]] = {m.name: m for m in (ImageModality, AudioModality, TextModality)}
 
 
-def modality_for(cfg, clones: int | None = None, masker: Masker | None = None) -> Modality:
+def modality_for(cfg, clones: int | None = None, masker: MaskFunction | None = None) -> Modality:
     """The modality object of a method config (``cfg.modality`` names it)."""
     if cfg.modality not in MODALITIES:
         raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {cfg.modality!r}")

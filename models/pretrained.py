@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layers.embeddings import migrate_embed_keys
 from .methods import build_method, method_entry
 
 __all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "write_folder", "load_pretrained", "config_from_dict"]
@@ -120,5 +121,8 @@ def load_pretrained(path: str | os.PathLike, impl: str | None = None, device: st
     if impl is not None:
         values["impl"] = impl
     encoder = build_method(config["method"], config_from_dict(config["method"], values)).encoder
-    encoder.load_state_dict(load_file(str(weights_file)))
+    weights = load_file(str(weights_file))
+    if hasattr(encoder, "embed"):  # an export written before the embeddings were modules
+        weights = migrate_embed_keys(weights)
+    encoder.load_state_dict(weights)
     return encoder.to(device).eval()

@@ -5,18 +5,18 @@ for targets) and the shared ``depth`` blocks whose FFN outputs make the targets;
 split (MAE, data2vec 1.0, wav2vec 2.0, MLM baselines) uses ``prenet_depth + depth`` plain blocks, so
 every method compares at equal size. The MLP is 4 x D everywhere.
 
-Released sizes (reference/data2vec2.md section 1.11): images base 768/12/2+10, large 1024/16/0+24,
+Released sizes (fairseq ``examples/data2vec/config/v2/*_task.yaml``): images base 768/12/2+10, large 1024/16/0+24,
 huge 1280/16/0+32 (patch 14); audio base 768/12/0+12, large 1024/16/8+16; text base 768/12/0+12,
 large 1024/16/0+24. ``tiny`` (and ``small`` for images, ViT-S) are ours, for CPU runs and tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["EncoderSize", "ENCODER_SIZES", "encoder_size", "plain_preset", "count_parameters"]
+__all__ = ["EncoderSize", "ENCODER_SIZES", "encoder_size", "count_parameters"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,24 +67,6 @@ def encoder_size(modality: str, size: str) -> EncoderSize:
     if size not in sizes:
         raise ValueError(f"size for {modality} must be one of {list(sizes)}, got {size!r}")
     return sizes[size]
-
-
-def plain_preset(config_type: type, presets: dict, label: str, modality: str, size: str, **overrides):
-    """The config of a method without data2vec 2.0's prenet split (the baselines) for (modality, size):
-    width and heads from the size table, ``depth = total_depth`` plain blocks, the rest from
-    ``presets[(modality, size)]``, then ``overrides`` (any field of ``config_type``). ``label`` names
-    the method in the errors."""
-    dims = encoder_size(modality, size)
-    if (modality, size) not in presets:
-        raise ValueError(f"no {label} preset for {modality} {size}; known: {sorted(presets)}")
-    known = {f.name for f in fields(config_type)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {config_type.__name__} fields {unknown}; valid fields: {sorted(known)}")
-    values = dict(modality=modality, embed_dim=dims.embed_dim, num_heads=dims.num_heads, depth=dims.total_depth)
-    values.update(presets[(modality, size)])
-    values.update(overrides)
-    return config_type(**values)
 
 
 def count_parameters(module: nn.Module, trainable: bool | None = None) -> int:

@@ -100,3 +100,23 @@ def test_no_import_cycles(folder):
                 if nxt not in seen:
                     seen.add(nxt)
                     stack.append((nxt, (*trail, nxt)))
+
+
+def test_models_layers_sit_below_the_methods():
+    """``models/layers`` holds the shared building blocks: they import kernels and each other, never a
+    method, a seam or the registry above them (which would make a block depend on who uses it)."""
+    for path in sorted((ROOT / "models" / "layers").rglob("*.py")):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[:2] == ["d2v2", "models"] and len(parts) > 2:
+                assert parts[2] == "layers", f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_each_method_folder_holds_its_model_and_config():
+    """One folder per method, its config beside it (torchtitan's ``models/<name>/``)."""
+    from d2v2.models import METHODS
+
+    for entry in METHODS.values():
+        model_module, config_module = entry.model.__module__, entry.config.__module__
+        assert model_module.rpartition(".")[0] == config_module.rpartition(".")[0], (model_module, config_module)
+        assert config_module.endswith(".config") and (ROOT / "models" / config_module.split(".")[2]).is_dir()

@@ -6,12 +6,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from ..signals import ignore_in_worker
-from . import audio, embedded, images, text
+from . import audio, images, text
+from .kinds import data_kind
 from .loader import DataPosition, EpochBatchSampler, Masker, MaskingCollater, SkipCorrupt
 
 
@@ -51,25 +51,9 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
-Modality = Literal["image", "audio", "text"]
-
-
-def build_dataset(modality: Modality, cfg: DataConfig, train: bool = True):
-    """The data set of ``cfg`` (or the embedded default when ``cfg.path`` is None)."""
-    if modality == "image":
-        transform = images.PretrainTransform(cfg.crop_size, cfg.crop_scale) if train else images.EvalTransform(cfg.crop_size)
-        if cfg.path is None:
-            pixels, labels = embedded.digits(size=max(32, cfg.crop_size))
-            return images.TensorImageDataset(pixels, labels, transform, [str(d) for d in range(10)])
-        return images.ImageFolderDataset(cfg.path, transform)
-    if modality == "audio":
-        manifest = cfg.path if cfg.path is not None else embedded.synthetic_speech(cfg.embedded_utterances)
-        return audio.AudioManifestDataset(manifest, min_samples=cfg.min_samples)
-    if modality == "text":
-        files = [embedded.pydoc_text_file()] if cfg.path is None else text.list_text_files(cfg.path)
-        folder = text.build_token_cache(files, embedded.cache_dir() / "tokens", cfg.vocab_size, cfg.tokenizer)
-        return text.TokenBlockDataset(folder, cfg.block_size)
-    raise ValueError(f"modality must be 'image', 'audio' or 'text', got {modality!r}")
+def build_dataset(modality: str, cfg: DataConfig, train: bool = True):
+    """The data set of ``cfg`` for ``modality`` (the embedded default when ``cfg.path`` is None)."""
+    return data_kind(modality).build(cfg, train)
 
 
 def fingerprint(dataset, path: str) -> dict | None:

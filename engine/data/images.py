@@ -167,6 +167,11 @@ class EvalTransform:
         return (out - self.mean) / self.std
 
 
+def model_fields(crop_size: int) -> dict:
+    """Model config fields image data decides: the image side the transform crops to."""
+    return {"image_size": crop_size}
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images from a folder; item ``(index, seed)`` -> {"source": [3, S, S], "label": int}.
 
@@ -191,8 +196,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return {"source": self.transform(img, generator), "label": self.labels[index]}
 
     def model_fields(self) -> dict:
-        """Model config fields this data decides: the image side the transform crops to."""
-        return {"image_size": self.transform.size}
+        """Model config fields this data decides (``model_fields``)."""
+        return model_fields(self.transform.size)
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -210,5 +215,5 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return {"source": self.transform(self.images[index], generator), "label": int(self.labels[index])}
 
     def model_fields(self) -> dict:
-        """Model config fields this data decides: the image side the transform crops to."""
-        return {"image_size": self.transform.size}
+        """Model config fields this data decides (``model_fields``)."""
+        return model_fields(self.transform.size)

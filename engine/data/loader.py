@@ -19,7 +19,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from d2v2.models.masking import mask_to_ids
+from d2v2.models import mask_to_ids
 
 from .audio import crop_batch
 from .base import CorruptSample, derive_seed

@@ -151,6 +151,12 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def model_fields(vocab_size: int, pad_id: int | None, mask_id: int | None, block_size: int) -> dict:
+    """Model config fields text data decides: the vocabulary, padding and ``<mask>`` ids follow the
+    tokenizer, the positions cover a block (a method whose config has no such field ignores it)."""
+    return {"vocab_size": vocab_size, "padding_idx": pad_id, "mask_idx": mask_id, "max_positions": max(block_size, 512)}
+
+
 class TokenBlockDataset(torch.utils.data.Dataset):
     """Contiguous ``block_size``-token blocks of a token cache; item ``(index, seed)`` -> {"source": [L]}."""
 
@@ -173,10 +179,8 @@ class TokenBlockDataset(torch.utils.data.Dataset):
         return self.tokens.shape[0] // self.block_size
 
     def model_fields(self) -> dict:
-        """Model config fields this data decides: the vocabulary, padding and ``<mask>`` ids follow the
-        tokenizer (a method whose config has no such field ignores it)."""
-        return {"vocab_size": self.vocab_size, "padding_idx": self.pad_id, "mask_idx": self.mask_id,
-                "max_positions": max(self.block_size, 512)}  # fmt: skip
+        """Model config fields this data decides (``model_fields``), from its tokenizer."""
+        return model_fields(self.vocab_size, self.pad_id, self.mask_id, self.block_size)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, _seed = item

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2v2.models import ENCODER_SIZES
-from d2v2.models.data2vec2 import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_config
+from d2v2.models.data2vec2 import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
 
 from .fairseq_keys import TAGS
 
@@ -127,7 +127,7 @@ def _closest_size(modality: str, dims: dict) -> str:
     for name, size in sizes.items():
         if all(getattr(size, k) == v for k, v in dims.items()):
             return name
-    known = [name for name in sizes if (modality, name) in DATA2VEC2_RECIPES]
+    known = [name for name in sizes if (modality, name) in DATA2VEC2_PRESETS]
     return min(known, key=lambda name: abs(sizes[name].embed_dim - dims["embed_dim"]))
 
 

@@ -28,7 +28,7 @@ import torch
 from d2v2.models.data2vec2 import Data2Vec2
 
 from ..checkpoint import CheckpointWriteError, save_checkpoint, step_folder
-from ..config import recipe_names, to_dict
+from ..config import recipe_names
 from ..runfolder import require_new, write_config, write_failure
 from .fairseq_config import data2vec2_from_fairseq, pretraining_config
 from .fairseq_keys import d2v2_tensor, fairseq_name
@@ -183,9 +183,9 @@ def _run_config(cfg, size: str) -> dict:
 
     recipe = f"{cfg.modality}-{size}"
     run_cfg = resolve_config(recipe if recipe in recipe_names() else f"{cfg.modality}-base")
-    resolved = to_dict(run_cfg)
-    resolved["method"] = "data2vec2"
-    resolved["model"] = {"size": size, **to_dict(cfg)}
+    run_cfg.model.method = "data2vec2"  # fairseq's data2vec 2.0 checkpoints
+    resolved = run_cfg.resolved(cfg)
+    resolved["model"]["size"] = size
     # The data setting the model's shape fixes, so that config.yaml is a recipe this model runs with
     # (`pretrain --recipe RUN/config.yaml --init-from RUN`): the crop is the model's image side.
     if cfg.modality == "image":

@@ -74,6 +74,7 @@ def fairseq_name(name: str, modality: str, teacher_blocks_only: bool = False) ->
         return prefix + _apply(_DECODER_RULES, rest, name)
     if part not in ("encoder", "teacher"):
         raise ValueError(f"no fairseq name for {name}")
+    rest = rest.removeprefix("embed.")  # the rules name the embedding's parts as the encoder's own
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
     if block:
         return f"{block[1]}.{block[2]}" if part == "teacher" and teacher_blocks_only else rest

@@ -127,3 +127,60 @@ def test_kill_during_writes_leaves_a_loadable_latest(tmp_path):
     proc.join()
     state = load_checkpoint(tmp_path)  # whatever instant it died at, latest is complete
     assert state["trainer"]["step"] >= 0
+
+
+def _flat_embed_names(state: dict, prefixes: tuple[str, ...]) -> dict:
+    """``state`` as d2v2 wrote it before the embeddings were modules: the embedding's parts directly
+    under each encoder (``encoder.local_encoder.*`` for today's ``encoder.embed.local_encoder.*``)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            key = key.replace(f"{prefix}embed.", prefix, 1) if key.startswith(f"{prefix}embed.") else key
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("method, modality", [("data2vec2", "image"), ("data2vec2", "audio"), ("data2vec2", "text"),
+                                              ("data2vec", "audio"), ("mae", "image"), ("wav2vec2", "audio")])
+def test_an_old_format_checkpoint_still_loads(tmp_path, method, modality):
+    from d2v2.models import build_method, method_config
+
+    model = build_method(method, method_config(method, modality, "tiny"))
+    current = model.state_dict()
+    old = _flat_embed_names(current, ("encoder.", "teacher."))
+    assert (old != current) == bool(type(model).embedded_encoders)
+    save_checkpoint(tmp_path, 1, {"method": old, "config": {"method": method}, "trainer": {"step": 1}})
+    loaded = load_checkpoint(tmp_path)["method"]
+    assert list(loaded) == list(current)
+    fresh = build_method(method, method_config(method, modality, "tiny"))
+    fresh.load_state_dict(loaded)  # strict: every key in today's names
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in current.items())
+
+
+def test_an_old_format_export_still_loads(tmp_path):
+    from d2v2.models import build_method, load_pretrained, method_config, save_pretrained
+
+    cfg = method_config("data2vec2", "audio", "tiny")
+    encoder = build_method("data2vec2", cfg).encoder.eval()
+    old = _flat_embed_names(encoder.state_dict(), ("",))
+    folder = save_pretrained(old, "data2vec2", cfg, tmp_path / "export", "student")
+    loaded = load_pretrained(folder)
+    source = torch.randn(2, 2000)
+    assert torch.equal(loaded(source), encoder(source))
+
+
+def test_an_old_run_folder_resumes(tmp_path, monkeypatch):
+    """A run whose checkpoint holds the embedding parts under their old names continues where it stopped."""
+    from d2v2.engine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    fast = ["--set", "data.num_workers=0", "--set", "data.batch_size=4", "--set", "train.log_every=1"]
+    assert main(["pretrain", "--recipe", "audio-tiny", "--out", "run", "--max-steps", "1", *fast]) == 0
+    state_file = latest_checkpoint(tmp_path / "run") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["method"] = _flat_embed_names(state["method"], ("encoder.", "teacher."))
+    assert "encoder.local_encoder.conv_layers.0.conv.weight" in state["method"]  # as d2v2 wrote it before
+    torch.save(state, state_file)
+    assert main(["pretrain", "--out", "run", "--max-steps", "2", *fast]) == 0
+    resumed = load_checkpoint(tmp_path / "run")
+    assert resumed["trainer"]["step"] == 2 and "encoder.embed.pos_conv.convs.0.weight" in resumed["method"]

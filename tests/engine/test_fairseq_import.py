@@ -160,7 +160,7 @@ def test_fairseq_names_are_fairseqs_own():
     # fairseq's learned positions: max_positions + padding_idx + 1 rows, position p at row padding_idx + 1 + p
     positions = state["modality_encoders.TEXT.local_encoder.embed_positions.weight"]
     assert positions.shape == (40 + 1 + 1, 64)
-    assert torch.equal(positions[2], text.encoder.local_encoder.embed_positions.weight[0])
+    assert torch.equal(positions[2], text.encoder.embed.local_encoder.embed_positions.weight[0])
     assert fairseq_state(audio)["modality_encoders.AUDIO.alibi_scale"].shape == (1, 1, 4, 1, 1)
 
 

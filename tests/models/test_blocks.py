@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.models.blocks import (
+from d2v2.models.layers.blocks import (
     Attention,
     DropPath,
     PostNormBlock,

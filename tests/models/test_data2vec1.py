@@ -1,4 +1,4 @@
-"""data2vec 1.0 (``models/data2vec1.py``): student input, targets, loss, teacher, EMA, sizes, masks, config."""
+"""data2vec 1.0 (``models/data2vec1/``): student input, targets, loss, teacher, EMA, sizes, masks, config."""
 
 import math
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.blocks import PreNormBlock, forward_blocks
+from d2v2.models.layers.blocks import PreNormBlock, forward_blocks
 from d2v2.models.data2vec1 import Data2Vec1, data2vec1_config
 from d2v2.models.data2vec2 import data2vec2_config
-from d2v2.models.masking import beit_block_mask, mlm_span_mask
+from d2v2.models.layers.masking import beit_block_mask, mlm_span_mask
 from d2v2.models.sizes import count_parameters
-from d2v2.models.teacher import ema_decay_schedule
+from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
+from tests.models.fixtures import student_parameters, train_losses
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, input_dropout=0.0,
@@ -39,10 +40,6 @@ def make_batch(model, batch_size=2, seed=0):
         source = torch.randint(2, cfg.vocab_size, (batch_size, TEXT_TOKENS))
     mask = model.modality.make_masks(batch_size, source, generator=torch.Generator().manual_seed(seed))
     return {"source": source, "mask": mask}
-
-
-def student_parameters(model):
-    return {n: p for n, p in model.named_parameters() if not n.startswith("teacher.")}
 
 
 # -- the student -----------------------------------------------------------------------------------
@@ -76,7 +73,7 @@ def test_student_sees_every_position_with_the_mask_embedding_exactly_at_masked_o
         ids = seen["source"]
         assert (ids[mask] == model.cfg.mask_token).all() and model.cfg.mask_token == model.cfg.vocab_size
         assert torch.equal(ids[~mask], batch["source"][~mask])
-        assert model.encoder.local_encoder.embed_tokens.num_embeddings == model.cfg.vocab_size + 1
+        assert model.encoder.embed.local_encoder.embed_tokens.num_embeddings == model.cfg.vocab_size + 1
     else:
         feats = seen["feats"]
         clean, _ = local_features(batch["source"])
@@ -87,9 +84,9 @@ def test_student_sees_every_position_with_the_mask_embedding_exactly_at_masked_o
 def test_mask_embedding_inits_follow_the_reference():
     audio, image = Data2Vec1(tiny_config("audio")), Data2Vec1(tiny_config("image"))
     assert 0 <= audio.mask_emb.min() and audio.mask_emb.max() < 1 and audio.mask_emb.mean() > 0.3  # U(0, 1)
-    assert image.mask_emb.abs().max() < 0.1 and image.encoder.cls_token.abs().max() < 0.1  # trunc-normal 0.02
+    assert image.mask_emb.abs().max() < 0.1 and image.encoder.embed.cls_token.abs().max() < 0.1  # trunc-normal 0.02
     assert Data2Vec1(tiny_config("text")).mask_emb is None  # text uses the <mask> token
-    assert audio.encoder.alibi_scale is None and audio.encoder.alibi_slopes is None  # conv positions only
+    assert audio.encoder.embed.alibi_scale is None and audio.encoder.embed.alibi_slopes is None  # conv positions only
     first, last = image.encoder.blocks[0], image.encoder.blocks[-1]  # BEiT's 1/sqrt(2 * layer) rescaling
     assert last.mlp.fc2.weight.std() < first.mlp.fc2.weight.std()
     assert torch.equal(first.gamma_1, torch.full_like(first.gamma_1, 1e-4))
@@ -114,7 +111,7 @@ def test_every_student_parameter_gets_a_gradient_and_the_teacher_none(modality):
 )  # fmt: skip
 def test_teacher_owns_what_the_reference_tracks(modality, owned, copied):
     model = Data2Vec1(tiny_config(modality))
-    names = {n.split(".")[0] for n, _ in model.teacher.named_parameters()}
+    names = {n.removeprefix("embed.").split(".")[0] for n, _ in model.teacher.named_parameters()}
     assert names == owned
     assert copied in model.cfg.teacher_copies
 
@@ -126,16 +123,16 @@ def plain_teacher_layers(model, source):
     """The teacher's top-k layers recomputed step by step in plain PyTorch (blocks called one by one)."""
     cfg, teacher, student = model.cfg, model.teacher, model.encoder
     if cfg.modality == "audio":  # the student's CNN features + the teacher's conv positions and LayerNorm
-        feats = student.local_encoder(source)
-        x = F.layer_norm(feats + teacher.pos_conv(feats), (cfg.embed_dim,), teacher.input_norm.weight,
+        feats = student.embed.local_encoder(source)
+        x = F.layer_norm(feats + teacher.embed.pos_conv(feats), (cfg.embed_dim,), teacher.input_norm.weight,
                          teacher.input_norm.bias, cfg.norm_eps)  # fmt: skip
     elif cfg.modality == "text":  # the teacher's own (copied) embeddings of the original tokens
-        emb = teacher.local_encoder
+        emb = teacher.embed.local_encoder
         x = emb.embed_tokens(source) + emb.embed_positions.weight[: source.shape[1]]
         x = F.layer_norm(x, (cfg.embed_dim,), emb.layer_norm.weight, emb.layer_norm.bias, cfg.norm_eps)
     else:  # the student's patch embeddings + fixed positions, CLS first
-        x = student.local_encoder(source) + teacher.pos_embed
-        x = torch.cat([teacher.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = student.embed.local_encoder(source) + teacher.embed.pos_embed
+        x = torch.cat([teacher.embed.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
     outs = []
     for block in teacher.blocks:
         x, ffn = block(x)
@@ -161,7 +158,7 @@ def test_targets_and_loss_equal_plain_pytorch_recomputation(modality):
             target = sum(F.layer_norm(y, y.shape[-1:]) for y in layers) / len(layers)
         else:  # average of block outputs, then a final layer norm
             target = F.layer_norm(sum(layers) / len(layers), layers[0].shape[-1:])
-    feats = None if model.teacher.local_encoder is not None else model.encoder.local_features(batch["source"])[0]
+    feats = None if model.teacher.embed.local_encoder is not None else model.encoder.local_features(batch["source"])[0]
     assert_close(model.teacher_targets(batch["source"], feats), target, atol=1e-5, rtol=1e-5, name="targets")
     mask, pred, dim = batch["mask"], preds[0], model.cfg.embed_dim
     diff = (pred[mask] - target[mask]).float()
@@ -197,7 +194,7 @@ def test_after_step_averages_and_copies_as_the_reference(modality):
     decay = ema_decay_schedule(7, model.cfg.ema_decay, model.cfg.ema_end_decay, model.cfg.ema_anneal_end_step)
     assert model.ema_decay(7) == decay and model(make_batch(model))["ema_decay"] == decay
     for name, p in model.teacher.named_parameters():
-        copied = name.startswith(model.cfg.teacher_copies) or not student[name].requires_grad
+        copied = name.removeprefix("embed.").startswith(model.cfg.teacher_copies) or not student[name].requires_grad
         expected = student[name] if copied else decay * before[name] + (1 - decay) * student[name]
         assert_close(p, expected, atol=1e-6, rtol=1e-6, name=name)
     snapshot = [p.clone() for p in model.teacher.parameters()]
@@ -222,15 +219,7 @@ def test_released_ema_schedules(modality, start, end, steps):
 def test_tiny_loss_falls_on_a_fixed_batch(modality):
     model = Data2Vec1(tiny_config(modality, **NO_DROPOUT)).train()
     batch = make_batch(model)
-    optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=2e-3)
-    losses = []
-    for step in range(1, 21):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        model.after_step(step)
-        losses.append(out["loss"].item())
+    losses = train_losses(model, batch, steps=20, lr=2e-3, weight_decay=0.01)
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
 
 

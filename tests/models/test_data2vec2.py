@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.data2vec2 import DATA2VEC2_RECIPES, Data2Vec2, Data2Vec2Config, data2vec2_config
-from d2v2.models.masking import mask_to_ids
+from d2v2.models.data2vec2 import DATA2VEC2_PRESETS, Data2Vec2, Data2Vec2Config, data2vec2_config
+from d2v2.models.layers.masking import mask_to_ids
 from d2v2.models.modalities import modality_for
 from d2v2.models.sizes import count_parameters
-from d2v2.models.teacher import ema_decay_schedule
+from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
+from tests.models.fixtures import student_parameters, train_losses
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, prenet_dropout=0.0,
@@ -41,10 +42,6 @@ def make_batch(model, batch_size=2, generator=None):
     return {"source": source, "mask": model.modality.make_masks(batch_size, source, generator=generator)}
 
 
-def student_parameters(model):
-    return {n: p for n, p in model.named_parameters() if not n.startswith("teacher.")}
-
-
 # -- the student -----------------------------------------------------------------------------------
 
 
@@ -61,11 +58,11 @@ def test_student_tokens_are_the_kept_tokens_at_their_positions(modality):
     x, context = model.encoder.contextualize(feats, None, mask, ids, clones)
 
     if modality == "image":  # sin-cos position of the original patch, CLS first without position
-        tokens = feats[sample, ids] + model.encoder.pos_embed[ids]
-        tokens = torch.cat([model.encoder.cls_token.expand(rows, 1, -1), tokens], dim=1)
+        tokens = feats[sample, ids] + model.encoder.embed.pos_embed[ids]
+        tokens = torch.cat([model.encoder.embed.cls_token.expand(rows, 1, -1), tokens], dim=1)
     elif modality == "audio":  # conv positions over the clone's full sequence with masked frames zeroed
         zeroed = feats.repeat_interleave(clones, dim=0).masked_fill(mask[..., None], 0.0)
-        pos = model.encoder.pos_conv(zeroed)
+        pos = model.encoder.embed.pos_conv(zeroed)
         tokens = feats[sample, ids] + pos[torch.arange(rows)[:, None], ids]
         assert torch.equal(context["positions"], ids)  # ALiBi measures original distances
         assert context["alibi_slopes"] is not None
@@ -111,7 +108,7 @@ def test_student_output_ignores_tokens_masked_in_every_clone(modality):
 )
 def test_teacher_owns_what_the_reference_copies(modality, owned):
     model = Data2Vec2(tiny_config(modality))
-    assert {name.split(".")[0] for name, _ in model.teacher.named_parameters()} == owned
+    assert {name.removeprefix("embed.").split(".")[0] for name, _ in model.teacher.named_parameters()} == owned
     assert not any(p.requires_grad for p in model.teacher.parameters())
     model.train()
     assert not model.teacher.training and model.encoder.training
@@ -143,7 +140,7 @@ def test_after_step_is_exactly_the_ema_rule():
     decay = ema_decay_schedule(4, 0.9, 0.99, 10)
     assert decay == pytest.approx(0.936) and model.ema_decay(4) == decay
     for name, p in model.teacher.named_parameters():
-        if name == "pos_embed":  # not trained: copied
+        if name == "embed.pos_embed":  # not trained: copied
             expected = student[name]
         else:
             expected = decay * teacher[name] + (1 - decay) * student[name]
@@ -199,10 +196,10 @@ def test_init_follows_the_reference_scheme():
         else:  # image and audio decoder heads are reset to PyTorch's default: U(+-1/sqrt(fan_in))
             assert head.weight.std().item() > 0.03 and head.weight.abs().max() <= 1 / head.in_features**0.5
     image = Data2Vec2(tiny_config("image", embed_dim=256, num_heads=4, decoder_dim=256))
-    assert abs(image.encoder.cls_token.std().item() - 1.0) < 0.25  # N(0, 1)
+    assert abs(image.encoder.embed.cls_token.std().item() - 1.0) < 0.25  # N(0, 1)
     audio = Data2Vec2(tiny_config("audio", embed_dim=256, num_heads=4, decoder_dim=256))
-    assert audio.encoder.local_encoder.project.weight.std().item() > 0.03  # reset, as the reference
-    assert torch.equal(audio.encoder.alibi_scale, torch.ones(4))
+    assert audio.encoder.embed.local_encoder.project.weight.std().item() > 0.03  # reset, as the reference
+    assert torch.equal(audio.encoder.embed.alibi_scale, torch.ones(4))
 
 
 # -- targets and loss ------------------------------------------------------------------------------
@@ -236,11 +233,11 @@ def test_targets_equal_plain_pytorch_recomputation(modality, per_layer, final):
     # The teacher's blocks, run by hand; the targets are their FFN outputs (CLS dropped).
     teacher = model.teacher
     if modality == "image":
-        x = teacher.local_encoder(batch["source"]) + teacher.pos_embed
-        x = torch.cat([teacher.cls_token.expand(x.shape[0], 1, -1), x], dim=1)
+        x = teacher.embed.local_encoder(batch["source"]) + teacher.embed.pos_embed
+        x = torch.cat([teacher.embed.cls_token.expand(x.shape[0], 1, -1), x], dim=1)
         x = teacher.context_norm(x)
     elif modality == "audio":
-        x = teacher.context_norm(feats + teacher.pos_conv(feats))  # the student's CNN features
+        x = teacher.context_norm(feats + teacher.embed.pos_conv(feats))  # the student's CNN features
     else:
         x = feats  # the student's embedding output, no prenet
     slopes = teacher.alibi()
@@ -387,15 +384,7 @@ def test_triton_path_matches_torch_path_on_a_micro_model(modality):
 def test_loss_goes_down_on_a_fixed_batch(modality):
     model = Data2Vec2(tiny_config(modality, **NO_DROPOUT)).train()
     batch = make_batch(model, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=2e-3)
-    losses = []
-    for step in range(1, 21):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        model.after_step(step)
-        losses.append(out["loss"].item())
+    losses = train_losses(model, batch, steps=20, lr=2e-3, weight_decay=0.01)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.75 * first, losses
 
@@ -531,7 +520,7 @@ def test_recipes_carry_the_reference_values(modality, size):
 
 
 def test_every_recipe_builds_a_valid_config():
-    for modality, size in DATA2VEC2_RECIPES:
+    for modality, size in DATA2VEC2_PRESETS:
         cfg = data2vec2_config(modality, size)
         assert cfg.modality == modality
 
@@ -594,12 +583,12 @@ def test_config_accepts_yaml_lists_and_is_strict():
 def test_weight_decay_groups_follow_the_reference_tags():
     model = Data2Vec2(tiny_config("audio"))
     skip = model.no_weight_decay()
-    assert "encoder.alibi_scale" in skip and "encoder.blocks.0.norm1.weight" in skip
+    assert "encoder.embed.alibi_scale" in skip and "encoder.blocks.0.norm1.weight" in skip
     assert "encoder.blocks.0.attn.qkv.bias" in skip and "decoder.blocks.0.bias" in skip
     assert "encoder.blocks.0.attn.qkv.weight" not in skip and "decoder.proj.weight" not in skip
     assert not any(name.startswith("teacher.") for name in skip)
     image = Data2Vec2(tiny_config("image"))
-    assert "encoder.cls_token" not in image.no_weight_decay()  # [1, 1, D]: decayed, as the reference
+    assert "encoder.embed.cls_token" not in image.no_weight_decay()  # [1, 1, D]: decayed, as the reference
     decay, no_decay = image.param_groups(0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     grouped = [id(p) for group in (decay, no_decay) for p in group["params"]]

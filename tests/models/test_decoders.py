@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2v2.models.blocks import init_bert_params
-from d2v2.models.decoders import Decoder1d, Decoder2d
+from d2v2.models.layers.blocks import init_bert_params
+from d2v2.models.layers.decoders import Decoder1d, Decoder2d
 from tests.helpers import assert_close
 
 

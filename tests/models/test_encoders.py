@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.encoders import (
+from d2v2.models.layers.encoders import (
     WAV2VEC2_CONV_LAYERS,
     AudioFeatureEncoder,
     ConvPositionalEncoder,

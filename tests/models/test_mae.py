@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from d2v2.models import build_method, count_parameters, method_config
-from d2v2.models.mae import MAE, MAE_RECIPES, mae_config, patchify
-from d2v2.models.masking import mask_to_ids
+from d2v2.models.mae import MAE, MAE_PRESETS, mae_config, patchify
+from d2v2.models.layers.masking import mask_to_ids
 from tests.helpers import assert_close
+from tests.models.fixtures import train_losses
 
 
 def tiny_mae(**overrides) -> MAE:
@@ -23,8 +24,8 @@ def reference_mae_loss(model: MAE, source: torch.Tensor, mask: torch.Tensor) -> 
     shuffled ids and ids_restore, on the model's weights."""
     enc, dec, cfg = model.encoder, model.decoder, model.cfg
     batch, num_patches = mask.shape
-    x = enc.local_encoder.proj(source).flatten(2).transpose(1, 2)  # [B, N, D]
-    x = x + enc.pos_embed[None]
+    x = enc.embed.local_encoder.proj(source).flatten(2).transpose(1, 2)  # [B, N, D]
+    x = x + enc.embed.pos_embed[None]
     # MAE's random_masking: kept ids first (here in a shuffled order), then the masked ones.
     noise = torch.rand(batch, num_patches) + 2.0 * mask.float()  # kept patches sort first
     ids_shuffle = noise.argsort(dim=1)
@@ -32,7 +33,7 @@ def reference_mae_loss(model: MAE, source: torch.Tensor, mask: torch.Tensor) -> 
     num_keep = int((~mask[0]).sum())
     ids_keep = ids_shuffle[:, :num_keep]
     x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-    x = torch.cat([enc.cls_token.expand(batch, -1, -1), x], dim=1)  # CLS + its zero position
+    x = torch.cat([enc.embed.cls_token.expand(batch, -1, -1), x], dim=1)  # CLS + its zero position
     for block in enc.blocks:
         x = block(x)[0]
     x = enc.norm(x)
@@ -95,14 +96,14 @@ def test_weight_decay_groups_and_init_follow_mae():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {"encoder.cls_token", "decoder.mask_token", "decoder.pred.weight"} <= decayed  # as add_weight_decay
+    assert {"encoder.embed.cls_token", "decoder.mask_token", "decoder.pred.weight"} <= decayed  # as add_weight_decay
     assert all(n.endswith(".bias") or ".norm" in n or n.endswith("norm.weight") for n in skipped)
     assert not any(n.endswith("pos_embed") for n in decayed | skipped)
     qkv = model.encoder.blocks[0].attn.qkv
     bound = (6 / (qkv.in_features + qkv.out_features)) ** 0.5  # xavier-uniform on the fused qkv
     assert qkv.weight.abs().max() <= bound and qkv.weight.abs().max() > 0.9 * bound and (qkv.bias == 0).all()
     assert (model.decoder.norm.weight == 1).all() and (model.decoder.norm.bias == 0).all()
-    assert model.encoder.cls_token.abs().max() < 0.2 and model.decoder.mask_token.abs().max() < 0.2
+    assert model.encoder.embed.cls_token.abs().max() < 0.2 and model.decoder.mask_token.abs().max() < 0.2
 
 
 def test_probe_features_are_the_unmasked_encoder_without_cls():
@@ -116,14 +117,7 @@ def test_probe_features_are_the_unmasked_encoder_without_cls():
 def test_loss_goes_down_on_a_fixed_batch():
     model = tiny_mae().train()
     batch = make_batch(model, batch_size=4)
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=2e-3, betas=(0.9, 0.95))
-    losses = []
-    for _ in range(15):
-        loss = model(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, steps=15, lr=2e-3, weight_decay=0.05, betas=(0.9, 0.95))
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
 
 
@@ -150,7 +144,7 @@ def test_base_model_runs_one_training_step_on_cpu():
 
 
 def test_config_checks_and_presets():
-    assert set(MAE_RECIPES) == {("image", "base"), ("image", "tiny")}
+    assert set(MAE_PRESETS) == {("image", "base"), ("image", "tiny")}
     tiny = mae_config("image", "tiny")
     assert (tiny.embed_dim, tiny.num_heads, tiny.depth, tiny.patch_size, tiny.image_size) == (64, 4, 3, 4, 32)
     with pytest.raises(ValueError, match="no MAE preset for text base"):

@@ -1,4 +1,4 @@
-"""Tests for d2v2.models.masking: exact counts, mask structure, randomness, mask_to_ids, bad input."""
+"""Tests for d2v2.models.layers.masking: exact counts, mask structure, randomness, mask_to_ids, bad input."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v2.models.masking import (
+from d2v2.models.layers.masking import (
     _block_union,
     _equalise,
     inverse_block_mask,

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from d2v2.models.quantizer import GumbelVectorQuantizer
+from d2v2.models.layers.quantizer import GumbelVectorQuantizer
 from tests.helpers import assert_close
 
 

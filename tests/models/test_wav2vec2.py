@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v2.models import build_method, count_parameters, method_config
-from d2v2.models.masking import mask_to_ids
+from d2v2.models.layers.masking import mask_to_ids
 from d2v2.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, contrastive_logits, sample_negatives, wav2vec2_config
 from tests.helpers import assert_close
 

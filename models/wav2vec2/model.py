@@ -1,6 +1,6 @@
 """wav2vec 2.0 (speech) as a d2v2 method: the contrastive baseline data2vec 2.0 compares against.
 
-One training step (``reference/data2vec2.md`` section 4.2; fairseq ``wav2vec2.py: Wav2Vec2Model``)::
+One training step (fairseq ``fairseq/models/wav2vec/wav2vec2.py: Wav2Vec2Model``)::
 
     f      = CNN(wave)                   [B, N, 512]  "default" mode; gradients into it x feature_grad_mult
     pen    = mean(f ** 2)                             the L2 feature penalty
@@ -43,17 +43,17 @@ from torch import nn
 
 from d2v2.kernels.gather_tokens import gather_tokens
 
-from .blocks import PostNormBlock, forward_blocks, init_bert_params
-from .encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
-from .masking import mask_to_ids, wav2vec_span_mask
-from .method import Method, check_mask
-from .modalities import modality_for
-from .quantizer import GumbelVectorQuantizer
-from .wav2vec2_config import WAV2VEC2_RECIPES, Wav2Vec2Config, wav2vec2_config
+from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
+from ..layers.encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
+from ..layers.masking import mask_to_ids, wav2vec_span_mask
+from ..layers.quantizer import GumbelVectorQuantizer
+from ..method import Method, check_mask
+from ..modalities import modality_for
+from .config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
 
 __all__ = [
-    "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_RECIPES", "sample_negatives",
-    "contrastive_logits", "grad_multiply",
+    "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_PRESETS", "sample_negatives",
+    "contrastive_logits", "grad_multiply", "standard_architecture",
 ]  # fmt: skip
 
 
@@ -293,3 +293,9 @@ def contrastive_logits(
     negative = negative.masked_fill(same, float("-inf"))
     return torch.cat([positive, negative], dim=-1) / logit_temp
 
+
+def standard_architecture(cfg: Wav2Vec2Config) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: HF's wav2vec 2.0, or (None, why not)."""
+    if cfg.norm_eps != 1e-5:
+        return None, f"norm_eps {cfg.norm_eps}: HF's feature projection LayerNorm shares it, d2v2's uses 1e-5"
+    return "wav2vec2", "wav2vec 2.0's encoder"

@@ -3,8 +3,8 @@
 Baevski, Hsu, Xu, Babu, Gu, Auli, "data2vec: A General Framework for Self-supervised Learning in
 Speech, Vision and Language", ICML 2022 (arXiv:2202.03555). Reference code: fairseq
 ``examples/data2vec/models/data2vec_audio.py``, ``data2vec_text.py``, ``data2vec_vision.py`` (the
-vision model is fairseq's re-implementation of ``facebookresearch/data2vec_vision``); every
-behaviour below follows ``reference/data2vec2.md`` section 2 (cited as "ref 2").
+vision model is fairseq's re-implementation of ``facebookresearch/data2vec_vision``), configured by
+``examples/data2vec/config/{audio,text,vision}/pretraining/*``; every behaviour below follows them.
 
 One training step (``Data2Vec1.forward``), B samples with one mask each:
 
@@ -21,7 +21,7 @@ Compared with data2vec 2.0 (``data2vec2``): the student runs on all N positions 
 (a learned mask vector where data2vec 2.0 drops the tokens), there is no decoder, and the teacher
 runs once per student pass instead of once per K.
 
-What the teacher is (ref 2, "teacher copy"), set by the config's ``teacher_omits`` / ``teacher_copies``:
+What the teacher is (``ema_transformer_only`` / ``skip_keys`` of the reference models), set by the config's ``teacher_omits`` / ``teacher_copies``:
     audio   the transformer only (``ema_transformer_only``): conv positions copied each step
             (``ema_layers_only``), input LayerNorm and blocks averaged; fed the student's CNN
             features before masking.
@@ -46,15 +46,19 @@ from torch import nn
 from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
-from .blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
-from .data2vec1_config import DATA2VEC1_RECIPES, Data2Vec1Config, data2vec1_config
-from .data2vec2 import Data2Vec2
-from .masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
-from .method import Method, check_mask
-from .modalities import Masker, Modality, modality_for
-from .teacher import ema_update, frozen_copy, weighted_std
+from ..data2vec2.model import Data2Vec2
+from ..layers.blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
+from ..layers.embeddings import embed_paths
+from ..layers.masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
+from ..layers.teacher import ema_update, frozen_copy, weighted_std
+from ..method import Method, check_mask
+from ..modalities import MaskFunction, Modality, modality_for
+from .config import DATA2VEC1_PRESETS, Data2Vec1Config, data2vec1_config
 
-__all__ = ["Data2Vec1", "Data2Vec1Encoder", "Data2Vec1Config", "data2vec1_config", "DATA2VEC1_RECIPES", "masker_for"]
+__all__ = [
+    "Data2Vec1", "Data2Vec1Encoder", "Data2Vec1Config", "data2vec1_config", "DATA2VEC1_PRESETS", "masker_for",
+    "standard_architecture",
+]  # fmt: skip
 
 _MASKERS = {
     "wav2vec_span": lambda cfg: partial(wav2vec_span_mask, mask_prob=cfg.mask_prob, span=cfg.mask_length,
@@ -65,7 +69,7 @@ _MASKERS = {
 }  # fmt: skip
 
 
-def masker_for(cfg: Data2Vec1Config) -> Masker:
+def masker_for(cfg: Data2Vec1Config) -> MaskFunction:
     """The config's mask algorithm as the modality's ``masker(rows, shape, generator=g)``."""
     return _MASKERS[cfg.masking](cfg)
 
@@ -73,8 +77,8 @@ def masker_for(cfg: Data2Vec1Config) -> Masker:
 class Data2Vec1Encoder(nn.Module):
     """Local encoder -> positions (+ CLS) -> [input LayerNorm, dropout] -> blocks -> [final LayerNorm].
 
-    Roles: ``local_encoder`` and the positional parts (``pos_conv`` for audio; ``pos_embed``,
-    ``cls_token`` for images) are built by the modality; ``input_norm`` / ``input_dropout`` are
+    Roles: ``embed`` (the modality's embedding module: ``local_encoder`` and the positional parts,
+    ``pos_conv`` for audio, ``pos_embed`` and ``cls_token`` for images; see ``embeddings``); ``input_norm`` / ``input_dropout`` are
     wav2vec 2.0's encoder LayerNorm and dropout (audio; identities otherwise); ``blocks`` are
     post-norm (audio, text) or BEiT's pre-norm blocks with layer-scale, then ``norm`` (vision).
     Teacher copies set the parts they do not own to None.
@@ -91,7 +95,7 @@ class Data2Vec1Encoder(nn.Module):
         self.collect = "block" if cfg.end_of_block_targets else "ffn"
         self.impl = cfg.impl
         dim = cfg.embed_dim
-        modality.build_embedding(self)  # local_encoder and the positional parts (None where absent)
+        self.embed = modality.build_embed(cfg)
         self.input_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.input_norm else nn.Identity()
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -108,12 +112,12 @@ class Data2Vec1Encoder(nn.Module):
 
     def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """source -> (features [B, N, D], token padding mask [B, N] or None)."""
-        return self.modality.local_features(self, source, padding_mask)
+        return self.embed.local_features(source, padding_mask)
 
     def contextualize(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Features [B, N, D] -> (tokens [B, extra + N, D] for the blocks, their attention context)."""
-        x, positions = self.modality.embed(self, feats)
-        context = {"positions": positions, "alibi_slopes": self.modality.alibi(self), "key_padding_mask": padding_mask}
+        x, positions = self.embed(feats)
+        context = {"positions": positions, "alibi_slopes": self.embed.alibi(), "key_padding_mask": padding_mask}
         return self.input_dropout(self.input_norm(x)), context
 
     def run_blocks(self, x: torch.Tensor, context: dict, collect_top: int = 0) -> tuple[torch.Tensor, list]:
@@ -140,6 +144,8 @@ class Data2Vec1(Method):
     Args:
         cfg: the model config (``data2vec1_config(modality, size)`` for a released preset).
     """
+
+    embedded_encoders = ("encoder.", "teacher.")
 
     def __init__(self, cfg: Data2Vec1Config):
         super().__init__()
@@ -176,14 +182,14 @@ class Data2Vec1(Method):
             elif cfg.mask_fill == "normal":
                 nn.init.trunc_normal_(self.mask_emb, std=0.02)
             if cfg.layer_norm_first:
-                if self.encoder.cls_token is not None:
-                    nn.init.trunc_normal_(self.encoder.cls_token, std=0.02)
+                if getattr(self.encoder.embed, "cls_token", None) is not None:
+                    nn.init.trunc_normal_(self.encoder.embed.cls_token, std=0.02)
                 for layer, block in enumerate(self.encoder.blocks, start=1):
                     block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                     block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
     def _make_teacher(self) -> Data2Vec1Encoder:
-        return frozen_copy(self.encoder, omit=self.cfg.teacher_omits)
+        return frozen_copy(self.encoder, omit=embed_paths(self.cfg.teacher_omits))
 
     def reset_teacher(self) -> None:
         """Make the teacher a fresh copy of the student (e.g. after loading student weights)."""
@@ -246,7 +252,7 @@ class Data2Vec1(Method):
             padding_mask: token padding [B, N] or None.
         """
         cfg = self.cfg
-        if self.teacher.local_encoder is not None:
+        if self.teacher.embed.local_encoder is not None:
             feats, padding_mask = self.teacher.local_features(source, padding_mask)
         x, context = self.teacher.contextualize(feats, padding_mask)
         _, layers = self.teacher.run_blocks(x, context, collect_top=cfg.average_top_k_layers)
@@ -270,14 +276,14 @@ class Data2Vec1(Method):
         self.num_updates = step
         decay = self.ema_decay(step)
         if decay < 1.0:
-            ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl, copy=self.cfg.teacher_copies)
+            ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl, copy=embed_paths(self.cfg.teacher_copies))
 
     # -- features, optimizer ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def probe_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's final outputs on the unmasked input, [B, N, D] (CLS left out)."""
-        owner = self.encoder if self.teacher.local_encoder is None else self.teacher
+        owner = self.encoder if self.teacher.embed.local_encoder is None else self.teacher
         feats, padding_mask = owner.local_features(source, padding_mask)
         x, context = self.teacher.contextualize(feats, padding_mask)
         return self.teacher.run_blocks(x, context)[0][:, self.cfg.num_extra_tokens :]
@@ -290,3 +296,18 @@ class Data2Vec1(Method):
             for name, p in self.named_parameters()
             if not name.startswith("teacher.") and (p.dim() <= 1 or name.endswith((".bias", "pos_embed")))
         }
+
+
+def standard_architecture(cfg: Data2Vec1Config) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export (a name of ``engine.interop.standard_targets``),
+    or (None, why not)."""
+    if cfg.modality == "text":
+        return "data2vec-text", "RoBERTa's encoder"
+    if cfg.modality == "audio":
+        if cfg.layer_norm_first or not cfg.input_norm or cfg.alibi or cfg.norm_eps != 1e-5:
+            return None, ("its config leaves data2vec 1.0 audio's architecture (pre-norm, no input LayerNorm, "
+                          "ALiBi or norm_eps != 1e-5)")  # fmt: skip
+        return "data2vec-audio", "wav2vec 2.0's encoder with 5 conv position layers"
+    if not cfg.layer_norm_first:
+        return None, "post-norm vision blocks (layer_norm_first false) have no BEiT counterpart"
+    return "data2vec-vision", "BEiT's pre-norm layer-scale blocks with absolute positions"

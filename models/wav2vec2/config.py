@@ -2,9 +2,9 @@
 
 ``wav2vec2_config(modality, size, **overrides)`` gives a preset's model config. Width, heads and
 depth come from ``sizes.ENCODER_SIZES`` (wav2vec 2.0 has no prenet: ``total_depth`` blocks, so it
-compares with data2vec 2.0 at equal size); the rest from ``WAV2VEC2_RECIPES``. The base preset is
+compares with data2vec 2.0 at equal size); the rest from ``WAV2VEC2_PRESETS``. The base preset is
 fairseq's ``examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml`` on the
-``Wav2Vec2Config`` defaults (``reference/data2vec2.md`` section 4.2).
+``Wav2Vec2Config`` defaults (``fairseq/models/wav2vec/wav2vec2.py``).
 """
 
 from __future__ import annotations
@@ -12,44 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config_checks import ConfigChecker
-from .encoders import WAV2VEC2_CONV_LAYERS
-from .modalities import AudioModality
-from .sizes import plain_preset
+from ..config import ConfigChecker, Dropouts, EncoderConfig, build_preset
+from ..layers.encoders import WAV2VEC2_CONV_LAYERS
 
-__all__ = ["Wav2Vec2Config", "WAV2VEC2_RECIPES", "wav2vec2_config"]
+__all__ = ["Wav2Vec2Config", "WAV2VEC2_PRESETS", "wav2vec2_config"]
 
 
 @dataclass(kw_only=True, slots=True)
-class Wav2Vec2Config:
+class Wav2Vec2Config(Dropouts, EncoderConfig):
     """Everything that defines a wav2vec 2.0 model and its contrastive objective (speech only).
 
-    Build one with ``wav2vec2_config("audio", size, **overrides)``; the defaults are wav2vec 2.0 base's.
+    Build one with ``wav2vec2_config("audio", size, **overrides)``: post-norm blocks (``depth`` = the
+    size table's total_depth); the shared fields are documented where ``config`` declares them
+    (wav2vec 2.0's ``dropout`` is ``encoder_dropout``), the defaults below are wav2vec 2.0 base's and
+    the presets hold its dropouts (0.1) and LayerDrop (0.05).
     """
 
-    modality: Literal["audio"] = "audio"
-    """Input modality: only "audio" (source [B, T] waveforms at 16 kHz)."""
-
-    # -- transformer ----------------------------------------------------------------------------------
-    embed_dim: int = 768
-    """Model width D."""
-    num_heads: int = 12
-    """Attention heads; embed_dim must be divisible by it."""
-    mlp_ratio: float = 4.0
-    """FFN hidden width as a multiple of D (3072 for base)."""
-    depth: int = 12
-    """Post-norm transformer blocks (the size table's prenet + shared depth)."""
-    norm_eps: float = 1e-5
-    """LayerNorm epsilon of the blocks and the encoder's input norm."""
-    encoder_dropout: float = 0.1
-    """fairseq's ``dropout``: after the positional LayerNorm, after each attention output and on each
-    FFN output before its residual add."""
-    attention_dropout: float = 0.1
-    """Dropout on the attention probabilities."""
-    activation_dropout: float = 0.0
-    """Dropout inside the FFN after GELU (and after fc2)."""
-    layerdrop: float = 0.05
-    """Probability of skipping each block in a training step."""
+    modalities = ("audio",)  # a speech method
 
     # -- feature encoder ------------------------------------------------------------------------------
     conv_feature_layers: tuple[tuple[int, int, int], ...] = WAV2VEC2_CONV_LAYERS
@@ -105,61 +84,44 @@ class Wav2Vec2Config:
     logit_temp: float = 0.1
     """kappa: cosine similarities are divided by it."""
 
-    # -- kernels --------------------------------------------------------------------------------------
-    impl: Literal["auto", "triton", "torch"] = "auto"
-    """Kernel implementation for every d2v2.kernels op: "auto" (Triton on CUDA), "triton" or "torch"."""
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-
-
-def _check_config(cfg: Wav2Vec2Config) -> None:
-    """Raise ValueError naming the field and the fix for every bad value or combination."""
-    check = ConfigChecker(cfg)
-    if cfg.modality != "audio":
-        check.fail("modality", f"must be 'audio' (wav2vec 2.0 is a speech method), got {cfg.modality!r}",
-                   "use model.modality=audio")  # fmt: skip
-    check.choice("extractor_mode", ("default", "layer_norm"))
-    check.choice("impl", ("auto", "triton", "torch"))
-    for name in ("embed_dim", "num_heads", "depth", "conv_pos_kernel", "conv_pos_groups", "mask_length",
-                 "latent_vars", "latent_groups", "latent_dim", "final_dim", "num_negatives"):  # fmt: skip
-        check.int(name, 1)
-    check.int("mask_min_spans", 0)
-    for name in ("encoder_dropout", "attention_dropout", "activation_dropout", "layerdrop", "dropout_input",
-                 "dropout_features", "mask_prob"):  # fmt: skip
-        check.fraction(name)
-    for name in ("mlp_ratio", "norm_eps", "logit_temp", "max_temp", "min_temp", "mask_prob", "temp_decay"):
-        check.positive(name)
-    for name in ("feature_grad_mult", "feature_penalty", "diversity_weight"):
-        check.nonnegative(name)
-    if cfg.temp_decay > 1:
-        check.fail("temp_decay", f"must be at most 1 (1 keeps max_temp), got {cfg.temp_decay}", "use e.g. 0.999995")
-    if cfg.min_temp > cfg.max_temp:
-        check.fail("min_temp", f"({cfg.min_temp}) cannot exceed max_temp ({cfg.max_temp})", "swap them")
-    if cfg.embed_dim % cfg.num_heads != 0:
-        check.fail("embed_dim", f"({cfg.embed_dim}) must be divisible by num_heads ({cfg.num_heads})", "change either")
-    if cfg.embed_dim % cfg.conv_pos_groups != 0:
-        check.fail("conv_pos_groups", f"({cfg.conv_pos_groups}) must divide embed_dim ({cfg.embed_dim})",
-                   "change conv_pos_groups")  # fmt: skip
-    if cfg.latent_dim % cfg.latent_groups != 0:
-        check.fail("latent_dim", f"({cfg.latent_dim}) must be divisible by latent_groups ({cfg.latent_groups})",
-                   "change either")  # fmt: skip
-    AudioModality.check_conv_feature_layers(cfg, check.fail)
+    def _check_fields(self, check: ConfigChecker) -> None:
+        """Raise ValueError naming the field and the fix for every bad value or combination."""
+        check.choice("extractor_mode", ("default", "layer_norm"))
+        for name in ("conv_pos_kernel", "conv_pos_groups", "mask_length", "latent_vars", "latent_groups", "latent_dim",
+                     "final_dim", "num_negatives"):  # fmt: skip
+            check.int(name, 1)
+        check.int("mask_min_spans", 0)
+        for name in ("dropout_input", "dropout_features", "mask_prob"):
+            check.fraction(name)
+        for name in ("logit_temp", "max_temp", "min_temp", "mask_prob", "temp_decay"):
+            check.positive(name)
+        for name in ("feature_grad_mult", "feature_penalty", "diversity_weight"):
+            check.nonnegative(name)
+        if self.temp_decay > 1:
+            check.fail("temp_decay", f"must be at most 1 (1 keeps max_temp), got {self.temp_decay}", "use e.g. 0.999995")
+        if self.min_temp > self.max_temp:
+            check.fail("min_temp", f"({self.min_temp}) cannot exceed max_temp ({self.max_temp})", "swap them")
+        if self.latent_dim % self.latent_groups != 0:
+            check.fail("latent_dim", f"({self.latent_dim}) must be divisible by latent_groups ({self.latent_groups})",
+                       "change either")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------------------------------
 
-WAV2VEC2_RECIPES: dict[tuple[str, str], dict] = {
+_BASE = dict(encoder_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.05)
+
+WAV2VEC2_PRESETS: dict[tuple[str, str], dict] = {
     # wav2vec2_base_librispeech: the Wav2Vec2Config defaults with final_dim 256, quantised targets,
     # layerdrop 0.05, dropout_input/dropout_features 0.1, feature_grad_mult 0.1.
-    ("audio", "base"): dict(),
+    ("audio", "base"): dict(_BASE),
     # CPU size, the width/depth of data2vec 2.0's audio tiny (64 wide, 4 heads, 1 + 2 = 3 blocks) and
     # its 64-channel CNN; the codebook, the contrastive space and the negatives scaled down with the
     # width (2 x 32 codes of 16, final_dim 32, 10 distractors); the temperature reaches its floor in
     # about 140 updates, as base reaches it at ~70 % of its 400k (the tiny recipe runs 200).
     ("audio", "tiny"): dict(
+        _BASE,
         conv_feature_layers=((64, 10, 5),) + ((64, 3, 2),) * 4 + ((64, 2, 2),) * 2,
         latent_vars=32, latent_dim=32, final_dim=32, num_negatives=10, temp_decay=0.99,
     ),
@@ -168,4 +130,4 @@ WAV2VEC2_RECIPES: dict[tuple[str, str], dict] = {
 
 def wav2vec2_config(modality: str, size: str, **overrides) -> Wav2Vec2Config:
     """The preset ``(modality, size)``'s model config, with ``overrides`` applied (any field)."""
-    return plain_preset(Wav2Vec2Config, WAV2VEC2_RECIPES, "wav2vec 2.0", modality, size, **overrides)
+    return build_preset(Wav2Vec2Config, WAV2VEC2_PRESETS, "wav2vec 2.0", modality, size, overrides)

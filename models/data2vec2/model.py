@@ -3,8 +3,8 @@
 Baevski, Babu, Hsu, Auli, "Efficient Self-supervised Learning with Contextualized Target
 Representations for Vision, Speech and Language", ICML 2023 (arXiv:2212.07525). Reference code:
 fairseq ``examples/data2vec/models/data2vec2.py: Data2VecMultiModel`` and
-``examples/data2vec/models/modalities/*``; every behaviour and number below follows
-``reference/data2vec2.md`` sections 1.1-1.14 (cited as "ref 1.x").
+``examples/data2vec/models/modalities/*``, configured by ``examples/data2vec/config/v2/*``; every
+behaviour and number below follows them ("quirk" marks a reference behaviour kept as it is).
 
 One training step (``Data2Vec2.forward``), B samples with K masks (clones) each:
 
@@ -20,17 +20,17 @@ One training step (``Data2Vec2.forward``), B samples with K masks (clones) each:
 Targets are built for the B samples and indexed per clone (row r uses sample r // K); they are never
 repeated K times. The student never sees a masked token: attention runs on k << N tokens.
 
-What the teacher is (ref 1.6):
+What the teacher is (``Data2VecMultiModel.make_ema_teacher``, ``ema_encoder_only``):
     images  a full EMA copy of the encoder: patch embedding, CLS, fixed positions, prenet, blocks; it
             embeds the raw image itself.
     audio   an EMA copy without the CNN: conv positional encoder, prenet, ALiBi scales, blocks; it is
             fed the student's CNN features (computed once, detached).
     text    only the shared blocks, fed the student's embedding output (which, as in the reference,
-            has the training-mode embedding dropout applied: quirk 1.14.3).
+            has the training-mode embedding dropout applied: a quirk kept).
 
-The CLS loss (images, weight 0.01, ref 1.4). The reference multiplies the per-row CLS error by the
+The CLS loss (images, weight 0.01, ``cls_loss`` in ``Data2VecMultiModel.forward``). The reference multiplies the per-row CLS error by the
 number of masked positions before its criterion sums all terms and divides by that number, so the
-CLS term ends up *summed* over the B*K rows of a device (quirk 1.14.6). Our loss is normalised by
+CLS term ends up *summed* over the B*K rows of a device (a quirk kept). Our loss is normalised by
 the number of masked positions, so we write the same quantity directly:
 
     loss = mean over masked (r, n) of sum_d (pred - target)^2 * s
@@ -45,9 +45,9 @@ batch B*K, as in the reference.
 Deliberate differences from the reference, all documented where they live:
     - masks arrive with the batch (the reference also precomputes image/audio masks in the loader;
       text masks are made there too instead of on the GPU from hashed ids);
-    - no fp16 teacher copy (quirk 1.14.5): the teacher stays fp32 and autocast runs its matmuls in
+    - no fp16 teacher copy (the reference keeps an fp16 EMA teacher under fp16 training): the teacher stays fp32 and autocast runs its matmuls in
       bf16; the EMA is fp32 arithmetic, as the reference's fp32 master copy;
-    - drop path, 0 in every recipe, is spaced linearly over prenet + shared blocks.
+    - drop path, 0 in every preset, is spaced linearly over prenet + shared blocks.
 """
 
 from __future__ import annotations
@@ -60,16 +60,20 @@ import torch.nn.functional as F
 from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
-from .blocks import init_bert_params
-from .data2vec2_config import DATA2VEC2_RECIPES, Data2Vec2Config, data2vec2_config
-from .data2vec2_encoder import Data2Vec2Encoder
-from .method import Method, batch_masks
-from .modalities import modality_for
-from .teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
+from ..layers.blocks import init_bert_params
+from ..layers.teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
+from ..method import Method, batch_masks
+from ..modalities import modality_for
+from .config import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
+from .encoder import Data2Vec2Encoder
 
-__all__ = ["Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_RECIPES"]
+__all__ = [
+    "Data2Vec2", "Data2Vec2Config", "Data2Vec2Encoder", "data2vec2_config", "DATA2VEC2_PRESETS",
+    "standard_architecture",
+]  # fmt: skip
 
-# The reference checks for collapsed variances only after this many updates (ref 1.2 item 11).
+# The reference checks for collapsed variances only after this many updates (``min_target_var``
+# in ``Data2VecMultiModel.forward``).
 VARIANCE_CHECK_AFTER = 5000
 
 
@@ -95,8 +99,10 @@ class Data2Vec2(Method):
     ``param_groups(weight_decay)``, which lists only the student's trainable parameters.
 
     Args:
-        cfg: the model config (``data2vec2_config(modality, size)`` for a released recipe).
+        cfg: the model config (``data2vec2_config(modality, size)`` for a released preset).
     """
+
+    embedded_encoders = ("encoder.", "teacher.")
 
     def __init__(self, cfg: Data2Vec2Config):
         super().__init__()
@@ -113,7 +119,7 @@ class Data2Vec2(Method):
     def init_weights(self) -> None:
         """The reference's init: BERT init (N(0, 0.02) Linear/Embedding, zero biases) over the student,
         then PyTorch's default init again for the decoder head (images, audio) and the audio feature
-        projection (ref 1.5, 1.10). Convolutions, the CLS token and the ALiBi scales keep their own."""
+        projection (``Data2VecMultiModel.__init__``, ``modalities/modules.py: Decoder1d``). Convolutions, the CLS token and the ALiBi scales keep their own."""
         self.encoder.apply(init_bert_params)
         self.decoder.apply(init_bert_params)
         self.modality.reset_init(self.encoder, self.decoder)
@@ -142,13 +148,13 @@ class Data2Vec2(Method):
 
         Returns a dict: ``loss`` (scalar fp32, differentiable), ``loss_regression`` and, for images,
         ``loss_cls`` (detached), ``target_var`` and ``pred_var`` (detached 0-dim tensors: mean over
-        channels of the per-channel std over all masked tokens, ref 1.2 item 11), ``ema_decay``
+        channels of the per-channel std over all masked tokens, as the reference's ``compute_var``), ``ema_decay``
         (float, the decay at the last ``after_step``, as the reference logs it) and ``sample_size``
         (int, masked positions).
         Logged values are tensors, so reading them is the caller's (one) sync.
         """
         cfg = self.cfg
-        clones = cfg.clone_batch
+        clones = self.modality.clones  # K: the loader's masks come from the same object
         source = batch["source"]
         feats, padding_mask = self.encoder.local_features(source, batch.get("padding_mask"))
         batch_size, length, dim = feats.shape
@@ -191,7 +197,7 @@ class Data2Vec2(Method):
     def teacher_targets(
         self, source: torch.Tensor, feats: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Regression targets [B, N, D] fp32 from the teacher's top-k FFN outputs (ref 1.3).
+        """Regression targets [B, N, D] fp32 from the teacher's top-k FFN outputs (``Data2VecMultiModel.make_targets``).
 
         Args:
             source: the batch's source (the image teacher embeds it itself).
@@ -240,7 +246,7 @@ class Data2Vec2(Method):
             ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl)
 
     def health(self, step: int, metrics: dict) -> str | None:
-        """Why training must stop (ref 1.2 item 11: after 5,000 updates, target std < min_target_var or
+        """Why training must stop (the reference's ``min_target_var`` / ``min_pred_var``: after 5,000 updates, target std < min_target_var or
         prediction std < min_pred_var), or None. Called on logging steps with the logged values."""
         if step <= VARIANCE_CHECK_AFTER:
             return None
@@ -273,3 +279,15 @@ class Data2Vec2(Method):
             if param.dim() <= 1 or name.endswith(".bias") or "alibi_scale" in name or name.endswith("pos_embed"):
                 names.add(name)
         return names
+
+
+def standard_architecture(cfg: Data2Vec2Config) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export (a name of ``engine.interop.standard_targets``),
+    or (None, why not)."""
+    if cfg.modality == "text":
+        if cfg.prenet_depth > 0:
+            return None, "its prenet (a LayerNorm and blocks after the embedding LayerNorm) has no RoBERTa counterpart"
+        return "data2vec-text", "no prenet: RoBERTa's encoder"
+    if cfg.modality == "image":
+        return None, "its blocks are post-norm after a LayerNorm on the embeddings; timm's and HF's ViTs are pre-norm"
+    return None, "its attention has a learned-scale ALiBi bias, which no HF or timm audio model has"

@@ -12,7 +12,7 @@ masks each, call with ``batch = B * K`` (or once per sample with ``batch = K`` a
 
 The algorithms follow the reference (data2vec 2.0, Baevski et al. 2022, arXiv:2212.07525; fairseq
 ``data_utils.compute_block_mask_2d`` / ``compute_block_mask_1d`` and ``modalities/base.random_masking``;
-see ``reference/data2vec2.md`` section 1.7):
+fairseq ``examples/data2vec/data/modality.py`` and ``modalities/base.py: compute_mask``):
 
 - ``inverse_block_mask``: pick ``floor(L * (p + adjust) / block**2)`` block centres with replacement
   (p = 1 - mask_ratio, the kept fraction), select a ``block x block`` square around each, clamped to the

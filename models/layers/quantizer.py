@@ -22,7 +22,7 @@ relies on it when it masks out distractors identical to the positive).
 
 References: wav2vec 2.0 (Baevski et al., NeurIPS 2020), fairseq
 ``fairseq/modules/gumbel_vector_quantizer.py`` (``combine_groups=False``, one projection layer);
-Gumbel-softmax (Jang et al., ICLR 2017). See ``reference/data2vec2.md`` section 4.2.
+Gumbel-softmax (Jang et al., ICLR 2017). fairseq ``fairseq/modules/gumbel_vector_quantizer.py``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 He, Chen, Xie, Li, Dollár, Girshick, "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022
 (arXiv:2111.06377). Reference code: ``facebookresearch/mae: models_mae.py`` (``MaskedAutoencoderViT``)
-and ``main_pretrain.py``; the step below is ``reference/data2vec2.md`` section 4.1.
+and ``main_pretrain.py``; the step below follows ``models_mae.py: MaskedAutoencoderViT.forward``.
 
 One training step (``MAE.forward``), B images, one mask each (25 % of the N patches kept):
 
@@ -35,15 +35,15 @@ from torch import nn
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 from d2v2.kernels.scatter_tokens import scatter_tokens
 
-from .blocks import PreNormBlock, forward_blocks
-from .encoders import sincos_pos_embed_2d
-from .mae_config import MAE_RECIPES, MAEConfig, mae_config
-from .masking import random_mask
-from .method import Method, batch_masks
-from .modalities import Modality, modality_for
+from ..layers.blocks import PreNormBlock, forward_blocks
+from ..layers.encoders import sincos_pos_embed_2d
+from ..layers.masking import random_mask
+from ..method import Method, batch_masks
+from ..modalities import Modality, modality_for
+from .config import MAE_PRESETS, MAEConfig, mae_config
 
-__all__ = ["MAE", "MAEConfig", "MAEEncoder", "MAEDecoder", "mae_config", "MAE_RECIPES", "grid_random_mask",
-           "patchify", "init_mae_params"]  # fmt: skip
+__all__ = ["MAE", "MAEConfig", "MAEEncoder", "MAEDecoder", "mae_config", "MAE_PRESETS", "grid_random_mask",
+           "patchify", "init_mae_params", "standard_architecture"]  # fmt: skip
 
 
 def grid_random_mask(rows: int, grid: tuple[int, int], mask_ratio: float, generator=None) -> torch.Tensor:
@@ -79,8 +79,8 @@ class MAEEncoder(nn.Module):
     """The ViT encoder: patch embedding + fixed sin-cos positions (``ImageModality``), CLS, pre-norm
     blocks, final LayerNorm; on the kept patches in training, on all of them for probes and export.
 
-    Roles: ``local_encoder`` (``PatchEmbed``), ``pos_embed`` (fixed [N, D]), ``cls_token`` [1, 1, D],
-    ``blocks``, ``norm``.
+    Roles: ``embed`` (``ImageEmbed``: ``local_encoder``, ``pos_embed`` fixed [N, D], ``cls_token``
+    [1, 1, D]), ``blocks``, ``norm``.
 
     Args:
         cfg: the model config (``MAEConfig``).
@@ -91,7 +91,7 @@ class MAEEncoder(nn.Module):
         super().__init__()
         self.modality = modality
         self.impl = cfg.impl
-        modality.build_embedding(self)  # local_encoder, pos_embed, cls_token
+        self.embed = modality.build_embed(cfg)  # local_encoder, pos_embed, cls_token
         self.blocks = nn.ModuleList(
             PreNormBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, impl=cfg.impl)
             for _ in range(cfg.depth)
@@ -101,13 +101,13 @@ class MAEEncoder(nn.Module):
     def encode(self, feats: torch.Tensor, ids_keep: torch.Tensor | None = None, check_ids: bool = True) -> torch.Tensor:
         """Patch features [B, N, D] -> [B, 1 + k, D] (CLS first): the kept patches of ``ids_keep``
         [B, k], or all N without it."""
-        x, _ = self.modality.embed(self, feats, ids_keep=ids_keep, check_ids=check_ids)
+        x, _ = self.embed(feats, ids_keep=ids_keep, check_ids=check_ids)
         x, _ = forward_blocks(self.blocks, x)
         return self.norm(x)
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The unmasked encoder: images -> [B, 1 + N, D] (CLS first). For probes and export."""
-        feats, _ = self.modality.local_features(self, source)
+        feats, _ = self.embed.local_features(source)
         return self.encode(feats)
 
 
@@ -158,6 +158,8 @@ class MAE(Method):
         cfg: the model config (``mae_config("image", size)`` for a preset).
     """
 
+    embedded_encoders = ("encoder.",)
+
     def __init__(self, cfg: MAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -172,7 +174,7 @@ class MAE(Method):
         N(0, 0.02); the sin-cos tables are fixed."""
         self.apply(init_mae_params)
         with torch.no_grad():
-            nn.init.normal_(self.encoder.cls_token, std=0.02)
+            nn.init.normal_(self.encoder.embed.cls_token, std=0.02)
             nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def forward(self, batch: dict) -> dict:
@@ -180,7 +182,7 @@ class MAE(Method):
         (masked patches); no host sync."""
         cfg = self.cfg
         source = batch["source"]
-        feats, _ = self.modality.local_features(self.encoder, source)  # [B, N, D]
+        feats, _ = self.encoder.embed.local_features(source)  # [B, N, D]
         batch_size, num_patches, _ = feats.shape
         # batch_masks validated ids_keep: the kernels skip their range checks (host syncs).
         mask, ids_keep = batch_masks(batch, batch_size, 1, num_patches, feats.device)
@@ -201,3 +203,9 @@ class MAE(Method):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
+
+def standard_architecture(cfg: MAEConfig) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: timm's ViT, or (None, why not)."""
+    if cfg.norm_eps != 1e-6:
+        return None, f"norm_eps {cfg.norm_eps}: timm's ViT uses 1e-6"
+    return "timm-vit", "a pre-norm ViT"

@@ -33,14 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import PostNormBlock, forward_blocks, init_bert_params
-from .encoders import TokenEmbedding
-from .masking import random_mask
-from .method import Method, batch_masks
-from .mlm_config import MLM_RECIPES, MLMConfig, mlm_config
-from .modalities import Modality, modality_for
+from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
+from ..layers.encoders import TokenEmbedding
+from ..layers.masking import random_mask
+from ..method import Method, batch_masks
+from ..modalities import Modality, modality_for
+from .config import MLM_PRESETS, MLMConfig, mlm_config
 
-__all__ = ["MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_RECIPES", "corrupt_tokens"]
+__all__ = [
+    "MLM", "MLMConfig", "MLMEncoder", "LMHead", "mlm_config", "MLM_PRESETS", "corrupt_tokens",
+    "standard_architecture",
+]  # fmt: skip
 
 
 class MLMEncoder(nn.Module):
@@ -68,7 +71,7 @@ class MLMEncoder(nn.Module):
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, L] (and padding [B, L], True = padding) -> [B, L, D]."""
-        x, padding_mask = self.modality.local_features(self, source, padding_mask)
+        x = self.local_encoder(source, padding_mask)
         return forward_blocks(self.blocks, x, key_padding_mask=padding_mask, layerdrop=self.layerdrop)[0]
 
 
@@ -185,3 +188,8 @@ class MLM(Method):
         sample_size = weights.sum()
         loss = (nll * weights.flatten()).sum() / sample_size.clamp_min(1.0)
         return {"loss": loss, "sample_size": sample_size.detach()}
+
+
+def standard_architecture(cfg: MLMConfig) -> tuple[str | None, str]:
+    """The standard class this encoder is, for export: RoBERTa's."""
+    return "roberta", "RoBERTa's encoder"

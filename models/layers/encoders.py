@@ -13,7 +13,7 @@ References: data2vec 2.0 (Baevski et al., ICML 2023, arXiv:2212.07525), fairseq
 ``examples/data2vec/models/modalities/{images,audio,text,base}.py``; wav2vec 2.0 (Baevski et al.,
 NeurIPS 2020) ``fairseq/models/wav2vec/wav2vec2.py: ConvFeatureExtractionModel``; MAE (He et al.,
 CVPR 2022) for the sin-cos table layout; ALiBi (Press et al., ICLR 2022) for the slopes.
-See ``reference/data2vec2.md`` sections 1.8 and 1.9.
+fairseq ``examples/data2vec/models/modalities/{images,audio,text}.py`` build the same parts.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class PatchEmbed(nn.Module):
 
     Args:
         image_size: input side in pixels (square images; must be a multiple of patch_size).
-        patch_size: patch side (16, or 14 for the huge recipe).
+        patch_size: patch side (16, or 14 for the huge preset).
         in_chans: input channels.
         embed_dim: output width D.
 
@@ -322,7 +322,7 @@ class TokenEmbedding(nn.Module):
         max_positions: longest sequence (512).
         padding_idx: id of the padding token (its embedding row stays zero; fairseq's pad is 1).
         norm_eps: LayerNorm epsilon.
-        dropout: embedding dropout (0.1 in the text recipes).
+        dropout: embedding dropout (0.1 in the text presets).
 
     Positions are padding-aware as fairseq's: a token's position counts the non-padding tokens before
     it, and padding tokens get no positional embedding.

@@ -60,10 +60,12 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
-    """A deep copy of ``module`` without the submodules named in ``omit``, never trained, in eval mode."""
+    """A deep copy of ``module`` without the submodules named in ``omit`` (dotted paths, e.g.
+    ``embed.local_encoder``), never trained, in eval mode."""
     teacher = copy_module.deepcopy(module)
-    for name in omit:
-        setattr(teacher, name, None)
+    for path in omit:
+        parent, _, name = path.rpartition(".")
+        setattr(teacher.get_submodule(parent), name, None)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -71,7 +73,7 @@ def frozen_copy(module: nn.Module, omit: tuple[str, ...] = ()) -> nn.Module:
 def weighted_std(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over channels of the per-channel std of ``values`` [R, N, D] over the positions, each
     counted ``weights`` [R, N] times (a bool mask, or clone counts): data2vec's representation-collapse
-    statistic (ref 1.2 item 11). Weights, not a boolean index, so that it makes no host sync."""
+    statistic (fairseq ``data2vec2.py: compute_var``). Weights, not a boolean index, so that it makes no host sync."""
     weights = weights.to(torch.float32)
     values = values.detach().float()
     count = weights.sum()

@@ -15,7 +15,7 @@ Projection heads: ``Decoder2d`` always ends in one Linear(C -> D). ``Decoder1d``
 ``projection_layers = P`` has P - 1 [Linear + GELU] layers, the first widening by
 ``projection_ratio``, then a Linear to D (text: Linear(768 -> 1536) + GELU + Linear(1536 -> D)).
 
-Every released configuration (reference/data2vec2.md section 1.5):
+Every released configuration (fairseq ``examples/data2vec/config/v2/*``):
 
     images base   2-D  C 768,  k 3, 6 layers, groups 16, residual, Linear 768 -> 768
     images large  2-D  C 1024, k 5, 3 layers, groups 16, residual, Linear 1024 -> 1024

@@ -15,7 +15,7 @@ Post-norm block (fairseq ``examples/data2vec/models/modalities/modules.py: AltBl
     return x, t
 
 Pre-norm block (the ViT/MAE block; the reference's pre-norm branch drops the input residual of the
-FFN, quirk 1.14.1 of ``reference/data2vec2.md``, which we do not copy), optionally with BEiT's
+FFN, a quirk of the reference, which we do not copy), optionally with BEiT's
 layer-scale (CaiT; per-channel gammas g1, g2 initialised to ``layer_scale_init``, as data2vec 1.0's
 vision blocks)::
 
@@ -164,7 +164,7 @@ class _Block(nn.Module):
             dim: model width D.
             num_heads: attention heads.
             mlp_ratio: FFN hidden width as a multiple of D.
-            norm_eps: LayerNorm epsilon (1e-6 for the image recipes, 1e-5 otherwise).
+            norm_eps: LayerNorm epsilon (1e-6 for the image presets, 1e-5 otherwise).
             encoder_dropout: dropout after the attention output projection.
             attention_dropout: dropout on the attention probabilities.
             activation_dropout: dropout inside the FFN (after GELU and after fc2).

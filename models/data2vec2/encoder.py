@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import PostNormBlock, forward_blocks
-from .modalities import Modality
+from ..layers.blocks import PostNormBlock, forward_blocks
+from ..modalities import Modality
 
 __all__ = ["Data2Vec2Encoder"]
 
@@ -22,11 +22,9 @@ class Data2Vec2Encoder(nn.Module):
 
     Roles (``ModalitySpecificEncoder`` + ``Data2VecMultiModel.blocks`` of the reference):
 
-    - ``local_encoder``: ``PatchEmbed`` / ``AudioFeatureEncoder`` / ``TokenEmbedding``;
-    - images: ``pos_embed`` (fixed sin-cos [N, D], a Parameter with requires_grad=False, as MAE) and
-      ``cls_token`` [1, 1, D] (N(0, 1) init);
-    - audio: ``pos_conv`` (conv positional encoder), ``alibi_scale`` [H] (learned, init 1.0) times the
-      fixed geometric ``alibi_slopes`` buffer;
+    - ``embed``: the modality's ``ImageEmbed`` / ``AudioEmbed`` / ``TextEmbed`` (``embeddings``): the
+      ``local_encoder`` (``PatchEmbed`` / ``AudioFeatureEncoder`` / ``TokenEmbedding``) and the
+      positional parts (images ``pos_embed`` and ``cls_token``; audio ``pos_conv`` and ``alibi_scale``);
     - ``context_norm`` + ``context_dropout`` (the prenet's LayerNorm and dropout; text has neither
       when it has no prenet blocks), ``prenet`` blocks, shared ``blocks``.
 
@@ -46,7 +44,7 @@ class Data2Vec2Encoder(nn.Module):
         self.impl = cfg.impl
         dim = cfg.embed_dim
 
-        modality.build_embedding(self)  # local_encoder and the positional parts (None where absent)
+        self.embed = modality.build_embed(cfg)
         has_prenet_norm = modality.has_prenet_norm(cfg)
         self.context_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if has_prenet_norm else nn.Identity()
         self.context_dropout = nn.Dropout(cfg.prenet_dropout)
@@ -73,13 +71,13 @@ class Data2Vec2Encoder(nn.Module):
 
     def alibi(self) -> torch.Tensor | None:
         """Effective ALiBi slopes [H] (audio: fixed geometric slopes times the learned scale clamped at 0)."""
-        return self.modality.alibi(self)
+        return self.embed.alibi()
 
     def local_features(
         self, source: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """source -> (features [B, N, D], token padding mask [B, N] or None). Runs once per sample."""
-        return self.modality.local_features(self, source, padding_mask)
+        return self.embed.local_features(source, padding_mask)
 
     def contextualize(
         self,
@@ -102,7 +100,7 @@ class Data2Vec2Encoder(nn.Module):
             ``alibi_slopes`` and ``key_padding_mask``, the keyword arguments of ``run_blocks``.
         """
         masked = ids_keep is not None
-        x, positions = self.modality.embed(self, feats, mask, ids_keep, clones, check_ids)
+        x, positions = self.embed(feats, mask, ids_keep, clones, check_ids)
         key_padding_mask = padding_mask
         if padding_mask is not None and masked:
             key_padding_mask = padding_mask.repeat_interleave(clones, dim=0).gather(1, ids_keep.long())
