@@ -170,9 +170,6 @@ def _compile_one(index: int) -> dict:
 
 def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[str], None] = print) -> list[dict]:
     """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to."""
-    from d2v2.kernels import ARCHS
-
-
     work = [(launch, arch) for launch, _ in variants for arch in archs]
     _WORK[:] = work
     start = time.perf_counter()

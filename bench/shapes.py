@@ -95,7 +95,7 @@ def spec_from_recipe(name: str, recipe: str) -> ShapeSpec:
 @functools.cache
 def ema_parameter_shapes(modality: str, size: str) -> tuple[torch.Size, ...]:
     """Every tensor the data2vec 2.0 teacher of (modality, size) averages in one EMA update (the
-    parameters ``models.teacher.ema_update`` passes to ``ema_``: those whose student twin trains),
+    parameters ``models.layers.teacher.ema_update`` passes to ``ema_``: those whose student twin trains),
     from the preset's model built on the ``meta`` device (no memory, no init cost)."""
     from d2v2.models import build_method, data2vec2_config
 

@@ -48,7 +48,7 @@ moments do not fit one GPU several times over (``shard``):
 - ``fully_shard`` on every transformer block (student and EMA teacher alike), then on the method
   (the rest: local encoders, decoder, the teacher's embeddings). Each parameter is split along dim
   0 over the processes, so a teacher parameter's local shard lines up with its student twin's and
-  the EMA updates the shards where they lie (``d2v2.models.teacher.ema_update``), with no
+  the EMA updates the shards where they lie (``d2v2.models.layers.teacher.ema_update``), with no
   communication. Mixed precision: bf16 compute copies with fp32 gradient reduction under bf16
   (fp32 shards throughout), plain fp32 otherwise.
 - Checkpoints through ``torch.distributed.checkpoint`` (``checkpoint.save_sharded``): every process

@@ -21,7 +21,6 @@ import torch
 from d2v2.models import Method
 
 from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
-from .config import from_dict
 from .probe_sets import labelled_set
 
 

@@ -36,7 +36,7 @@ Limits
       plain gather, but the backward credits only one of the duplicates.
     - ids_keep is checked for shape, dtype, device and range [0, N); the range check is one host
       sync, skipped with ``check_ids=False`` by callers whose ids are valid by construction (e.g.
-      made by ``d2v2.models.masking.mask_to_ids``): an out-of-range id then faults the kernel.
+      made by ``d2v2.models.layers.masking.mask_to_ids``): an out-of-range id then faults the kernel.
     - D up to 65536 (one D-row per tile; see ``_utils.block_settings``).
     - clones is a compile-time constant (one compilation per value; the backward unrolls over it),
       which suits its fixed per-recipe values (8-16).

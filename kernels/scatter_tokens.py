@@ -43,7 +43,7 @@ Limits
       the output is unspecified; dy is still the plain gather).
     - ids_keep is checked for shape, dtype, device and range [0, length); the range check is one host
       sync, skipped with ``check_ids=False`` by callers whose ids are valid by construction (e.g.
-      made by ``d2v2.models.masking.mask_to_ids``): an out-of-range id then faults the kernel.
+      made by ``d2v2.models.layers.masking.mask_to_ids``): an out-of-range id then faults the kernel.
     - D up to 65536; length * D < 2**31 on the Triton path (the in-kernel noise counter is 32-bit).
     - The Triton noise stream depends on the seed, the row, the position and next_power_of_2(D), not on
       the tile shape; it is not the stream torch.randn would give, and the interpreter's float maths
