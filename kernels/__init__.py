@@ -26,8 +26,15 @@ from .layer_targets import layer_targets
 from .masked_regression_loss import masked_regression_loss
 from .scatter_tokens import scatter_tokens
 
+# The ops, each one file of this package; what the tests and the kernel bench cover op by op.
+OPS = (
+    "attention", "conv_block1d", "conv_block2d", "ema_", "gather_tokens", "layer_targets",
+    "masked_regression_loss", "scatter_tokens",
+)  # fmt: skip
+
 __all__ = [
     "HAS_TRITON",
+    "OPS",
     "resolve_impl",
     "triton_interpret",
     "tracing_launches",
@@ -37,12 +44,5 @@ __all__ = [
     "occupancy",
     "ptxas_available",
     "ARCHS",
-    "attention",
-    "conv_block1d",
-    "conv_block2d",
-    "ema_",
-    "gather_tokens",
-    "layer_targets",
-    "masked_regression_loss",
-    "scatter_tokens",
+    *OPS,
 ]
