@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .runfolder import METRICS_FILE
+from .runfolder import METRICS_FILE, export_command, read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -105,16 +105,10 @@ def closing_summary(
 ) -> list[str]:
     """The lines a pretraining run ends with: updates, final and best loss (over the whole run's
     ``metrics.jsonl``), wall time and samples/s of this session, the checkpoint, and what to run next."""
-    losses = []
-    path = Path(run_dir) / METRICS_FILE
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn last line; truncate_metrics drops it on resume
-            if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
-                losses.append((row["step"], row["loss"]))
+    losses = [
+        (row["step"], row["loss"]) for row in read_metrics(run_dir)
+        if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"])
+    ]  # fmt: skip
     ended = f"stopped on {stopped_by}" if stopped_by else "done"
     rate = f", {samples / seconds:.1f} samples/s" if seconds > 0 and samples else ""
     lines = [f"pretrain {ended}: {step}/{max_steps} updates ({step - start_step} in this session) "
@@ -124,5 +118,5 @@ def closing_summary(
         lines.append(f"loss: final {losses[-1][1]:.4f} (update {losses[-1][0]}), best {best:.4f} (update {best_step})")
     lines.append(f"checkpoint: {checkpoint if checkpoint is not None else 'none written'}")
     lines.append(f"probe:      d2v2 probe --checkpoint {run_dir}")  # a stopped run's continue command follows it
-    lines.append(f"export:     d2v2 export --checkpoint {run_dir} --out {Path('exports') / Path(run_dir).name}")
+    lines.append(f"export:     {export_command(run_dir)}")
     return lines

@@ -22,6 +22,7 @@ from d2v2.models import Method
 
 from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
 from .probe_sets import labelled_set
+from .runfolder import export_command
 
 
 def default_result_path(state_file: Path) -> Path:
@@ -29,10 +30,8 @@ def default_result_path(state_file: Path) -> Path:
 
     A ``state.pt`` outside a run's ``checkpoints/`` folder gets ``probe-<folder>.json`` beside its folder.
     """
-    folder = state_file.parent
-    if folder.parent.name == "checkpoints":
-        return folder.parent.parent / "probe" / f"{folder.name}.json"
-    return folder.parent / f"probe-{folder.name}.json"
+    folder, run = state_file.parent, run_folder_of(state_file)
+    return run / "probe" / f"{folder.name}.json" if run is not None else folder.parent / f"probe-{folder.name}.json"
 
 
 @torch.no_grad()
@@ -127,23 +126,22 @@ def probe(
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
+    state_file = resolve_checkpoint(checkpoint)
     model, config = method_from_checkpoint(checkpoint)
-    labelled = labelled_set(model.modality.name, model.cfg, config, data, run_folder_of(resolve_checkpoint(checkpoint)))
+    labelled = labelled_set(model.modality.name, model.cfg, config, data, run_folder_of(state_file))
     tasks = probe_tasks(model, labelled, device, test_fraction, seed)
-    first = next(iter(tasks.values()))  # the main task's figures also stand at the top level
-    result = {"checkpoint": str(resolve_checkpoint(checkpoint)), "data": labelled.description, **first, "tasks": tasks}
-    target = Path(out) if out else default_result_path(resolve_checkpoint(checkpoint))
+    main_task, first = next(iter(tasks.items()))  # the main task's figures also stand at the top level
+    result = {"checkpoint": str(state_file), "data": labelled.description, **first, "tasks": tasks}
+    target = Path(out) if out else default_result_path(state_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
     for task, r in tasks.items():
         log(f"{task}: linear probe {100 * r['linear_accuracy']:.1f} % | kNN {100 * r['knn_accuracy']:.1f} % "
             f"({r['classes']} classes, {r['test_samples']} test samples)")
-    main_task, r = next(iter(tasks.items()))
-    folder = resolve_checkpoint(checkpoint).parent.name  # step-00000020, or a folder of the user's
+    folder = state_file.parent.name  # step-00000020, or a folder of the user's
     which = f"step {int(folder[5:])}" if folder.startswith("step-") and folder[5:].isdigit() else folder
-    log(f"probe done: {which} of {checkpoint} "
-        f"in {time.perf_counter() - start:.1f} s: {main_task} linear probe {100 * r['linear_accuracy']:.1f} % | "
-        f"kNN {100 * r['knn_accuracy']:.1f} %")
+    log(f"probe done: {which} of {checkpoint} in {time.perf_counter() - start:.1f} s: {main_task} linear probe "
+        f"{100 * first['linear_accuracy']:.1f} % | kNN {100 * first['knn_accuracy']:.1f} %")
     log(f"results:    {target}")
-    log(f"export:     d2v2 export --checkpoint {checkpoint} --out {Path('exports') / Path(checkpoint).name}")
+    log(f"export:     {export_command(checkpoint)}")
     return result

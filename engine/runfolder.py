@@ -173,6 +173,31 @@ def keep_file(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _parsed(lines: list[str]) -> list[tuple[str, dict]]:
+    """The lines of ``metrics.jsonl`` that hold a logged step, each with its row; a line torn by a crash
+    mid-write is left out."""
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if isinstance(row["step"], int):
+                rows.append((line, row))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return rows
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's logged rows (``metrics.jsonl``), torn lines left out."""
+    path = Path(run_dir) / METRICS_FILE
+    return [row for _, row in _parsed(path.read_text(encoding="utf-8").splitlines())] if path.is_file() else []
+
+
+def export_command(checkpoint) -> str:
+    """The ``d2v2 export`` a finished run or probe suggests next, into ``exports/<name>``."""
+    return f"d2v2 export --checkpoint {checkpoint} --out {Path('exports') / Path(checkpoint).name}"
+
+
 def truncate_metrics(run_dir: Path, step: int) -> int:
     """Drop the lines of ``metrics.jsonl`` after ``step`` (and any torn last line), atomically.
 
@@ -183,13 +208,7 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line torn by a crash mid-write
+    kept = [line for line, row in _parsed(lines) if row["step"] <= step]
     if len(kept) == len(lines):
         return 0
     tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
