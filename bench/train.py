@@ -38,6 +38,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,11 @@ def memory_estimate(lineup: Sequence[tuple[str, str]], modality: str, size: str,
     the batches and the interpreter. Measured against it: the image base race held 18 GB resident.
     """
     state, step = 0, 0
-    for method, _variant in lineup:
+    for method, variants in Counter(method for method, _variant in lineup).items():  # one build per method
         with torch.device("meta"):
             model, cfg = build(method, modality, size)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        state += 4 * (sum(t.numel() for t in model.state_dict().values()) + 3 * trainable)
+        state += variants * 4 * (sum(t.numel() for t in model.state_dict().values()) + 3 * trainable)
         mask = next(synthetic_batches(model, cfg, batch))["mask"]
         kept = int((~mask).sum())
         step = max(step, 4 * model.cfg.embed_dim * (20 * model.cfg.depth * kept + 10 * mask.numel()))
@@ -135,10 +136,10 @@ def available_memory() -> int | None:
 
 def check_memory(lineup: Mapping[str, Sequence[tuple[str, str]]], size: str, batch: int | None, log) -> None:
     """On the CPU: refuse, before building anything, a race whose estimate exceeds the free memory."""
-    needed = max(memory_estimate(contestants, modality, size, batch) for modality, contestants in lineup.items() if contestants)
     free = available_memory()
     if free is None:
         return
+    needed = max(memory_estimate(contestants, modality, size, batch) for modality, contestants in lineup.items() if contestants)
     gib = 2**30
     if needed > free:
         raise ValueError(
