@@ -195,21 +195,28 @@ def _pretrain(
     cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, out: str | None, resume: str, init_from: str | None, log
 ) -> dict:
     run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(cfg.recipe))))
-    folder, refusal = None, None
-    if env.is_main:  # rank 0 locks the folder for the whole job; every rank stops if it cannot
-        try:
-            folder = runfolder.RunFolder.open(run_dir, resume)
-        except runfolder.RunFolderError as e:
-            refusal = str(e)
-    refusal = env.broadcast_object(refusal)
-    if refusal:
-        raise runfolder.RunFolderError(refusal)
+    # Rank 0 locks the folder for the whole job; every rank stops if it cannot.
+    folder = _decided_by_rank0(env, lambda: runfolder.RunFolder.open(run_dir, resume))
     try:
         with distributed.deterministic_on_cpu(dev):
             return _train_in(folder, cfg, env, dev, run_dir, resume, init_from, log)
     finally:
         if folder is not None:
             folder.close()
+
+
+def _decided_by_rank0(env: distributed.DistEnv, decide):
+    """``decide()`` on rank 0 (None on the others); a ``RunFolderError`` it raises stops every rank alike."""
+    value, refusal = None, None
+    if env.is_main:
+        try:
+            value = decide()
+        except runfolder.RunFolderError as e:
+            refusal = str(e)
+    refusal = env.broadcast_object(refusal)
+    if refusal:
+        raise runfolder.RunFolderError(refusal)
+    return value
 
 
 def _train_in(
@@ -225,15 +232,12 @@ def _train_in(
     # stream is the same on every rank whoever built what.
     with torch.random.fork_rng(devices=[]):
         dataset = env.in_turns(lambda: build_dataset(cfg.model.modality, cfg.data))
-    data_print = fingerprint(dataset, cfg.data.path) if cfg.data.path is not None else None
-    refusal = None
-    if env.is_main:  # before anything is written: data that moved must be the same data
-        try:
-            runfolder.check_moved_data(run_dir, cfg.data.path, data_print, log)
-        except runfolder.RunFolderError as e:
-            refusal = str(e)
-    if (refusal := env.broadcast_object(refusal)) is not None:  # every rank stops, not rank 0 alone
-        raise runfolder.RunFolderError(refusal)
+    def check_data():  # before anything is written: data that moved must be the same data
+        found = fingerprint(dataset, cfg.data.path) if cfg.data.path is not None else None
+        runfolder.check_moved_data(run_dir, cfg.data.path, found, log)
+        return found
+
+    data_print = _decided_by_rank0(env, check_data)  # rank 0 alone reads and records it
     # The data decides some model fields (the text vocabulary and padding id, the image size).
     model, model_cfg = build_run_method(cfg, dataset.model_fields())  # same weights on every rank: same seed, same draws
     env.offset_rng(cfg.train.seed)
