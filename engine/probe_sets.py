@@ -25,7 +25,6 @@ from .data import audio, embedded, images, text
 from .data.base import CorruptSample
 from .data.build import DataConfig, build_dataset
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 MAX_CLIP_SECONDS = 4.0
 MIN_CLIP_SECONDS = 0.25  # shorter clips would crop every other clip to less than the feature encoder sees well
 TEXT_BLOCK = 64
@@ -126,11 +125,11 @@ def audio_set(model_cfg, run_config: dict, data: str | None) -> LabelledSet:
     folders = _class_folders(data, "audio files")
     paths, labels = [], []
     for label, folder in enumerate(folders):
-        found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in audio.AUDIO_EXTENSIONS)
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {data}")
+        raise ValueError(f"no audio files ({', '.join(audio.AUDIO_EXTENSIONS)}) under {data}")
     clips, labels = _clips(paths, labels)
     return LabelledSet(clips, {"class": torch.tensor(labels)}, {"class": [f.name for f in folders]}, str(data))
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from ..data import audio
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-
 
 @dataclass
 class LabelledClips:
@@ -73,11 +71,11 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None) -> La
         raise ValueError(f"{root}: folder(s) {', '.join(extra[:5])} are not among the training classes ({', '.join(classes)})")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in audio.AUDIO_EXTENSIONS)
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+        raise ValueError(f"no audio files ({', '.join(audio.AUDIO_EXTENSIONS)}) under {root}")
     return LabelledClips(paths, labels, list(classes))
 
 
