@@ -110,6 +110,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pretrained encoder (or a fresh one) with a task head; continue a run in --out."""
+    from .finetune.run import finetune
+
+    overrides = args.set + (["train.compile=true"] if args.compile else [])
+    finetune(
+        args.recipe, args.checkpoint, overrides, data_path=args.data, out=args.out, max_steps=args.max_steps,
+        device=args.device, resume=args.resume, weights=args.weights,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a fine-tuned run's best checkpoint on its validation split (or on --data)."""
+    from .finetune.run import evaluate
+
+    evaluate(args.checkpoint, data=args.data, out=args.out, device=args.device)
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     """Linear probe and kNN on a checkpoint's frozen teacher features."""
     from .probe import probe
@@ -170,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices and kernel implementations available")
     p.set_defaults(func=cmd_info)
 
-    from .config import recipe_names
+    from .config import finetune_recipe_names, recipe_names
 
     p = sub.add_parser("pretrain", help="pretrain data2vec 2.0 with a recipe")
     p.add_argument(
@@ -195,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (same as --set train.compile=true)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a task head (classification)")
+    p.add_argument("--recipe", help=f"a fine-tuning recipe ({', '.join(finetune_recipe_names())}) or YAML path; default: "
+                   "the run's own when --out holds one")  # fmt: skip
+    p.add_argument("--checkpoint", help="the pretraining run (folder, checkpoint folder or state.pt) to start from, "
+                   "or none for a fresh encoder (the no-pretraining baseline)")  # fmt: skip
+    p.add_argument("--weights", choices=("student", "teacher"), help="which weights to start from (default: student, "
+                   "what the reference fine-tunes)")  # fmt: skip
+    p.add_argument("--data", help="labelled data (default: the embedded digits, spoken keywords or pydoc topics)")
+    p.add_argument("--out", help="run folder (default: runs/<recipe>-<time>)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer updates in all")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--resume", default="auto", help="auto, none, or a checkpoint path (as for pretrain)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="score a fine-tuned run on its validation split (or --data)")
+    p.add_argument("--checkpoint", required=True, help="a fine-tuning run folder (its best checkpoint), checkpoint folder or state.pt")
+    p.add_argument("--data", help="labelled data in the task's layout to score instead of the run's validation split")
+    p.add_argument("--out", help="where to write the JSON result (default: <run>/eval/)")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")

@@ -42,8 +42,18 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+FINETUNE_PREFIX = "finetune-"
+"""Fine-tuning recipes (``d2v2 finetune``) are named so; the others are pretraining recipes."""
+
+
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    """The pretraining recipes (``d2v2 pretrain --recipe``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith(FINETUNE_PREFIX))
+
+
+def finetune_recipe_names() -> list[str]:
+    """The fine-tuning recipes (``d2v2 finetune --recipe``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob(f"{FINETUNE_PREFIX}*.yaml"))
 
 
 def _read_yaml(path: Path) -> dict:

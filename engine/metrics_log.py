@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .runfolder import METRICS_FILE, export_command, read_metrics
+from .runfolder import METRICS_FILE, read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -101,22 +101,21 @@ def _duration(seconds: float) -> str:
 
 def closing_summary(
     run_dir: Path, *, step: int, max_steps: int, start_step: int, seconds: float, samples: float,
-    checkpoint: Path | None, stopped_by: str | None = None,
+    checkpoint: Path | None, stopped_by: str | None = None, command: str = "pretrain",
 ) -> list[str]:
-    """The lines a pretraining run ends with: updates, final and best loss (over the whole run's
-    ``metrics.jsonl``), wall time and samples/s of this session, the checkpoint, and what to run next."""
+    """The lines a training run (``command``) ends with: updates, final and best loss (over the whole
+    run's ``metrics.jsonl``), wall time and samples/s of this session, and the checkpoint; the trainer
+    adds what to run next."""
     losses = [
         (row["step"], row["loss"]) for row in read_metrics(run_dir)
         if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"])
     ]  # fmt: skip
     ended = f"stopped on {stopped_by}" if stopped_by else "done"
     rate = f", {samples / seconds:.1f} samples/s" if seconds > 0 and samples else ""
-    lines = [f"pretrain {ended}: {step}/{max_steps} updates ({step - start_step} in this session) "
+    lines = [f"{command} {ended}: {step}/{max_steps} updates ({step - start_step} in this session) "
              f"in {_duration(seconds)}{rate}"]  # fmt: skip
     if losses:
         best_step, best = min(losses, key=lambda sl: sl[1])
         lines.append(f"loss: final {losses[-1][1]:.4f} (update {losses[-1][0]}), best {best:.4f} (update {best_step})")
     lines.append(f"checkpoint: {checkpoint if checkpoint is not None else 'none written'}")
-    lines.append(f"probe:      d2v2 probe --checkpoint {run_dir}")  # a stopped run's continue command follows it
-    lines.append(f"export:     {export_command(run_dir)}")
     return lines

@@ -114,6 +114,8 @@ def config_from_dict(data: dict) -> RunConfig:
     """A recipe's merged sections (or a run's config.yaml) -> a validated RunConfig."""
     data = dict(data)
     recipe = data.get("recipe")
+    if "task" in data:
+        raise ValueError(f"recipe {recipe} is a fine-tuning recipe; run it with d2v2 finetune --recipe {recipe} --checkpoint RUN")
     model = dict(data.pop("model", {}) or {})
     if "modality" not in model or "size" not in model:
         raise ValueError(f"recipe {recipe} must give model.modality and model.size")
@@ -133,13 +135,13 @@ def config_from_dict(data: dict) -> RunConfig:
 PATH_KEYS = ("data.path", "data.tokenizer")
 
 
-def absolute_paths(overrides: list[str]) -> list[str]:
-    """``data.path`` / ``data.tokenizer`` overrides made absolute: config.yaml stores them so, and a run
-    (its resume, probe and export) does not depend on the directory it was started from."""
+def absolute_paths(overrides: list[str], keys_with_paths: tuple[str, ...] = PATH_KEYS) -> list[str]:
+    """Path overrides (``data.path`` / ``data.tokenizer``) made absolute: config.yaml stores them so, and
+    a run (its resume, probe and export) does not depend on the directory it was started from."""
     out = []
     for text in overrides:
         keys, value = parse_override(text)
-        if ".".join(keys) in PATH_KEYS and isinstance(value, str) and value:
+        if ".".join(keys) in keys_with_paths and isinstance(value, str) and value:
             text = f"{'.'.join(keys)}={os.path.abspath(os.path.expanduser(value))}"
         out.append(text)
     return out

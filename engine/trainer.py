@@ -48,6 +48,7 @@ from .data.base import derive_seed
 from .data.loader import DataPosition, close_batches, position_after
 from .distributed import DistEnv, check_strategy, seed_all
 from .metrics_log import MetricsLog, check_tensorboard, closing_summary, log_row, progress_line
+from .runfolder import export_command
 from .resume import init_weights_from, resume_from_checkpoint, rng_state, set_rng_state
 from .schedule import OptimConfig, lr_at
 from .signals import RunStopped, StopRequest
@@ -112,6 +113,9 @@ class Trainer:
         strategy: ``distributed.DistConfig.strategy``: "ddp" (DDP under torchrun, else plain) or
             "fsdp" (FSDP2 sharding, also in one process; needs an initialised process group).
     """
+
+    command = "pretrain"
+    """The ``d2v2`` subcommand that runs this loop (progress bar, closing summary, resume command)."""
 
     def __init__(
         self,
@@ -315,6 +319,10 @@ class Trainer:
             self.scaler.scale(out["loss"] / self.cfg.accum_steps).backward()
         return out
 
+    def _positions(self, batch: dict) -> int:
+        """Positions per sample of a batch (masked or not): its masks' width, or the modality's count."""
+        return batch["mask"].shape[1] if "mask" in batch else self.method.modality.num_positions(batch["source"])
+
     def train_step(self, batches: Iterator[dict]) -> dict:
         """One optimizer update; makes no host sync (see the module docstring).
 
@@ -322,8 +330,8 @@ class Trainer:
         and tokens (shapes: positions per sample, masked or not) and the last micro-batch's outputs.
         """
         lr = lr_at(self.step, self.optim_cfg, self.peak_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_scale: a method's per-group factor (layer decay)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         losses, outs, samples, tokens, skipped = [], [], 0, 0, []
         for micro in range(self.cfg.accum_steps):
             batch = self._to_device(self._next_batch(batches, skipped))
@@ -331,7 +339,7 @@ class Trainer:
             losses.append(out["loss"].detach())
             outs.append(out)
             samples += batch["source"].shape[0]
-            tokens += batch["source"].shape[0] * batch["mask"].shape[1]  # positions per sample
+            tokens += batch["source"].shape[0] * self._positions(batch)
         if skipped:  # known on the CPU: one process records them now, several agree on the next settle
             self._unsettled_skipped.extend(skipped)
             if not self.dist.distributed:
@@ -435,7 +443,7 @@ class Trainer:
         if use_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.command, unit="step", dynamic_ncols=True)
         metrics: dict = {}
         session_start, session_samples, stopped_by = time.perf_counter(), 0.0, None
         window_start, window_samples, window_tokens = session_start, 0, 0
@@ -464,6 +472,7 @@ class Trainer:
                         self.log(progress_line(metrics, self.max_steps))
                     self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                self.after_update(metrics_file)
                 if self._stop_agreed(stop) and self.step < self.max_steps:
                     self.save()
                     stop.ending = True
@@ -480,12 +489,20 @@ class Trainer:
                 bar.close()
         self._summarise(resume_step, session_start, session_samples, stopped_by)
         if stopped_by:
-            command = f"d2v2 pretrain --out {self.run_dir} --resume auto"
+            command = f"d2v2 {self.command} --out {self.run_dir} --resume auto"
             raise RunStopped(
                 f"{stopped_by} at step {self.step}: checkpoint {self.last_checkpoint} written; continue with: {command}",
                 stop.exit_code,
             )
         return metrics
+
+    def after_update(self, metrics_file: MetricsLog | None) -> None:
+        """Interval work of a subclass after each update, before its checkpoint (fine-tuning's
+        validation); ``metrics_file`` is rank 0's metrics.jsonl (None elsewhere)."""
+
+    def closing_lines(self) -> list[str]:
+        """What the closing summary adds after the checkpoint: the commands to run next."""
+        return [f"probe:      d2v2 probe --checkpoint {self.run_dir}", f"export:     {export_command(self.run_dir)}"]
 
     def _summarise(self, start_step: int, start: float, samples: float, stopped_by: str | None = None) -> None:
         """Rank 0's closing lines: how the run ended and what to run next (``metrics_log.closing_summary``)."""
@@ -494,7 +511,8 @@ class Trainer:
         for line in closing_summary(
             self.run_dir, step=self.step, max_steps=self.max_steps, start_step=start_step,
             seconds=time.perf_counter() - start, samples=samples, checkpoint=self.last_checkpoint, stopped_by=stopped_by,
-        ):  # fmt: skip
+            command=self.command,
+        ) + self.closing_lines():  # fmt: skip
             self.log(line)
 
     def _stop_agreed(self, stop: StopRequest) -> bool:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .layers.decoders import Decoder1d, Decoder2d
 from .layers.embeddings import AudioEmbed, ImageEmbed, TextEmbed
-from .layers.encoders import audio_num_frames
+from .layers.encoders import audio_num_frames, frame_padding_mask
 from .layers.masking import inverse_block_mask, random_mask, span_mask
 
 __all__ = ["Modality", "ImageModality", "AudioModality", "TextModality", "MODALITIES", "modality_for", "MaskFunction"]
@@ -83,6 +83,12 @@ class Modality:
     def build_embed(self, cfg) -> nn.Module:
         """The embedding module the encoder holds as ``embed`` (see ``embeddings``)."""
         raise NotImplementedError
+
+    def output_padding(self, padding_mask: torch.Tensor | None, num_positions: int) -> torch.Tensor | None:
+        """Which of the encoder's ``num_positions`` output positions (extra tokens left out) are padding,
+        given the source's ``padding_mask`` [B, T] (True = padding): what pooling over them leaves out.
+        By default the source's positions are the encoder's (text tokens)."""
+        return padding_mask
 
     def teacher_tokens(self, teacher: nn.Module, student: nn.Module, source, feats, padding_mask) -> tuple:
         """data2vec 2.0's teacher input: (tokens, context) for its blocks, unmasked (``Data2VecMultiModel.forward``, ``ema_encoder_only``)."""
@@ -141,6 +147,9 @@ class ImageModality(Modality):
     def build_embed(self, cfg) -> nn.Module:
         return ImageEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.impl)
 
+    def output_padding(self, padding_mask, num_positions):
+        return None  # images come whole
+
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
         # A full EMA copy: it embeds the raw image itself.
         teacher_feats, _ = teacher.local_features(source)
@@ -197,6 +206,11 @@ class AudioModality(Modality):
         return AudioEmbed(cfg.embed_dim, cfg.conv_feature_layers, cfg.conv_pos_width, cfg.conv_pos_depth,
                           cfg.conv_pos_groups, cfg.num_heads, getattr(cfg, "alibi", True), cfg.alibi_scale_init,
                           cfg.impl)  # fmt: skip
+
+    def output_padding(self, padding_mask, num_positions):
+        if padding_mask is None:
+            return None
+        return frame_padding_mask(padding_mask, num_positions, self.cfg.conv_feature_layers)
 
     def teacher_tokens(self, teacher, student, source, feats, padding_mask):
         # An EMA copy without the CNN, fed the student's CNN features (computed once, detached).

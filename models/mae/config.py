@@ -29,6 +29,10 @@ class MAEConfig(ImageFields, EncoderConfig):
     norm_eps: float = 1e-6
     """LayerNorm epsilon everywhere (MAE's ``partial(nn.LayerNorm, eps=1e-6)``)."""
 
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the encoder's blocks, rising linearly from 0 to this rate over depth (0 in
+    MAE's pretraining; 0.1 in its ViT-B fine-tuning, ``main_finetune.py --drop_path``)."""
+
     # -- masking (the data loader makes the masks) ---------------------------------------------------
     mask_ratio: float = 0.75
     """Fraction of patches masked, uniformly at random per image: 147 of 196 at 224 px, 49 kept."""
@@ -55,6 +59,7 @@ class MAEConfig(ImageFields, EncoderConfig):
         """Raise ValueError naming the field and the fix for every bad value or combination."""
         for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
             check.int(name, 1)
+        check.fraction("drop_path_rate")
         check.open_fraction("mask_ratio", "mask some but not all patches (MAE: 0.75)")
         if not isinstance(self.norm_pix_loss, bool):
             check.fail("norm_pix_loss", f"must be true or false, got {self.norm_pix_loss!r}", "use true (MAE's setting)")

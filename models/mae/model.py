@@ -92,9 +92,10 @@ class MAEEncoder(nn.Module):
         self.modality = modality
         self.impl = cfg.impl
         self.embed = modality.build_embed(cfg)  # local_encoder, pos_embed, cls_token
+        drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            PreNormBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, impl=cfg.impl)
-            for _ in range(cfg.depth)
+            PreNormBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, drop_path=rate, impl=cfg.impl)
+            for rate in drop_path
         )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
 

@@ -1,2 +1,11 @@
-"""Fine-tuning tasks (image, audio and text classification, speech recognition with CTC): each owns its
-head, its loss, its metrics and its labelled data, and takes any method's encoder. None yet."""
+"""Fine-tuning models: any method's encoder with a task head (``heads``), trained as a ``Method``.
+
+``Classifier`` covers classification and regression for every modality (image and audio: a pooled
+head; text: RoBERTa's sentence head). What a task reads, how it is scored and which head it takes are
+the engine's (``d2v2.engine.finetune.tasks``).
+"""
+
+from .classifier import Classifier, layer_ids
+from .heads import PooledHead, SentenceHead, masked_mean
+
+__all__ = ["Classifier", "PooledHead", "SentenceHead", "layer_ids", "masked_mean"]

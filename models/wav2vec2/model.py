@@ -91,6 +91,9 @@ class Wav2Vec2Encoder(nn.Module):
     the CNN kaiming-normal, everything else PyTorch's default.
     """
 
+    masking_only = ("mask_emb",)
+    """Parameters only a masked input uses (none of them is trained when fine-tuning without masks)."""
+
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.cfg = cfg

@@ -42,7 +42,7 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypat
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any work
 
 
-def test_closing_summary_reads_the_whole_run_and_names_what_comes_next(tmp_path):
+def test_closing_summary_reads_the_whole_run(tmp_path):
     rows = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 1.5}, {"step": 30, "loss": float("nan")}, {"step": 40, "loss": 2.0}]
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 50, "lo'  # a torn last line
     (tmp_path / "metrics.jsonl").write_text(text)
@@ -53,7 +53,7 @@ def test_closing_summary_reads_the_whole_run_and_names_what_comes_next(tmp_path)
     assert lines[0] == "pretrain stopped on SIGTERM: 40/100 updates (20 in this session) in 1 min 30 s, 20.0 samples/s"
     assert lines[1] == "loss: final 2.0000 (update 40), best 1.5000 (update 20)"
     assert lines[2] == f"checkpoint: {checkpoint}"
-    assert lines[3] == f"probe:      d2v2 probe --checkpoint {tmp_path}"
+    assert len(lines) == 3  # the trainer adds the commands to run next (probe and export, or evaluate)
 
 
 def test_closing_summary_without_metrics_or_checkpoint(tmp_path):

@@ -1,0 +1,256 @@
+"""``finetune()`` and ``evaluate()``: a pretrained encoder with a task head, trained and scored.
+
+``finetune`` resolves a ``finetune-*`` recipe, builds the encoder the pretrained run (``--checkpoint``)
+was trained as, with its weights (student, or the EMA teacher's), or fresh (``--checkpoint none``),
+puts the task's head on it and trains the whole with ``FinetuneTrainer``: the pretraining loop with
+its run-folder lock, exact resume, SIGTERM / Ctrl-C checkpoints, precision, compile and torchrun, plus
+validation and the best checkpoint. ``evaluate`` scores a fine-tuned run's best (or given) checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from d2v2.models import Classifier, build_method, count_parameters, method_entry
+
+from .. import distributed, runfolder
+from ..checkpoint import STATE_FILE, load_checkpoint, resolve_checkpoint, run_folder_of
+from ..config import from_dict, to_dict
+from ..data import text
+from ..data.build import build_dataset
+from ..export import encoder_state
+from ..probe_sets import TOKENIZER_FILE, run_tokenizer
+from ..run import _decided_by_rank0, absolute_paths, resolve_config
+from ..runfolder import export_command
+from .config import FinetuneConfig, finetune_config_from_dict, resolve_finetune_config
+from .data import LabelledSplits, Mixing, train_loader
+from .tasks import TaskContext, task_named
+from .trainer import BEST_DIR, FinetuneTrainer, _shown, predict
+
+FINETUNE_PATH_KEYS = ("data.path", "pretrained.checkpoint")
+"""Paths config.yaml stores absolute, so that a run does not depend on the directory it started in."""
+
+
+def _encoder_config(method: str, values: dict, overrides: dict, where: str):
+    """The method's config from a run's stored values, with fine-tuning's ``model`` overrides."""
+    values = {k: v for k, v in values.items() if k != "size"}
+    return from_dict(method_entry(method).config, {**values, **overrides}, where)
+
+
+class Pretrained:
+    """The encoder a fine-tuning run starts from: its method, config, built model, and (text) tokenizer."""
+
+    def __init__(self, cfg: FinetuneConfig, modality: str):
+        self.weights_state = None
+        if cfg.pretrained.checkpoint is not None:
+            state = load_checkpoint(cfg.pretrained.checkpoint)
+            config = state.get("config")
+            if not isinstance(config, dict) or "model" not in config or "task" in config:
+                what = "a fine-tuned run" if isinstance(config, dict) and "task" in config else "not a d2v2 pretraining checkpoint"
+                raise ValueError(f"--checkpoint {cfg.pretrained.checkpoint} is {what}; give a pretraining run (or none)")
+            self.method_name = config.get("method", "data2vec2")
+            self.model_cfg = _encoder_config(self.method_name, dict(config["model"]), cfg.model, "model")
+            self.run_config, self.run_dir = config, run_folder_of(resolve_checkpoint(cfg.pretrained.checkpoint))
+            self.weights_state = state["method"]
+            self.tokenizer_file = None
+        else:
+            run_cfg = resolve_config(cfg.pretrained.recipe, [f"model.{k}={json.dumps(v)}" for k, v in cfg.model.items()])
+            dataset = build_dataset(run_cfg.model.modality, run_cfg.data)
+            self.method_name = run_cfg.method
+            self.model_cfg = run_cfg.model.build_config(**dataset.model_fields())
+            self.run_config, self.run_dir = to_dict(run_cfg), None
+            folder = getattr(dataset, "folder", None)
+            self.tokenizer_file = folder / TOKENIZER_FILE if isinstance(folder, Path) else None
+        if self.model_cfg.modality != modality:
+            raise ValueError(f"task {cfg.task} needs a {modality} encoder; the pretrained one is {self.model_cfg.modality} "
+                             f"({cfg.pretrained.checkpoint or cfg.pretrained.recipe})")  # fmt: skip
+
+    def tokenizer(self):
+        if self.tokenizer_file is not None:
+            return text.load_tokenizer(self.tokenizer_file)
+        return run_tokenizer(self.run_config, self.run_dir)
+
+    def load_weights(self, method, which: str) -> str:
+        """Put the pretrained weights into ``method`` (built from ``model_cfg``); says which were taken."""
+        if self.weights_state is None:
+            return "a fresh encoder (no pretraining)"
+        method.load_state_dict(self.weights_state)
+        if which == "teacher":
+            if getattr(method, "teacher", None) is None:
+                raise ValueError(f"pretrained.weights=teacher: {self.method_name} has no EMA teacher; use student")
+            method.encoder.load_state_dict(encoder_state(method, "teacher"))
+        return f"the {which}'s weights of {self.method_name}"
+
+
+def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, splits: LabelledSplits):
+    """The task's model around a freshly built ``method_name`` encoder, and that method (for its weights)."""
+    task = task_named(cfg.task)
+    method = build_method(method_name, model_cfg)
+    model = Classifier(
+        method.encoder, method.modality, task.head(cfg.head, model_cfg, splits.num_outputs), regression=splits.classes is None,
+        label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay,
+        layerdrop=getattr(model_cfg, "layerdrop", 0) > 0 or getattr(model_cfg, "prenet_layerdrop", 0) > 0,
+    )  # fmt: skip
+    return model, method
+
+
+def _splits(cfg: FinetuneConfig, model_cfg, tokenizer_fn, run_config, run_dir) -> LabelledSplits:
+    task = task_named(cfg.task)
+    data_cfg = cfg.data
+    if model_cfg.modality == "text":
+        data_cfg = from_dict(type(cfg.data), {**to_dict(cfg.data), "max_tokens": min(cfg.data.max_tokens, model_cfg.max_positions)})
+    tokenizer = tokenizer_fn() if task.modality == "text" else None
+    return task.read(data_cfg, TaskContext(model_cfg, tokenizer, run_config, run_dir))
+
+
+def finetune(
+    recipe: str | None, checkpoint: str | None = None, overrides: list[str] = (), data_path: str | None = None,
+    out: str | None = None, max_steps: int | None = None, device: str | None = None, resume: str = "auto",
+    weights: str | None = None, log=print,
+) -> dict:
+    """Fine-tune (or continue fine-tuning); returns the best validation metrics."""
+    extra = [f"pretrained.checkpoint={checkpoint}"] if checkpoint not in (None, "none") else []
+    extra += ["pretrained.checkpoint=null"] if checkpoint == "none" else []
+    extra += [f"data.path={data_path}"] if data_path else []
+    extra += [f"pretrained.weights={weights}"] if weights else []
+    extra += [f"train.max_steps={max_steps}"] if max_steps is not None else []
+    overrides = absolute_paths(list(overrides) + extra, FINETUNE_PATH_KEYS)
+    stored = runfolder.read_config(Path(out)) if out else None
+    if stored is not None:
+        if "task" not in stored:
+            raise runfolder.RunFolderError(f"{out} is a pretraining run, not a fine-tuning one; pick a new --out")
+        cfg = finetune_config_from_dict(runfolder.continued_config(Path(out), stored, recipe, overrides))
+    else:
+        if recipe is None:
+            raise ValueError("give --recipe (e.g. finetune-image-tiny) for a new fine-tuning run")
+        cfg = resolve_finetune_config(recipe, overrides)
+        if checkpoint is None and cfg.pretrained.checkpoint is None:
+            raise ValueError("give --checkpoint RUN (a pretraining run) or --checkpoint none (a fresh encoder)")
+    env = distributed.detect()
+    dev = distributed.setup(env, device, cfg.dist.strategy)
+    try:
+        run_dir = Path(out) if out else Path(env.broadcast_object(str(Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")))
+        folder = _decided_by_rank0(env, lambda: runfolder.RunFolder.open(run_dir, resume))
+        try:
+            with distributed.deterministic_on_cpu(dev):
+                return _finetune_in(cfg, stored, env, dev, run_dir, resume, log if env.is_main else (lambda *a, **k: None))
+        finally:
+            if folder is not None:
+                folder.close()
+    finally:
+        distributed.teardown()
+
+
+def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Path, resume: str, log) -> dict:
+    task = task_named(cfg.task)
+    torch.manual_seed(cfg.train.seed)
+    pretrained = None
+    if stored is not None and "encoder" in stored:  # a continued run: the encoder it was built as
+        method_name = stored["encoder"]["method"]
+        model_cfg = _encoder_config(method_name, stored["encoder"]["config"], {}, "encoder.config")
+        tokenizer_fn = lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE)  # noqa: E731
+        run_config, pre_dir = stored, run_dir
+    else:
+        pretrained = Pretrained(cfg, task.modality)
+        method_name, model_cfg = pretrained.method_name, pretrained.model_cfg
+        tokenizer_fn, run_config, pre_dir = pretrained.tokenizer, pretrained.run_config, pretrained.run_dir
+    with torch.random.fork_rng(devices=[]):
+        splits = env.in_turns(lambda: _splits(cfg, model_cfg, tokenizer_fn, run_config, pre_dir))
+    model, method = build_classifier(cfg, method_name, model_cfg, splits)
+    env.offset_rng(cfg.train.seed)
+    resolved = {"recipe": cfg.recipe, "method": method_name, **{k: v for k, v in to_dict(cfg).items() if k != "recipe"},
+                "encoder": {"method": method_name, "config": to_dict(model_cfg)},
+                "classes": splits.classes}  # fmt: skip
+    mixing = Mixing(cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.switch_prob, cfg.head.label_smoothing,
+                    splits.num_outputs) if splits.classes is not None else None  # fmt: skip
+
+    def loader_fn(position):
+        return train_loader(splits, cfg.data, cfg.train.seed, mixing, position, rank=env.rank, world_size=env.world_size)
+
+    trainer = FinetuneTrainer(
+        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, cfg.data.batch_size, resolved, log=log, dist=env,
+        find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
+        valid=splits.valid, metric_names=task.metrics(splits), eval_every=cfg.train.eval_every,
+        eval_batch_size=cfg.data.batch_size, pad_value=splits.pad_id,
+    )  # fmt: skip
+    log(f"run folder {run_dir} | {cfg.task}: {splits.description}, {len(splits.train)} train / {len(splits.valid)} valid "
+        f"samples, {splits.num_outputs if splits.classes is not None else 'a regression'} "
+        f"{'classes' if splits.classes is not None else 'target'} | {method_name} {model_cfg.modality} encoder, "
+        f"{count_parameters(model.encoder) / 1e6:.1f} M parameters | {dev}")  # fmt: skip
+    if not trainer.resume(resume):  # a new run (or one stopped before its first checkpoint): the pretrained weights
+        pretrained = pretrained or Pretrained(cfg, task.modality)
+        taken = pretrained.load_weights(method, cfg.pretrained.weights)
+        log(f"starting from {taken}" + (f" ({cfg.pretrained.checkpoint})" if cfg.pretrained.checkpoint else ""))
+    if env.is_main:
+        runfolder.write_config(run_dir, resolved)
+        if task.modality == "text" and not (run_dir / TOKENIZER_FILE).exists():
+            tokenizer_fn().save(str(run_dir / TOKENIZER_FILE))  # evaluate and export read the text with it
+        dropped = runfolder.truncate_metrics(run_dir, trainer.step)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} line(s) logged after step {trainer.step}, which run again now")
+    trainer.train()
+    return trainer.best
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------
+
+
+def finetuned_state_file(checkpoint: str) -> Path:
+    """A fine-tuning run folder's best checkpoint (``best/``), else what ``checkpoint`` names."""
+    best = Path(checkpoint) / BEST_DIR / STATE_FILE
+    return best if best.is_file() else resolve_checkpoint(checkpoint)
+
+
+def load_finetuned(checkpoint: str):
+    """(classifier with its weights, the run's config, its state file, the run folder)."""
+    state_file = finetuned_state_file(checkpoint)
+    state = load_checkpoint(state_file)
+    config = state.get("config")
+    if not isinstance(config, dict) or "task" not in config:
+        raise ValueError(f"{checkpoint} is not a fine-tuned run; fine-tune it first: d2v2 finetune --recipe "
+                         f"finetune-<modality>-tiny --checkpoint {checkpoint}")  # fmt: skip
+    return state, config, state_file
+
+
+def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, device: str | None = None, log=print) -> dict:
+    """Score a fine-tuned checkpoint on its run's validation split (or on ``data``, in the task's layout);
+    prints the metrics and writes them as JSON into the run folder (``<run>/eval/``)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    state, config, state_file = load_finetuned(checkpoint)
+    run_dir = Path(checkpoint) if (Path(checkpoint) / "config.yaml").is_file() else (run_folder_of(state_file) or state_file.parent.parent)
+    cfg = finetune_config_from_dict({**config, **({"data": {**config["data"], "path": str(Path(data).resolve())}} if data else {})})
+    method_name = config["encoder"]["method"]
+    model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
+    splits = _splits(cfg, model_cfg, lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE), config, run_dir)
+    if splits.classes != config.get("classes", splits.classes):
+        raise ValueError(f"--data {data} has the classes {splits.classes}, the run was fine-tuned on {config['classes']}")
+    model, _ = build_classifier(cfg, method_name, model_cfg, splits)
+    model.load_state_dict(state["method"])
+    model.to(dev)
+    autocast = torch.bfloat16 if dev.type == "cuda" else None
+    task = task_named(cfg.task)
+    outputs, labels = predict(model, splits.valid, cfg.data.batch_size, splits.pad_id, dev, autocast)
+    from .metrics import score
+
+    metrics = score(task.metrics(splits), outputs, labels)
+    step = int(state.get("trainer", {}).get("step", 0))
+    result = {"checkpoint": str(state_file), "step": step, "task": cfg.task, "data": splits.description,
+              "samples": int(labels.shape[0]), "metrics": metrics}  # fmt: skip
+    target = Path(out) if out else run_dir / "eval" / f"{state_file.parent.name}-step-{step:08d}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1))
+    shown = " | ".join(f"{k} {_shown(v)}" for k, v in metrics.items())
+    log(f"evaluate done: step {step} of {checkpoint} on {splits.description} ({result['samples']} samples) in "
+        f"{time.perf_counter() - start:.1f} s: {shown}")
+    log(f"results:    {target}")
+    log(f"export:     {export_command(checkpoint)}")
+    return result

@@ -1,0 +1,76 @@
+"""Task heads: what turns an encoder's output [B, extra + N, D] into one prediction per sample.
+
+- ``PooledHead``: the mean over the positions (extra tokens and padding left out), an optional
+  LayerNorm, dropout and a linear layer. For images it is the reference's ``mae_image_classification``
+  head (mean of the patches, ``fc_norm``, linear; MAE's ``global_pool``); for audio the utterance-level
+  classifier (mean over the frames that are not padding, linear).
+- ``SentenceHead``: RoBERTa's classification head on the first token (``<s>``): dropout, dense D -> D,
+  tanh, dropout, linear (fairseq ``RobertaClassificationHead``; Hugging Face's
+  ``RobertaClassificationHead`` has the same layers and names).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PooledHead", "SentenceHead", "masked_mean"]
+
+
+def masked_mean(x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of ``x`` [B, N, D], leaving out the positions where ``padding`` [B, N] is True."""
+    if padding is None:
+        return x.mean(dim=1)
+    keep = (~padding).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+class PooledHead(nn.Module):
+    """Mean-pooled positions -> [LayerNorm] -> dropout -> Linear(D, num_outputs).
+
+    Args:
+        dim: the encoder's width D.
+        num_outputs: classes (1 for a regression target).
+        skip_tokens: extra tokens at the start of the sequence that the mean leaves out (the image CLS).
+        norm: LayerNorm the pooled features first (``fc_norm`` of the image head).
+        norm_eps: its epsilon.
+        dropout: before the linear layer.
+        init_std: the linear weight's truncated-normal std (MAE fine-tuning: 2e-5, so that the first
+            updates go to the head as much as to the encoder); the bias starts at 0.
+    """
+
+    def __init__(self, dim: int, num_outputs: int, skip_tokens: int = 0, norm: bool = True, norm_eps: float = 1e-6,
+                 dropout: float = 0.0, init_std: float = 2e-5):  # fmt: skip
+        super().__init__()
+        self.skip_tokens = skip_tokens
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(dim, num_outputs)
+        nn.init.trunc_normal_(self.linear.weight, std=init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, extra + N, D], ``padding`` [B, N] or None -> [B, num_outputs]."""
+        pooled = masked_mean(x[:, self.skip_tokens :], padding)
+        return self.linear(self.dropout(self.norm(pooled)))
+
+
+class SentenceHead(nn.Module):
+    """RoBERTa's sentence classification head on the first token: dropout, dense, tanh, dropout, out_proj.
+
+    Args:
+        dim: the encoder's width D (also the dense layer's, as RoBERTa's ``inner_dim``).
+        num_outputs: classes (1 for a regression target such as STS-B).
+        dropout: ``pooler_dropout``.
+    """
+
+    def __init__(self, dim: int, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_outputs)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, L, D] (the first token at position 0) -> [B, num_outputs]; padding is irrelevant to it."""
+        x = torch.tanh(self.dense(self.dropout(x[:, 0])))
+        return self.out_proj(self.dropout(x))
