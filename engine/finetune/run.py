@@ -66,7 +66,7 @@ class Pretrained:
             folder = getattr(dataset, "folder", None)
             self.tokenizer_file = folder / TOKENIZER_FILE if isinstance(folder, Path) else None
         if self.model_cfg.modality != modality:
-            raise ValueError(f"task {cfg.task} needs a {modality} encoder; the pretrained one is {self.model_cfg.modality} "
+            raise ValueError(f"task {cfg.task} takes {modality} encoders; the pretrained one is {self.model_cfg.modality} "
                              f"({cfg.pretrained.checkpoint or cfg.pretrained.recipe})")  # fmt: skip
 
     def tokenizer(self):

@@ -113,6 +113,12 @@ class Classifier(Method):
             out["accuracy"] = (logits.detach().argmax(-1) == truth).float().mean()
         return out
 
+    def no_weight_decay(self) -> set[str]:
+        """Norms, biases and scales (``Method``'s rule), and the CLS token and positions (timm's ViT
+        ``no_weight_decay``, which MAE's and the reference's fine-tuning keep)."""
+        tokens = {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in ("cls_token", "pos_embed")}
+        return super().no_weight_decay() | tokens
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups by (layer, decayed or not), each with its ``lr_scale`` (``layer_decay ** (L + 1 - layer)``)."""
         skip = self.no_weight_decay()
