@@ -331,6 +331,9 @@ def method_from_checkpoint(path: str):
     state = load_checkpoint(path)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
+    if "task" in state["config"]:
+        raise ValueError(f"{path} is a fine-tuned run ({state['config']['task']}); probe and export take pretraining "
+                         f"runs (score a fine-tuned one with d2v2 evaluate --checkpoint {path})")  # fmt: skip
     name = state["config"].get("method", DEFAULT_METHOD)
     model_cfg = dict(state["config"]["model"])
     model_cfg.pop("size", None)

@@ -25,7 +25,6 @@ from ..data.build import build_dataset
 from ..export import encoder_state
 from ..probe_sets import TOKENIZER_FILE, run_tokenizer
 from ..run import _decided_by_rank0, absolute_paths, resolve_config
-from ..runfolder import export_command
 from .config import FinetuneConfig, finetune_config_from_dict, resolve_finetune_config
 from .data import LabelledSplits, Mixing, train_loader
 from .tasks import TaskContext, task_named
@@ -252,5 +251,4 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, d
     log(f"evaluate done: step {step} of {checkpoint} on {splits.description} ({result['samples']} samples) in "
         f"{time.perf_counter() - start:.1f} s: {shown}")
     log(f"results:    {target}")
-    log(f"export:     {export_command(checkpoint)}")
     return result

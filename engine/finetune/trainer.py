@@ -22,7 +22,6 @@ from d2v2.models import Classifier
 
 from ..checkpoint import STATE_FILE, _fsync_dir, _write_state
 from ..metrics_log import MetricsLog
-from ..runfolder import export_command
 from ..trainer import Trainer
 from .data import valid_batches
 from .metrics import score
@@ -134,7 +133,6 @@ class FinetuneTrainer(Trainer):
             shown = " | ".join(f"{k} {_shown(v)}" for k, v in best["metrics"].items())
             lines.append(f"best:       step {best['step']}: valid {shown} ({self.run_dir / BEST_DIR})")
         lines.append(f"evaluate:   d2v2 evaluate --checkpoint {self.run_dir}")
-        lines.append(f"export:     {export_command(self.run_dir)}")
         return lines
 
 
