@@ -18,7 +18,7 @@ import torch
 from d2v2.models import Classifier, build_method, count_parameters, method_entry
 
 from .. import distributed, runfolder
-from ..checkpoint import STATE_FILE, load_checkpoint, resolve_checkpoint, run_folder_of
+from ..checkpoint import STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
 from ..config import from_dict, to_dict
 from ..data import text
 from ..data.build import build_dataset
@@ -73,20 +73,21 @@ class Pretrained:
             return text.load_tokenizer(self.tokenizer_file)
         return run_tokenizer(self.run_config, self.run_dir)
 
-    def load_weights(self, method, which: str) -> str:
-        """Put the pretrained weights into ``method`` (built from ``model_cfg``); says which were taken."""
+    def load_weights(self, model: Classifier, which: str) -> str:
+        """Put the pretrained encoder's weights (the student's or the EMA teacher's) into ``model``; says
+        which were taken."""
         if self.weights_state is None:
             return "a fresh encoder (no pretraining)"
+        method = build_method(self.method_name, self.model_cfg)
         method.load_state_dict(self.weights_state)
-        if which == "teacher":
-            if getattr(method, "teacher", None) is None:
-                raise ValueError(f"pretrained.weights=teacher: {self.method_name} has no EMA teacher; use student")
-            method.encoder.load_state_dict(encoder_state(method, "teacher"))
+        if which == "teacher" and getattr(method, "teacher", None) is None:
+            raise ValueError(f"pretrained.weights=teacher: {self.method_name} has no EMA teacher; use student")
+        model.load_encoder(encoder_state(method, which))
         return f"the {which}'s weights of {self.method_name}"
 
 
-def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, splits: LabelledSplits):
-    """The task's model around a freshly built ``method_name`` encoder, and that method (for its weights)."""
+def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, splits: LabelledSplits) -> Classifier:
+    """The task's model around a freshly built ``method_name`` encoder."""
     task = task_named(cfg.task)
     method = build_method(method_name, model_cfg)
     model = Classifier(
@@ -94,7 +95,7 @@ def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, splits: L
         label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay,
         layerdrop=getattr(model_cfg, "layerdrop", 0) > 0 or getattr(model_cfg, "prenet_layerdrop", 0) > 0,
     )  # fmt: skip
-    return model, method
+    return model
 
 
 def _splits(cfg: FinetuneConfig, model_cfg, tokenizer_fn, run_config, run_dir) -> LabelledSplits:
@@ -159,7 +160,13 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
         tokenizer_fn, run_config, pre_dir = pretrained.tokenizer, pretrained.run_config, pretrained.run_dir
     with torch.random.fork_rng(devices=[]):
         splits = env.in_turns(lambda: _splits(cfg, model_cfg, tokenizer_fn, run_config, pre_dir))
-    model, method = build_classifier(cfg, method_name, model_cfg, splits)
+    model = build_classifier(cfg, method_name, model_cfg, splits)
+    # The pretrained weights go in before the trainer shards or wraps the model; a run that resumes
+    # replaces them with its checkpoint's.
+    taken = None
+    if stored is None or not checkpoint_folders(run_dir):
+        pretrained = pretrained or Pretrained(cfg, task.modality)
+        taken = pretrained.load_weights(model, cfg.pretrained.weights)
     env.offset_rng(cfg.train.seed)
     resolved = {"recipe": cfg.recipe, "method": method_name, **{k: v for k, v in to_dict(cfg).items() if k != "recipe"},
                 "encoder": {"method": method_name, "config": to_dict(model_cfg)},
@@ -180,9 +187,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
         f"samples, {splits.num_outputs if splits.classes is not None else 'a regression'} "
         f"{'classes' if splits.classes is not None else 'target'} | {method_name} {model_cfg.modality} encoder, "
         f"{count_parameters(model.encoder) / 1e6:.1f} M parameters | {dev}")  # fmt: skip
-    if not trainer.resume(resume):  # a new run (or one stopped before its first checkpoint): the pretrained weights
-        pretrained = pretrained or Pretrained(cfg, task.modality)
-        taken = pretrained.load_weights(method, cfg.pretrained.weights)
+    if not trainer.resume(resume) and taken is not None:
         log(f"starting from {taken}" + (f" ({cfg.pretrained.checkpoint})" if cfg.pretrained.checkpoint else ""))
     if env.is_main:
         runfolder.write_config(run_dir, resolved)
@@ -232,7 +237,7 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, d
     splits = _splits(cfg, model_cfg, lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE), config, run_dir)
     if splits.classes != config.get("classes", splits.classes):
         raise ValueError(f"--data {data} has the classes {splits.classes}, the run was fine-tuned on {config['classes']}")
-    model, _ = build_classifier(cfg, method_name, model_cfg, splits)
+    model = build_classifier(cfg, method_name, model_cfg, splits)
     model.load_state_dict(state["method"])
     model.to(dev)
     autocast = torch.bfloat16 if dev.type == "cuda" else None

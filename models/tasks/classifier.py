@@ -78,6 +78,16 @@ class Classifier(Method):
         # that data-parallel training does not wait for them.
         for name in getattr(encoder, "masking_only", ()):
             getattr(encoder, name).requires_grad_(False)
+        # A head with its own LayerNorm on the pooled features replaces a pre-norm ViT's final norm
+        # (MAE's fine-tuning ``del self.norm`` under global_pool, BEiT's and timm's ``fc_norm``).
+        self.replaced: tuple[str, ...] = ()
+        if isinstance(getattr(head, "norm", None), nn.LayerNorm) and isinstance(getattr(encoder, "norm", None), nn.LayerNorm):
+            encoder.norm = nn.Identity()
+            self.replaced = ("norm.",)
+
+    def load_encoder(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a pretrained encoder's weights (its own names), leaving out the parts the head replaced."""
+        self.encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith(self.replaced)})
 
     @property
     def skips_parameters(self) -> bool:

@@ -112,3 +112,13 @@ def test_losses_soft_targets_and_regression():
     out = regression({"source": tokens, "label": target})
     torch.testing.assert_close(out["loss"], F.mse_loss(out["logits"].squeeze(-1), target))
     assert "accuracy" not in out
+
+
+def test_a_pooled_head_with_its_norm_replaces_the_vits_final_norm():
+    cfg = tiny_config("mae", "image")
+    pretrained = build_method("mae", cfg).encoder
+    model = classifier("mae", "image")
+    assert isinstance(model.encoder.norm, torch.nn.Identity)  # MAE fine-tuning: global pool, fc_norm, no final norm
+    model.load_encoder(pretrained.state_dict())  # the pretrained final norm is left out, nothing else
+    torch.testing.assert_close(model.encoder.blocks[0].mlp.fc1.weight, pretrained.blocks[0].mlp.fc1.weight)
+    assert isinstance(classifier("data2vec2", "audio").head.norm, torch.nn.Identity)  # audio: no norm to replace
