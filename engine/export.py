@@ -98,6 +98,12 @@ def export(
         raise ValueError(f"--format must be auto or d2v2, got {fmt!r}")
     out_dir = Path(out)
     require_new(out_dir, "export")
+    from .finetune.export import export_finetuned, is_finetuned
+
+    if is_finetuned(checkpoint):
+        if weights is not None:
+            raise ValueError("--weights applies to pretraining runs; a fine-tuned run exports its fine-tuned weights")
+        return export_finetuned(checkpoint, out_dir, fmt, tokenizer, log)
     state_file = resolve_checkpoint(checkpoint)
     method, run_config = method_from_checkpoint(checkpoint)
     name = run_config.get("method", DEFAULT_METHOD)
@@ -111,22 +117,40 @@ def export(
     provenance = {"method": name, "weights": weights, "source": str(state_file), "step": step}
 
     target, why = standard_target(name, cfg) if fmt == "auto" else (None, "--format d2v2")
-    # An empty --out (perhaps a mount point, which can be neither removed nor renamed over) is written
-    # into; a new one is written whole under a temporary name beside it, then renamed.
-    into = out_dir.is_dir()
-    tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(folder: Path) -> list[str]:
         if target is None:
-            save_pretrained(state, name, cfg, tmp, weights, source=provenance["source"], step=step)
+            save_pretrained(state, name, cfg, folder, weights, source=provenance["source"], step=step)
         else:
             # data2vec 1.0's mask vector (the student's) lives on the method; HF has a slot for it.
             mask_emb = getattr(method, "mask_emb", None)
             extra = {} if mask_emb is None or "mask_emb" in state else {"mask_emb": mask_emb}
-            _save_standard(target, {**state, **extra}, cfg, tmp, provenance)
+            _save_standard(target, {**state, **extra}, cfg, folder, provenance)
         files = [WEIGHTS_FILE, CONFIG_FILE]
         if tokenizer and cfg.modality == "text":
-            files += _copy_tokenizer(run_config, cfg, tmp, run_folder_of(state_file))
+            files += copy_tokenizer(run_config, cfg, folder, run_folder_of(state_file))
+        return files
+
+    files = write_export(out_dir, write)
+    label = f"{target.name} ({target.library})" if target else "d2v2's own format (d2v2.models.load_pretrained)"
+    log(f"{name} {cfg.modality}, {weights} weights, step {step} -> {out_dir}: {label}")
+    if target is None and fmt == "auto":
+        log(f"no standard class: {why}")
+    return {"target": target.name if target else "d2v2", "library": target.library if target else "d2v2",
+            "weights": weights, "why": why, "files": files, "out": str(out_dir)}  # fmt: skip
+
+
+def write_export(out_dir: Path, write) -> list[str]:
+    """``write(folder) -> files`` into ``out_dir`` whole or not at all; returns the files written.
+
+    An empty ``out_dir`` (perhaps a mount point, which can be neither removed nor renamed over) is
+    written into; a new one is written whole under a temporary name beside it, then renamed.
+    """
+    into = out_dir.is_dir()
+    tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        files = write(tmp)
         if into:
             for path in tmp.iterdir():
                 os.replace(path, out_dir / path.name)
@@ -139,12 +163,7 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    label = f"{target.name} ({target.library})" if target else "d2v2's own format (d2v2.models.load_pretrained)"
-    log(f"{name} {cfg.modality}, {weights} weights, step {step} -> {out_dir}: {label}")
-    if target is None and fmt == "auto":
-        log(f"no standard class: {why}")
-    return {"target": target.name if target else "d2v2", "library": target.library if target else "d2v2",
-            "weights": weights, "why": why, "files": files, "out": str(out_dir)}  # fmt: skip
+    return files
 
 
 def _step_of(state_file: Path) -> int:
@@ -158,7 +177,7 @@ def _save_standard(target: Target, state: dict, cfg, folder: Path, provenance: d
     write_folder(folder, target.state(state, cfg), config)
 
 
-def _copy_tokenizer(run_config: dict, cfg, folder: Path, run_dir: Path | None) -> list[str]:
+def copy_tokenizer(run_config: dict, cfg, folder: Path, run_dir: Path | None) -> list[str]:
     """The run's tokenizer.json and an HF tokenizer_config.json beside it. A text encoder is useless
     without the tokenizer it was trained with, so a run whose tokenizer cannot be found stops the export."""
     from .probe_sets import TOKENIZER_FILE, run_tokenizer

@@ -9,6 +9,9 @@ A folder with two files:
   "weights": "teacher" | "student", "config": {every field of the method's config dataclass}}``
   plus where it came from (``source``, ``step``).
 
+A fine-tuned model's export adds ``"task": {"name", "head" (the head's spec), "classes", "regression"}``
+and holds the ``Classifier``'s weights (``encoder.*``, ``head.*``).
+
 ``load_pretrained(folder)`` rebuilds the encoder from ``d2v2.models`` alone (no engine, no data):
 ``encoder(source, padding_mask) -> [B, extra + N, D]``, the method's ``forward_features`` (images: CLS
 first). It builds the method to get its encoder, so the method's whole config is kept.
@@ -100,7 +103,9 @@ def load_pretrained(path: str | os.PathLike, impl: str | None = None, device: st
         device: where the weights go.
 
     Returns:
-        the encoder module: ``encoder(source, padding_mask=None) -> [B, extra + N, D]``.
+        the encoder module: ``encoder(source, padding_mask=None) -> [B, extra + N, D]``; for a fine-tuned
+        export (``config.json`` with a ``task``), the ``d2v2.models.Classifier`` with its head:
+        ``model({"source": ..., "padding_mask": ...})["logits"]``, class names in ``config["task"]["classes"]``.
     """
     from safetensors.torch import load_file
 
@@ -120,8 +125,16 @@ def load_pretrained(path: str | os.PathLike, impl: str | None = None, device: st
     values = dict(config["config"])
     if impl is not None:
         values["impl"] = impl
-    encoder = build_method(config["method"], config_from_dict(config["method"], values)).encoder
+    method = build_method(config["method"], config_from_dict(config["method"], values))
     weights = load_file(str(weights_file))
+    task = config.get("task")
+    if task is not None:  # a fine-tuned model: the encoder with its head
+        from .tasks import Classifier, build_head
+
+        model = Classifier(method.encoder, method.modality, build_head(task["head"]), regression=bool(task["regression"]))
+        model.load_state_dict(weights)
+        return model.to(device).eval()
+    encoder = method.encoder
     if hasattr(encoder, "embed"):  # an export written before the embeddings were modules
         weights = migrate_embed_keys(weights)
     encoder.load_state_dict(weights)

@@ -86,12 +86,13 @@ class Pretrained:
         return f"the {which}'s weights of {self.method_name}"
 
 
-def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, splits: LabelledSplits) -> Classifier:
-    """The task's model around a freshly built ``method_name`` encoder."""
+def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, classes: list[str] | None) -> Classifier:
+    """The task's model around a freshly built ``method_name`` encoder, for ``classes`` (None: a regression)."""
     task = task_named(cfg.task)
     method = build_method(method_name, model_cfg)
+    outputs = 1 if classes is None else len(classes)
     model = Classifier(
-        method.encoder, method.modality, task.head(cfg.head, model_cfg, splits.num_outputs), regression=splits.classes is None,
+        method.encoder, method.modality, task.head(cfg.head, model_cfg, outputs), regression=classes is None,
         label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay,
         layerdrop=getattr(model_cfg, "layerdrop", 0) > 0 or getattr(model_cfg, "prenet_layerdrop", 0) > 0,
     )  # fmt: skip
@@ -160,7 +161,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
         tokenizer_fn, run_config, pre_dir = pretrained.tokenizer, pretrained.run_config, pretrained.run_dir
     with torch.random.fork_rng(devices=[]):
         splits = env.in_turns(lambda: _splits(cfg, model_cfg, tokenizer_fn, run_config, pre_dir))
-    model = build_classifier(cfg, method_name, model_cfg, splits)
+    model = build_classifier(cfg, method_name, model_cfg, splits.classes)
     # The pretrained weights go in before the trainer shards or wraps the model; a run that resumes
     # replaces them with its checkpoint's.
     taken = None
@@ -211,8 +212,15 @@ def finetuned_state_file(checkpoint: str) -> Path:
     return best if best.is_file() else resolve_checkpoint(checkpoint)
 
 
+def finetune_run_dir(state_file: Path) -> Path:
+    """The fine-tuning run folder a checkpoint lies in (``RUN/best/`` or ``RUN/checkpoints/step-X/``), else its folder."""
+    if state_file.parent.name == BEST_DIR:
+        return state_file.parent.parent
+    return run_folder_of(state_file) or state_file.parent
+
+
 def load_finetuned(checkpoint: str):
-    """(classifier with its weights, the run's config, its state file, the run folder)."""
+    """A fine-tuned run's checkpoint: (its state, the run's config, its state file)."""
     state_file = finetuned_state_file(checkpoint)
     state = load_checkpoint(state_file)
     config = state.get("config")
@@ -229,16 +237,12 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, d
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
-    state, config, state_file = load_finetuned(checkpoint)
-    run_dir = Path(checkpoint) if (Path(checkpoint) / "config.yaml").is_file() else (run_folder_of(state_file) or state_file.parent.parent)
+    model, _, model_cfg, config, state_file, step = finetuned_model(checkpoint)
+    run_dir = finetune_run_dir(state_file)
     cfg = finetune_config_from_dict({**config, **({"data": {**config["data"], "path": str(Path(data).resolve())}} if data else {})})
-    method_name = config["encoder"]["method"]
-    model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
     splits = _splits(cfg, model_cfg, lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE), config, run_dir)
     if splits.classes != config.get("classes", splits.classes):
         raise ValueError(f"--data {data} has the classes {splits.classes}, the run was fine-tuned on {config['classes']}")
-    model = build_classifier(cfg, method_name, model_cfg, splits)
-    model.load_state_dict(state["method"])
     model.to(dev)
     autocast = torch.bfloat16 if dev.type == "cuda" else None
     task = task_named(cfg.task)
@@ -246,7 +250,6 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, d
     from .metrics import score
 
     metrics = score(task.metrics(splits), outputs, labels)
-    step = int(state.get("trainer", {}).get("step", 0))
     result = {"checkpoint": str(state_file), "step": step, "task": cfg.task, "data": splits.description,
               "samples": int(labels.shape[0]), "metrics": metrics}  # fmt: skip
     target = Path(out) if out else run_dir / "eval" / f"{state_file.parent.name}-step-{step:08d}.json"
@@ -257,3 +260,15 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, d
         f"{time.perf_counter() - start:.1f} s: {shown}")
     log(f"results:    {target}")
     return result
+
+
+def finetuned_model(checkpoint: str):
+    """The fine-tuned ``Classifier`` of a run (its best checkpoint) or checkpoint, with its weights, in eval
+    mode; returns (model, encoder method name, encoder config, run config, state file, its update step)."""
+    state, config, state_file = load_finetuned(checkpoint)
+    cfg = finetune_config_from_dict(config)
+    method_name = config["encoder"]["method"]
+    model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
+    model = build_classifier(cfg, method_name, model_cfg, config.get("classes"))
+    model.load_state_dict(state["method"])
+    return model.eval(), method_name, model_cfg, config, state_file, int(state.get("trainer", {}).get("step", 0))

@@ -229,7 +229,8 @@ def data2vec_audio_config(cfg) -> dict:
 def beit_state(state: dict, cfg) -> dict:
     out = rename(split_qkv(state), BEIT_KEYS)
     out["embeddings.position_embeddings"] = with_cls_row(out["embeddings.position_embeddings"])
-    out["embeddings.mask_token"] = out["embeddings.mask_token"].view(1, 1, -1)
+    if "embeddings.mask_token" in out:  # a fine-tuned encoder has none (data2vec 1.0 keeps it on the method)
+        out["embeddings.mask_token"] = out["embeddings.mask_token"].view(1, 1, -1)
     return out
 
 
@@ -315,3 +316,55 @@ TARGETS: dict[str, Target] = {
 """The standard classes by the names methods give them (``MethodEntry.export``)."""
 REFUSALS: dict[str, Callable[[object], str | None]] = {"data2vec-text": _needs_padding_idx, "roberta": _needs_padding_idx}
 """Why a config cannot take a target at all, whatever the method (None: it can)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuned models: the encoder's class with its classification head (``d2v2.models.tasks`` heads).
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadTarget:
+    """The class an encoder's standard class becomes with a head: the encoder's keys go under ``prefix``."""
+
+    name: str
+    prefix: str
+    state: Callable[[dict, object], dict]
+    """(head state in d2v2 names, method config) -> the class's head weights."""
+    config: Callable[[object], dict]
+    """method config -> what the class's config.json adds (beyond the labels)."""
+
+
+def sentence_head_state(head: dict, cfg) -> dict:
+    """RoBERTa's ``RobertaClassificationHead``: the same layers under ``classifier.``."""
+    return {f"classifier.{k}": v for k, v in head.items()}
+
+
+def pooled_audio_head_state(head: dict, cfg) -> dict:
+    """``*ForSequenceClassification`` projects the frames, mean-pools, then classifies; the mean commutes
+    with a linear map, so an identity projector and our linear layer as its classifier are our head."""
+    eye = torch.eye(cfg.embed_dim, dtype=head["linear.weight"].dtype)
+    return {"projector.weight": eye, "projector.bias": eye.new_zeros(cfg.embed_dim),
+            "classifier.weight": head["linear.weight"], "classifier.bias": head["linear.bias"]}  # fmt: skip
+
+
+def pooled_image_head_state(head: dict, cfg) -> dict:
+    """BEiT's mean pooling: the LayerNorm of the mean patch (``pooler.layernorm``), then ``classifier``."""
+    return {"pooler.layernorm.weight": head["norm.weight"], "pooler.layernorm.bias": head["norm.bias"],
+            "classifier.weight": head["linear.weight"], "classifier.bias": head["linear.bias"]}  # fmt: skip
+
+
+HEAD_TARGETS: dict[str, HeadTarget] = {
+    "Data2VecTextModel": HeadTarget("Data2VecTextForSequenceClassification", "data2vec_text.", sentence_head_state,
+                                    lambda cfg: {}),
+    "RobertaModel": HeadTarget("RobertaForSequenceClassification", "roberta.", sentence_head_state, lambda cfg: {}),
+    "Wav2Vec2Model": HeadTarget("Wav2Vec2ForSequenceClassification", "wav2vec2.", pooled_audio_head_state,
+                                lambda cfg: {"classifier_proj_size": cfg.embed_dim, "use_weighted_layer_sum": False}),
+    # data2vec 1.0 keeps its mask vector on the method, not the fine-tuned encoder: no masking, no vector.
+    "Data2VecAudioModel": HeadTarget("Data2VecAudioForSequenceClassification", "data2vec_audio.", pooled_audio_head_state,
+                                     lambda cfg: {"classifier_proj_size": cfg.embed_dim, "use_weighted_layer_sum": False,
+                                                  "mask_time_prob": 0.0, "mask_feature_prob": 0.0}),
+    "Data2VecVisionModel": HeadTarget("Data2VecVisionForImageClassification", "data2vec_vision.", pooled_image_head_state,
+                                      lambda cfg: {"use_mean_pooling": True, "use_mask_token": False}),
+}  # fmt: skip
+"""By the encoder's standard class (``Target.name``): its class with a head, where one matches ours."""

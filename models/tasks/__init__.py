@@ -6,6 +6,6 @@ the engine's (``d2v2.engine.finetune.tasks``).
 """
 
 from .classifier import Classifier, layer_ids
-from .heads import PooledHead, SentenceHead, masked_mean
+from .heads import HEADS, PooledHead, SentenceHead, build_head, masked_mean
 
-__all__ = ["Classifier", "PooledHead", "SentenceHead", "layer_ids", "masked_mean"]
+__all__ = ["HEADS", "Classifier", "PooledHead", "SentenceHead", "build_head", "layer_ids", "masked_mean"]

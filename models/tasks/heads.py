@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PooledHead", "SentenceHead", "masked_mean"]
+__all__ = ["HEADS", "PooledHead", "SentenceHead", "build_head", "masked_mean"]
 
 
 def masked_mean(x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -42,6 +42,8 @@ class PooledHead(nn.Module):
     def __init__(self, dim: int, num_outputs: int, skip_tokens: int = 0, norm: bool = True, norm_eps: float = 1e-6,
                  dropout: float = 0.0, init_std: float = 2e-5):  # fmt: skip
         super().__init__()
+        self.spec = {"kind": "pooled", "dim": dim, "num_outputs": num_outputs, "skip_tokens": skip_tokens, "norm": norm,
+                     "norm_eps": norm_eps, "dropout": dropout}  # fmt: skip  (build_head's input; exports keep it)
         self.skip_tokens = skip_tokens
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -66,6 +68,7 @@ class SentenceHead(nn.Module):
 
     def __init__(self, dim: int, num_outputs: int, dropout: float = 0.0):
         super().__init__()
+        self.spec = {"kind": "sentence", "dim": dim, "num_outputs": num_outputs, "dropout": dropout}  # build_head's input
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, num_outputs)
@@ -74,3 +77,15 @@ class SentenceHead(nn.Module):
         """``x`` [B, L, D] (the first token at position 0) -> [B, num_outputs]; padding is irrelevant to it."""
         x = torch.tanh(self.dense(self.dropout(x[:, 0])))
         return self.out_proj(self.dropout(x))
+
+
+HEADS = {"pooled": PooledHead, "sentence": SentenceHead}
+
+
+def build_head(spec: dict) -> nn.Module:
+    """The head a ``spec`` (a head's ``.spec``) describes, freshly initialised; a ValueError for an unknown kind."""
+    values = dict(spec)
+    kind = values.pop("kind", None)
+    if kind not in HEADS:
+        raise ValueError(f"unknown head kind {kind!r}; known: {', '.join(HEADS)}")
+    return HEADS[kind](**values)

@@ -1,0 +1,71 @@
+"""``d2v2 export`` of a fine-tuned run: the encoder with its head.
+
+Where the encoder's standard class has a classification class whose head is ours
+(``interop.standard_targets.HEAD_TARGETS``: Hugging Face's ``Data2VecText`` / ``Roberta`` /
+``Wav2Vec2`` / ``Data2VecAudio`` ``ForSequenceClassification`` and ``Data2VecVisionForImageClassification``),
+the folder loads into it with the class names as its labels; everything else is written in d2v2's own
+format, which ``d2v2.models.load_pretrained`` reads back as a ``Classifier``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from d2v2.models import save_pretrained
+from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
+
+from ..checkpoint import load_checkpoint
+from ..export import copy_tokenizer, standard_target, write_export
+from ..interop.standard_targets import HEAD_TARGETS
+from .run import finetune_run_dir, finetuned_model, finetuned_state_file
+
+
+def is_finetuned(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (a run folder, checkpoint folder or state.pt) is a fine-tuning run's."""
+    try:
+        config = load_checkpoint(finetuned_state_file(checkpoint)).get("config")
+    except FileNotFoundError:
+        return False
+    return isinstance(config, dict) and "task" in config
+
+
+def labels_config(classes: list[str] | None) -> dict:
+    """Hugging Face's label fields: the class names, or one regression output."""
+    if classes is None:
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {"num_labels": len(classes), "id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)},
+            "problem_type": "single_label_classification"}  # fmt: skip
+
+
+def export_finetuned(checkpoint: str, out_dir: Path, fmt: str, tokenizer: bool, log) -> dict:
+    """Write the fine-tuned model of ``checkpoint`` (a run's best checkpoint by default) into ``out_dir``."""
+    model, method, cfg, config, state_file, step = finetuned_model(checkpoint)
+    classes, task = config.get("classes"), config["task"]
+    provenance = {"method": method, "weights": "fine-tuned", "task": task, "source": str(state_file), "step": step}
+    base, why = standard_target(method, cfg) if fmt == "auto" else (None, "--format d2v2")
+    head = HEAD_TARGETS.get(base.name) if base is not None else None
+    if base is not None and head is None:
+        why = f"{base.name} has no class with this task's head"
+
+    def write(folder: Path) -> list[str]:
+        if head is None:
+            save_pretrained(model.state_dict(), method, cfg, folder, "fine-tuned", source=str(state_file), step=step,
+                            task={"name": task, "head": model.head.spec, "classes": classes, "regression": classes is None})  # fmt: skip
+        else:
+            state = {f"{head.prefix}{k}": v for k, v in base.state(model.encoder.state_dict(), cfg).items()}
+            state.update(head.state(model.head.state_dict(), cfg))
+            hf = {**base.config(cfg), **head.config(cfg), **labels_config(classes), "architectures": [head.name],
+                  "classifier_dropout": model.head.spec["dropout"], "d2v2": provenance}  # fmt: skip
+            write_folder(folder, state, hf)
+        files = [WEIGHTS_FILE, CONFIG_FILE]
+        if tokenizer and cfg.modality == "text":
+            files += copy_tokenizer(config, cfg, folder, finetune_run_dir(state_file))
+        return files
+
+    files = write_export(out_dir, write)
+    label = f"{head.name} (transformers)" if head else "d2v2's own format (d2v2.models.load_pretrained)"
+    log(f"{method} {cfg.modality}, fine-tuned for {task}, step {step} -> {out_dir}: {label}")
+    if head is None and fmt == "auto":
+        log(f"no standard class: {why}")
+    return {"target": head.name if head else "d2v2", "library": "transformers" if head else "d2v2",
+            "weights": "fine-tuned", "why": why, "files": files, "out": str(out_dir)}  # fmt: skip
