@@ -112,6 +112,10 @@ def cmd_converge(args: argparse.Namespace) -> int:
     settings["seeds"] = _seeds(args.seeds, args.quick)
     if args.quick:
         settings["calibration"] = (1, 2)
+    if args.eval == "finetune":
+        settings["finetune_steps"] = args.finetune_steps if args.finetune_steps is not None else (20 if args.quick else 200)
+    elif args.finetune_steps is not None:
+        raise ValueError("--finetune-steps applies to --eval finetune")
     results, paths = converge.run(
         device=_device(args.device),
         size=args.size,
@@ -242,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, help="probe points after t = 0, evenly over the budget (default: 6)")
     p.add_argument("--slice-s", type=float, help="seconds a method trains before the next takes its turn (default: 5)")
     p.add_argument("--probe-samples", type=int, help="probe on this many samples of the labelled set (default: all)")
+    p.add_argument("--eval", choices=("probe", "finetune"), default="probe",
+                   help="probe: linear probe and kNN (default); finetune: also fine-tune every probe point's encoder "
+                   "with finetune-<modality>-tiny (untimed), the paper's protocol")  # fmt: skip
+    p.add_argument("--finetune-steps", type=int, help="updates of each fine-tuning with --eval finetune (default: 200; "
+                   "--quick: 20)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="defaults of 2 s per method, probed at the start and the end on 400 samples, one seed: the "
                    "plumbing, not a result (options given explicitly still count)")

@@ -134,8 +134,10 @@ class Runner:
             self.samples += out["samples"]
             self.loss = out["loss"].detach()
 
-    def probe(self, labelled) -> dict[str, Any]:
-        """The probe's figures now, at this runner's clock; a non-finite loss ends the runner."""
+    def probe(self, labelled, finetune_steps: int | None = None, scratch: Path | None = None) -> dict[str, Any]:
+        """The probe's figures now, at this runner's clock, and with ``finetune_steps`` the validation
+        accuracy of a copy of the encoder fine-tuned that long (``finetune-<modality>-tiny``; untimed);
+        a non-finite loss ends the runner."""
         from d2v2.engine.probe import probe_tasks
 
         loss = float(self.loss) if self.loss is not None else None
@@ -143,12 +145,20 @@ class Runner:
             self.status = f"non-finite loss at step {self.trainer.step}"
         tasks = probe_tasks(self.trainer.method, labelled, device=str(self.device))
         main = next(iter(tasks.values()))
-        return {
+        point = {
             "modality": self.modality, "method": self.method, "seed": self.seed, "time_s": self.clock_s,
             "step": self.trainer.step, "epoch": self.samples / len(self.dataset), "loss": loss,
             "linear_accuracy": main["linear_accuracy"], "knn_accuracy": main["knn_accuracy"],
             "tasks": {k: {"linear": v["linear_accuracy"], "knn": v["knn_accuracy"]} for k, v in tasks.items()},
         }  # fmt: skip
+        if finetune_steps:
+            from d2v2.engine.finetune.run import finetune_copy
+
+            folder = Path(tempfile.mkdtemp(prefix=f"finetune-{self.method}-", dir=scratch))
+            best = finetune_copy(self.trainer.method, self.method, f"finetune-{self.modality}-tiny", self.config_dict,
+                                 device=self.device, scratch=folder, seed=self.seed, steps=finetune_steps)  # fmt: skip
+            point["finetune_accuracy"] = best["score"]
+        return point
 
     def labelled_set(self, limit: int | None = None):
         """The modality's probe set, or a fixed random ``limit`` of its samples."""
@@ -179,9 +189,10 @@ def calibrate(methods: Sequence[str], modality: str, size: str, seed: int, devic
 
 def race(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, budget_s: float,
          probes: int, slice_s: float, calibration: tuple[int, int], probe_samples: int | None, scratch: Path,
-         log) -> tuple[list[dict], list[dict]]:  # fmt: skip
+         log, finetune_steps: int | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """One seed of one modality: every method for ``budget_s`` of its own clock, probed ``probes``
-    times after t = 0. Returns (probe points, one summary per method)."""
+    times after t = 0 (and fine-tuned there with ``finetune_steps``). Returns (probe points, one
+    summary per method)."""
     seconds, runners = {}, []
     for m, calibrated in calibrate(methods, modality, size, seed, device, scratch, calibration, log).items():
         seconds[m] = statistics.median(calibrated.step_ms) / 1e3
@@ -189,7 +200,8 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
         runners.append(Runner(m, modality, size, seed, device, scratch / "race", fitted_overrides(calibrated.cfg, fitted)))
     labelled = {r.method: r.labelled_set(probe_samples) for r in runners}
     marks = [budget_s * (i + 1) / probes for i in range(probes)]
-    points = [r.probe(labelled[r.method]) for r in runners]
+    measure = {"finetune_steps": finetune_steps, "scratch": scratch}
+    points = [r.probe(labelled[r.method], **measure) for r in runners]
     next_mark = {r.method: 0 for r in runners}
     while any(not r.done and r.clock_s < budget_s for r in runners):
         for r in runners:
@@ -197,10 +209,11 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
                 continue
             r.train_until(min(r.clock_s + slice_s, marks[next_mark[r.method]]))
             if r.clock_s >= marks[next_mark[r.method]] or r.done:
-                points.append(r.probe(labelled[r.method]))
+                points.append(r.probe(labelled[r.method], **measure))
                 p = points[-1]
+                tuned = f"  fine-tuned {100 * p['finetune_accuracy']:5.1f} %" if "finetune_accuracy" in p else ""
                 log(f"{modality} {r.method:<10} seed {seed} t {p['time_s']:7.1f} s  step {p['step']:5d}  "
-                    f"epoch {p['epoch']:6.2f}  linear {100 * p['linear_accuracy']:5.1f} %  kNN {100 * p['knn_accuracy']:5.1f} %")
+                    f"epoch {p['epoch']:6.2f}  linear {100 * p['linear_accuracy']:5.1f} %  kNN {100 * p['knn_accuracy']:5.1f} %{tuned}")
                 while next_mark[r.method] < probes - 1 and r.clock_s >= marks[next_mark[r.method]]:
                     next_mark[r.method] += 1
     summaries = [
@@ -220,14 +233,15 @@ def trained(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [p for p in points if p["time_s"] > 0]
 
 
-def first_time(points: Sequence[Mapping[str, Any]], accuracy: float) -> float | None:
-    """The first trained probe time (t > 0) at which the linear accuracy reaches ``accuracy`` (None: never)."""
-    reached = [p["time_s"] for p in trained(points) if p["linear_accuracy"] >= accuracy - 1e-12]
+def first_time(points: Sequence[Mapping[str, Any]], accuracy: float, key: str = "linear_accuracy") -> float | None:
+    """The first trained probe time (t > 0) at which ``key`` (the linear accuracy) reaches ``accuracy`` (None: never)."""
+    reached = [p["time_s"] for p in trained(points) if p[key] >= accuracy - 1e-12]
     return min(reached) if reached else None
 
 
-def headline(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per modality, seed and other method: data2vec 2.0's time to the other's best accuracy.
+def headline(points: Sequence[Mapping[str, Any]], key: str = "linear_accuracy") -> list[dict[str, Any]]:
+    """Per modality, seed and other method: data2vec 2.0's time to the other's best accuracy (``key``:
+    the linear probe's, or the fine-tuned one).
 
     Only trained points count (t > 0): the untrained encoders' accuracy (t = 0) says what the
     architecture gives for free, not what a method learnt, so the fastest possible time is one probe
@@ -241,14 +255,14 @@ def headline(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             theirs = [p for p in points if (p["modality"], p["seed"], p["method"]) == (modality, seed, other)]
             if other == "data2vec2" or not mine or not theirs:
                 continue
-            best = max(p["linear_accuracy"] for p in trained(theirs) or theirs)
-            t_other, t_mine = first_time(theirs, best), first_time(mine, best)
+            best = max(p[key] for p in trained(theirs) or theirs)
+            t_other, t_mine = first_time(theirs, best, key), first_time(mine, best, key)
             target = TARGETS.get(other, 1.0)
             ratio = t_mine / t_other if t_mine is not None and t_other else None
             rows.append({
                 "modality": modality, "seed": seed, "other": other, "other_best_accuracy": best,
                 "other_time_s": t_other, "data2vec2_time_s": t_mine,
-                "data2vec2_best_accuracy": max(p["linear_accuracy"] for p in trained(mine) or mine),
+                "data2vec2_best_accuracy": max(p[key] for p in trained(mine) or mine),
                 "time_ratio": ratio, "target_ratio": target,
                 "met": ratio is not None and ratio <= target + 1e-9,
             })  # fmt: skip
@@ -270,8 +284,10 @@ def run(
     out_dir: Path | None = None,
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    finetune_steps: int | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, Path]]:
-    """Race the methods of every modality for ``budget_s`` seconds each, per seed; write the report."""
+    """Race the methods of every modality for ``budget_s`` seconds each, per seed; write the report.
+    ``finetune_steps``: also fine-tune every probe point's encoder that many updates (``--eval finetune``)."""
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"modalities: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(MODALITIES)}")
@@ -281,6 +297,7 @@ def run(
         (not 0 < slice_s < math.inf, f"--slice-s must be a positive number of seconds, got {slice_s:g}"),
         (not seeds, "--seeds needs at least one seed"),
         (probe_samples is not None and probe_samples < 20, f"--probe-samples must be >= 20, got {probe_samples}"),
+        (finetune_steps is not None and finetune_steps < 1, f"--finetune-steps must be >= 1, got {finetune_steps}"),
     ):
         if bad:
             raise ValueError(message)
@@ -296,13 +313,15 @@ def run(
         for modality, chosen in lineup.items():
             for seed in seeds:
                 p, s = race(chosen, modality, size, seed, device, budget_s, probes, slice_s, calibration,
-                            probe_samples, Path(scratch) / f"{modality}-{seed}", log)  # fmt: skip
+                            probe_samples, Path(scratch) / f"{modality}-{seed}", log, finetune_steps)  # fmt: skip
                 points += p
                 summaries += s
     results = {"points": points, "methods": summaries, "headline": headline(points)}
+    if finetune_steps:
+        results["headline_finetune"] = headline(points, "finetune_accuracy")
     meta = {
         **stamp, "benchmark": "converge", "size": size, "budget_s": budget_s, "probes": probes, "slice_s": slice_s,
-        "seeds": list(seeds), "probe_samples": probe_samples, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "seeds": list(seeds), "probe_samples": probe_samples, "finetune_steps": finetune_steps, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
     }  # fmt: skip
     out_dir = Path(out_dir) if out_dir is not None else report.default_out_dir("converge", device)
@@ -312,7 +331,7 @@ def run(
 # ----------------------------------------------------------------------------- report
 _HEADLINE_COLUMNS = (
     ("modality", "modality", ""), ("seed", "seed", ""), ("against", "other", ""),
-    ("their best linear %", "other_best_pct", ".1f"), ("their time s", "other_time_s", ".1f"),
+    ("their best %", "other_best_pct", ".1f"), ("their time s", "other_time_s", ".1f"),
     ("data2vec 2.0 time s", "data2vec2_time_s", ".1f"), ("ratio", "time_ratio", ".2f"),
     ("target", "target", ""), ("met", "met_word", ""), ("data2vec 2.0 best %", "data2vec2_best_pct", ".1f"),
 )  # fmt: skip
@@ -324,11 +343,46 @@ _METHOD_COLUMNS = (
 )  # fmt: skip
 
 
+_FINETUNE_COLUMNS = (
+    ("no pretraining: fine-tuned %", "initial_ft_pct", ".1f"), ("best fine-tuned %", "best_ft_pct", ".1f"),
+    ("final fine-tuned %", "final_ft_pct", ".1f"),
+)  # fmt: skip
+
+
+def _finetune_section(results: Mapping[str, list], meta: Mapping[str, Any]) -> str:
+    """Fine-tuned accuracy against pretraining time (the paper's protocol), with "no pretraining" (each
+    method's encoder fine-tuned from its random initialisation, t = 0) beside every method."""
+    rows = results["headline_finetune"]
+    shown = [
+        {**r, "other_best_pct": _pct(r["other_best_accuracy"]), "data2vec2_best_pct": _pct(r["data2vec2_best_accuracy"]),
+         "target": f"≤ {r['target_ratio']:.2f}", "met_word": "yes" if r["met"] else "no"}
+        for r in rows
+    ]  # fmt: skip
+    lines = []
+    for modality in dict.fromkeys(p["modality"] for p in results["points"]):
+        here = [p for p in results["points"] if p["modality"] == modality]
+        fresh = [p["finetune_accuracy"] for p in here if p["method"] == "data2vec2" and p["time_s"] == 0]
+        best = {}
+        for method in dict.fromkeys(p["method"] for p in here):
+            own = [p for p in here if p["method"] == method]
+            best[method] = max(p["finetune_accuracy"] for p in trained(own) or own)
+        ranked = ", ".join(f"{m} {100 * v:.1f} %" for m, v in sorted(best.items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {modality}: no pretraining (data2vec 2.0's encoder, random init) fine-tunes to "
+                     f"{', '.join(f'{100 * v:.1f} %' for v in fresh)}; best fine-tuned accuracy by method: {ranked}")  # fmt: skip
+    return (
+        f"## Fine-tuned accuracy against pretraining time\n\nAt every probe point a copy of the encoder (the "
+        f"student's) is fine-tuned with `finetune-<modality>-tiny` for {meta.get('finetune_steps')} updates, untimed, "
+        "and scored on the recipe's validation split (its best score).\n\n" + "\n".join(lines) + "\n\n"
+        + ("\n".join(_headline_lines(rows, "fine-tuned")) or "Nothing to compare.") + "\n\n"
+        + report.markdown_table(shown, _HEADLINE_COLUMNS)
+    )
+
+
 def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def _headline_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _headline_lines(rows: Sequence[Mapping[str, Any]], what: str = "linear-probe") -> list[str]:
     """One line per (modality, other): the ratios over seeds, their median, and the target."""
     lines = []
     for modality, other in dict.fromkeys((r["modality"], r["other"]) for r in rows):
@@ -339,7 +393,7 @@ def _headline_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         median = f"median {statistics.median(reached):.2f}" if len(reached) == len(ratios) else "not reached in every seed"
         verdict = "met" if all(r["met"] for r in mine) else "missed"
         lines.append(
-            f"- {modality}: data2vec 2.0 reaches {other}'s best linear-probe accuracy in {shown} of {other}'s time "
+            f"- {modality}: data2vec 2.0 reaches {other}'s best {what} accuracy in {shown} of {other}'s time "
             f"({median}; target ≤ {mine[0]['target_ratio']:.2f}: {verdict})"
         )
     return lines
@@ -360,6 +414,7 @@ def write_report(out_dir: Path, meta: Mapping[str, Any], results: Mapping[str, l
          "target": f"≤ {r['target_ratio']:.2f}", "met_word": "yes" if r["met"] else "no"}
         for r in headline_rows
     ]  # fmt: skip
+    tuned = "headline_finetune" in results
     methods = []
     for s in results["methods"]:
         own = [p for p in points if (p["modality"], p["method"], p["seed"]) == (s["modality"], s["method"], s["seed"])]
@@ -369,14 +424,19 @@ def write_report(out_dir: Path, meta: Mapping[str, Any], results: Mapping[str, l
             "best_pct": _pct(max((p["linear_accuracy"] for p in trained(own)), default=None)),
             "final_pct": _pct(own[-1]["linear_accuracy"]) if own else None,
             "final_knn_pct": _pct(own[-1]["knn_accuracy"]) if own else None,
+            **({"initial_ft_pct": _pct(own[0]["finetune_accuracy"]) if own else None,
+                "best_ft_pct": _pct(max((p["finetune_accuracy"] for p in trained(own)), default=None)),
+                "final_ft_pct": _pct(own[-1]["finetune_accuracy"]) if own else None} if tuned else {}),
         })  # fmt: skip
     sections = [
         "## Time to accuracy\n\n" + ("\n".join(_headline_lines(headline_rows)) or "Nothing to compare.")
         + "\n\n" + report.markdown_table(shown, _HEADLINE_COLUMNS)
         + "\n\nTimes are each method's own training clock at the first trained probe point (t > 0) reaching the "
         "accuracy; the resolution is the probe interval. The untrained encoders' accuracy is in the table below.",
-        "## Methods\n\n" + report.markdown_table(methods, _METHOD_COLUMNS),
     ]
+    if tuned:
+        sections.append(_finetune_section(results, meta))
+    sections.append("## Methods\n\n" + report.markdown_table(methods, _METHOD_COLUMNS + (_FINETUNE_COLUMNS if tuned else ())))
     paths["md"] = report.write_markdown(out_dir / "results.md", "d2v2 convergence benchmark", header, sections)
     paths["png"] = write_plot(out_dir / "results.png", meta, points, headline_rows)
     return paths
@@ -406,8 +466,12 @@ def write_plot(path: Path, meta: Mapping[str, Any], points: Sequence[Mapping[str
                     ax.plot([p[key] for p in curve], [100 * p["linear_accuracy"] for p in curve], marker="o",
                             markersize=3, linewidth=1, color=colours[method], alpha=0.9 if i == 0 else 0.5,
                             label=method if i == 0 else None)  # fmt: skip
+                    if all("finetune_accuracy" in p for p in curve):  # dashed: fine-tuned
+                        ax.plot([p[key] for p in curve], [100 * p["finetune_accuracy"] for p in curve], marker="x",
+                                markersize=3, linewidth=1, linestyle="--", color=colours[method],
+                                alpha=0.9 if i == 0 else 0.5, label=f"{method} fine-tuned" if i == 0 else None)  # fmt: skip
             ax.set_xlabel(label)
-            ax.set_ylabel(f"{modality}: linear probe %")
+            ax.set_ylabel(f"{modality}: accuracy % (linear probe; dashed: fine-tuned)")
             ax.grid(alpha=0.3)
         for h in (h for h in headline_rows if h["modality"] == modality):
             ax = row[0]

@@ -146,6 +146,24 @@ def finetune(
         distributed.teardown()
 
 
+def make_trainer(cfg: FinetuneConfig, model: Classifier, splits: LabelledSplits, run_dir: Path, dev: torch.device,
+                 resolved: dict, log, env: distributed.DistEnv | None = None) -> FinetuneTrainer:  # fmt: skip
+    """The loop for ``model`` on ``splits``: its resumable loader (mixup / cutmix for classes), validation."""
+    env = env or distributed.DistEnv()
+    mixing = Mixing(cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.switch_prob, cfg.head.label_smoothing,
+                    splits.num_outputs) if splits.classes is not None else None  # fmt: skip
+
+    def loader_fn(position):
+        return train_loader(splits, cfg.data, cfg.train.seed, mixing, position, rank=env.rank, world_size=env.world_size)
+
+    return FinetuneTrainer(
+        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, cfg.data.batch_size, resolved, log=log, dist=env,
+        find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
+        valid=splits.valid, metric_names=task_named(cfg.task).metrics(splits), eval_every=cfg.train.eval_every,
+        eval_batch_size=cfg.data.batch_size, pad_value=splits.pad_id,
+    )  # fmt: skip
+
+
 def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Path, resume: str, log) -> dict:
     task = task_named(cfg.task)
     torch.manual_seed(cfg.train.seed)
@@ -172,18 +190,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
     resolved = {"recipe": cfg.recipe, "method": method_name, **{k: v for k, v in to_dict(cfg).items() if k != "recipe"},
                 "encoder": {"method": method_name, "config": to_dict(model_cfg)},
                 "classes": splits.classes}  # fmt: skip
-    mixing = Mixing(cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.switch_prob, cfg.head.label_smoothing,
-                    splits.num_outputs) if splits.classes is not None else None  # fmt: skip
-
-    def loader_fn(position):
-        return train_loader(splits, cfg.data, cfg.train.seed, mixing, position, rank=env.rank, world_size=env.world_size)
-
-    trainer = FinetuneTrainer(
-        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, cfg.data.batch_size, resolved, log=log, dist=env,
-        find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
-        valid=splits.valid, metric_names=task.metrics(splits), eval_every=cfg.train.eval_every,
-        eval_batch_size=cfg.data.batch_size, pad_value=splits.pad_id,
-    )  # fmt: skip
+    trainer = make_trainer(cfg, model, splits, run_dir, dev, resolved, log, env)
     log(f"run folder {run_dir} | {cfg.task}: {splits.description}, {len(splits.train)} train / {len(splits.valid)} valid "
         f"samples, {splits.num_outputs if splits.classes is not None else 'a regression'} "
         f"{'classes' if splits.classes is not None else 'target'} | {method_name} {model_cfg.modality} encoder, "
@@ -272,3 +279,31 @@ def finetuned_model(checkpoint: str):
     model = build_classifier(cfg, method_name, model_cfg, config.get("classes"))
     model.load_state_dict(state["method"])
     return model.eval(), method_name, model_cfg, config, state_file, int(state.get("trainer", {}).get("step", 0))
+
+
+def finetune_copy(method, method_name: str, recipe: str, run_config: dict, *, device: torch.device, scratch: Path,
+                  seed: int = 1, steps: int | None = None, run_dir: Path | None = None) -> dict:  # fmt: skip
+    """Fine-tune a copy of ``method``'s student encoder (the method itself is left as it is) with the
+    fine-tuning ``recipe`` on its embedded data, in folder ``scratch`` (no lock, nothing logged), and
+    return the best validation score: ``{"step", "score", "metrics"}``. ``steps`` rescales the recipe's
+    schedule (warm-up in proportion); ``run_config`` is the pretraining run's (text: its tokenizer).
+
+    For benches that judge pretraining by what fine-tuning makes of it (``bench converge --eval finetune``).
+    """
+    base = resolve_finetune_config(recipe, ["pretrained.checkpoint=in-memory"])
+    steps = steps or base.optim.total_steps
+    cfg = resolve_finetune_config(recipe, [
+        "pretrained.checkpoint=in-memory", f"train.seed={seed}", f"optim.total_steps={steps}", f"train.max_steps={steps}",
+        f"optim.warmup_steps={round(base.optim.warmup_steps * steps / base.optim.total_steps)}",
+        f"train.eval_every={max(1, steps // 4)}", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
+        "data.num_workers=0",
+    ])  # fmt: skip
+    model_cfg = method.cfg
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        splits = _splits(cfg, model_cfg, lambda: run_tokenizer(run_config, run_dir), run_config, run_dir)
+        model = build_classifier(cfg, method_name, model_cfg, splits.classes)
+        model.load_encoder(encoder_state(method, "student"))
+        trainer = make_trainer(cfg, model, splits, scratch, device, {}, lambda *_: None)
+        trainer.train()
+    return trainer.best

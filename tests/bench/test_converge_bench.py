@@ -87,6 +87,19 @@ def test_quick_race_end_to_end_writes_the_three_outputs(tmp_path, capsys):
     assert (out / "results.png").stat().st_size > 10_000
 
 
+def test_eval_finetune_fine_tunes_every_probe_point_with_no_pretraining_at_t0(tmp_path):
+    out = tmp_path / "converge"
+    assert cli.main(["converge", "--quick", "--modalities", "text", "--methods", "data2vec2,mlm", "--eval", "finetune",
+                     "--finetune-steps", "4", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "results.json").read_text())
+    assert report["meta"]["finetune_steps"] == 4
+    assert all(0.0 <= p["finetune_accuracy"] <= 1.0 for p in report["points"])
+    assert [r["other"] for r in report["headline_finetune"]] == ["mlm"]
+    md = (out / "results.md").read_text()
+    assert "## Fine-tuned accuracy against pretraining time" in md and "no pretraining (data2vec 2.0's encoder" in md
+    assert "| no pretraining: fine-tuned % |" in md
+
+
 @pytest.mark.parametrize(
     "given, message",
     [
@@ -97,6 +110,8 @@ def test_quick_race_end_to_end_writes_the_three_outputs(tmp_path, capsys):
         (["--probe-samples", "0"], "--probe-samples must be >= 20, got 0"),
         (["--seeds", ""], "--seeds needs at least one seed"),
         (["--seeds", "x"], "--seeds takes integers such as 1,2; got 'x'"),
+        (["--eval", "finetune", "--finetune-steps", "0"], "--finetune-steps must be >= 1, got 0"),
+        (["--finetune-steps", "5"], "--finetune-steps applies to --eval finetune"),
     ],
 )
 def test_quick_changes_defaults_only_and_explicit_bad_settings_are_errors(tmp_path, capsys, given, message):
