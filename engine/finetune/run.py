@@ -95,6 +95,7 @@ def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, classes: 
         method.encoder, method.modality, task.head(cfg.head, model_cfg, outputs), regression=classes is None,
         label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay,
         layerdrop=getattr(model_cfg, "layerdrop", 0) > 0 or getattr(model_cfg, "prenet_layerdrop", 0) > 0,
+        freeze_feature_encoder=cfg.head.freeze_feature_encoder,
     )  # fmt: skip
     return model
 

@@ -55,6 +55,9 @@ class HeadConfig:
     """Classes: label smoothing of the cross-entropy (0.1 in the reference's ImageNet fine-tuning)."""
     layer_decay: float = 1.0
     """Layer-wise learning-rate decay (0.65 for ViT-B in the reference's ImageNet fine-tuning; 1 = none)."""
+    freeze_feature_encoder: bool = False
+    """Audio: keep the CNN feature encoder as pretrained (wav2vec 2.0's and data2vec's fine-tuning:
+    ``feature_grad_mult: 0.0``)."""
 
     def __post_init__(self):
         for name in ("dropout", "label_smoothing"):

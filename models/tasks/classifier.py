@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.encoders import AudioFeatureEncoder
 from ..method import Method
 from ..modalities import Modality
 
@@ -64,12 +65,15 @@ class Classifier(Method):
         layer_decay: learning-rate decay per layer (1 = none).
         layerdrop: whether the encoder skips blocks at random (LayerDrop), so that a step may leave
             parameters without a gradient.
+        freeze_feature_encoder: keep an audio encoder's CNN as it is (wav2vec 2.0's and data2vec's
+            fine-tuning, ``feature_grad_mult: 0.0``; Hugging Face's ``freeze_feature_encoder()``).
     """
 
     log_keys = ("accuracy",)
 
     def __init__(self, encoder: nn.Module, modality: Modality, head: nn.Module, regression: bool = False,
-                 label_smoothing: float = 0.0, layer_decay: float = 1.0, layerdrop: bool = False):  # fmt: skip
+                 label_smoothing: float = 0.0, layer_decay: float = 1.0, layerdrop: bool = False,
+                 freeze_feature_encoder: bool = False):  # fmt: skip
         super().__init__()
         self.encoder, self.modality, self.head = encoder, modality, head
         self.regression, self.label_smoothing, self.layer_decay = regression, label_smoothing, layer_decay
@@ -78,6 +82,10 @@ class Classifier(Method):
         # that data-parallel training does not wait for them.
         for name in getattr(encoder, "masking_only", ()):
             getattr(encoder, name).requires_grad_(False)
+        if freeze_feature_encoder:
+            for module in encoder.modules():
+                if isinstance(module, AudioFeatureEncoder):
+                    module.conv_layers.requires_grad_(False)
         # A head with its own LayerNorm on the pooled features replaces a pre-norm ViT's final norm
         # (MAE's fine-tuning ``del self.norm`` under global_pool, BEiT's and timm's ``fc_norm``).
         self.replaced: tuple[str, ...] = ()

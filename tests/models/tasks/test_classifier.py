@@ -122,3 +122,11 @@ def test_a_pooled_head_with_its_norm_replaces_the_vits_final_norm():
     model.load_encoder(pretrained.state_dict())  # the pretrained final norm is left out, nothing else
     torch.testing.assert_close(model.encoder.blocks[0].mlp.fc1.weight, pretrained.blocks[0].mlp.fc1.weight)
     assert classifier("data2vec2", "image").replaced == ()  # post-norm blocks: no final norm to replace
+
+
+@pytest.mark.parametrize("method", ["data2vec2", "data2vec", "wav2vec2"])
+def test_freezing_the_feature_encoder_keeps_the_cnn_only(method):
+    model = classifier(method, "audio", freeze_feature_encoder=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".conv_layers." in n or n == "encoder.mask_emb" for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "project" in n)  # the projection still learns
