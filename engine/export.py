@@ -118,7 +118,7 @@ def export(
 
     target, why = standard_target(name, cfg) if fmt == "auto" else (None, "--format d2v2")
 
-    def write(folder: Path) -> list[str]:
+    def write(folder: Path) -> None:
         if target is None:
             save_pretrained(state, name, cfg, folder, weights, source=provenance["source"], step=step)
         else:
@@ -126,12 +126,8 @@ def export(
             mask_emb = getattr(method, "mask_emb", None)
             extra = {} if mask_emb is None or "mask_emb" in state else {"mask_emb": mask_emb}
             _save_standard(target, {**state, **extra}, cfg, folder, provenance)
-        files = [WEIGHTS_FILE, CONFIG_FILE]
-        if tokenizer and cfg.modality == "text":
-            files += copy_tokenizer(run_config, cfg, folder, run_folder_of(state_file))
-        return files
 
-    files = write_export(out_dir, write)
+    files = write_export(out_dir, write, cfg, (run_config, run_folder_of(state_file)) if tokenizer else None)
     label = f"{target.name} ({target.library})" if target else "d2v2's own format (d2v2.models.load_pretrained)"
     log(f"{name} {cfg.modality}, {weights} weights, step {step} -> {out_dir}: {label}")
     if target is None and fmt == "auto":
@@ -140,8 +136,9 @@ def export(
             "weights": weights, "why": why, "files": files, "out": str(out_dir)}  # fmt: skip
 
 
-def write_export(out_dir: Path, write) -> list[str]:
-    """``write(folder) -> files`` into ``out_dir`` whole or not at all; returns the files written.
+def write_export(out_dir: Path, write, cfg, tokenizer_of: tuple[dict, Path | None] | None) -> list[str]:
+    """``write(folder)`` (the weights and config.json) and, for text, the run's tokenizer (``tokenizer_of``:
+    its run config and folder; None: none) into ``out_dir``, whole or not at all; returns the files.
 
     An empty ``out_dir`` (perhaps a mount point, which can be neither removed nor renamed over) is
     written into; a new one is written whole under a temporary name beside it, then renamed.
@@ -150,7 +147,11 @@ def write_export(out_dir: Path, write) -> list[str]:
     tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        files = write(tmp)
+        write(tmp)
+        files = [WEIGHTS_FILE, CONFIG_FILE]
+        if tokenizer_of is not None and cfg.modality == "text":
+            run_config, run_dir = tokenizer_of
+            files += copy_tokenizer(run_config, cfg, tmp, run_dir)
         if into:
             for path in tmp.iterdir():
                 os.replace(path, out_dir / path.name)

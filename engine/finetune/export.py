@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from d2v2.models import save_pretrained
-from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
+from d2v2.models.pretrained import write_folder
 
 from ..checkpoint import load_checkpoint
-from ..export import copy_tokenizer, standard_target, write_export
+from ..export import standard_target, write_export
 from ..interop.standard_targets import HEAD_TARGETS
 from .run import finetune_run_dir, finetuned_model, finetuned_state_file
 
@@ -47,7 +47,7 @@ def export_finetuned(checkpoint: str, out_dir: Path, fmt: str, tokenizer: bool, 
     if base is not None and head is None:
         why = f"{base.name} has no class with this task's head"
 
-    def write(folder: Path) -> list[str]:
+    def write(folder: Path) -> None:
         if head is None:
             save_pretrained(model.state_dict(), method, cfg, folder, "fine-tuned", source=str(state_file), step=step,
                             task={"name": task, "head": model.head.spec, "classes": classes, "regression": classes is None})  # fmt: skip
@@ -57,12 +57,8 @@ def export_finetuned(checkpoint: str, out_dir: Path, fmt: str, tokenizer: bool, 
             hf = {**base.config(cfg), **head.config(cfg), **labels_config(classes), "architectures": [head.name],
                   "classifier_dropout": model.head.spec["dropout"], "d2v2": provenance}  # fmt: skip
             write_folder(folder, state, hf)
-        files = [WEIGHTS_FILE, CONFIG_FILE]
-        if tokenizer and cfg.modality == "text":
-            files += copy_tokenizer(config, cfg, folder, finetune_run_dir(state_file))
-        return files
 
-    files = write_export(out_dir, write)
+    files = write_export(out_dir, write, cfg, (config, finetune_run_dir(state_file)) if tokenizer else None)
     label = f"{head.name} (transformers)" if head else "d2v2's own format (d2v2.models.load_pretrained)"
     log(f"{method} {cfg.modality}, fine-tuned for {task}, step {step} -> {out_dir}: {label}")
     if head is None and fmt == "auto":
