@@ -355,3 +355,29 @@ def test_cpu_training_adds_index_gradients_in_a_fixed_order():
         first = grad()
         assert all(torch.equal(grad(), first) for _ in range(10))
     assert torch.are_deterministic_algorithms_enabled() == before  # restored after the run
+
+
+def test_fine_tuning_on_two_ranks_matches_one_process(tmp_path, cache, monkeypatch):
+    """``d2v2 finetune`` under torchrun: 2 ranks x 1 micro-batch train as 1 process x 2, and keep the best."""
+    from d2v2.engine.cli import main
+
+    monkeypatch.setenv("D2V2_CACHE", str(cache))
+    pretrained = tmp_path / "pretrained"
+    assert main([*TINY, "--max-steps", "2", "--out", str(pretrained)]) == 0
+    args = ["finetune", "--recipe", "finetune-image-tiny", "--checkpoint", str(pretrained), "--device", "cpu",
+            "--max-steps", "3", "--set", "data.batch_size=4", "--set", "train.log_every=1", "--set", "train.eval_every=2",
+            "--set", "model.drop_path_rate=0"]  # fmt: skip
+    _torchrun([*args, "--out", str(tmp_path / "ranks")], cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "single"), "--set", "train.accum_steps=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ranks, single = _metrics(tmp_path / "ranks"), _metrics(tmp_path / "single")
+    assert [r["step"] for r in ranks] == [r["step"] for r in single] == [1, 2, 2, 3, 3]  # train rows and valid rows
+    for a, b in zip(ranks, single):
+        for key in ("loss", "grad_norm", "valid_accuracy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert (tmp_path / "ranks" / "best" / "state.pt").is_file()
