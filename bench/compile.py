@@ -168,9 +168,13 @@ def _compile_one(index: int) -> dict:
     return compile_launch(launch, arch)
 
 
-def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[str], None] = print) -> list[dict]:
-    """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to."""
-    work = [(launch, arch) for launch, _ in variants for arch in archs]
+def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[str], None] = print,
+                kept_only: bool = False) -> list[dict]:
+    """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to.
+    ``kept_only``: only on the architectures whose pruning keeps the launch (a quicker check that
+    leaves out the pruned configs' compile errors and spills)."""
+    work = [(launch, arch) for launch, _ in variants for arch in archs
+            if not kept_only or launch.kept_on is None or arch in launch.kept_on]  # fmt: skip
     _WORK[:] = work
     start = time.perf_counter()
     if jobs > 1:
