@@ -168,9 +168,13 @@ def _compile_one(index: int) -> dict:
     return compile_launch(launch, arch)
 
 
-def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[str], None] = print) -> list[dict]:
-    """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to."""
-    work = [(launch, arch) for launch, _ in variants for arch in archs]
+def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[str], None] = print,
+                kept_only: bool = False) -> list[dict]:
+    """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to.
+    ``kept_only``: only on the architectures whose pruning keeps the launch (a quicker check that
+    leaves out the pruned configs' compile errors and spills)."""
+    work = [(launch, arch) for launch, _ in variants for arch in archs
+            if not kept_only or launch.kept_on is None or arch in launch.kept_on]  # fmt: skip
     _WORK[:] = work
     start = time.perf_counter()
     if jobs > 1:
@@ -322,23 +326,32 @@ def _display(row: dict) -> dict:
     return shown
 
 
+def _spill(row: dict) -> int:
+    return row["spill_stores"] + row["spill_loads"]
+
+
 def summary(rows: Sequence[dict]) -> dict[str, dict]:
-    """Per architecture: launches compiled / failed, the worst spills and the largest shared memory."""
+    """Per architecture: launches compiled / failed / kept there by the autotuners' pruning, the kept
+    launches that spill (bf16 / fp16 ones fail the check) and the worst, the pruned configs that spill
+    (most are pruned for it) and the worst, and the largest shared memory of a kept launch."""
     out = {}
     for arch in dict.fromkeys(r["arch"] for r in rows):
         here = [r for r in rows if r["arch"] == arch]
         ok = [r for r in here if r["status"] == "ok"]
-        spilling = sorted(ok, key=lambda r: -(r["spill_stores"] + r["spill_loads"]))
-        worst = spilling[0] if spilling and spilling[0]["spill_stores"] + spilling[0]["spill_loads"] else None
-        hot = [r for r in spilling if r["hot"] and r["spill_stores"] + r["spill_loads"]]
-        largest = max(ok, key=lambda r: r["shared"], default=None)
+        kept = [r for r in ok if r["autotuner_keeps"]]
+        spilling = sorted((r for r in kept if _spill(r)), key=lambda r: -_spill(r))
+        pruned = sorted((r for r in ok if not r["autotuner_keeps"] and _spill(r)), key=lambda r: -_spill(r))
+        largest = max(kept, key=lambda r: r["shared"], default=None)
         out[arch] = {
             "launches": len(here),
             "compiled": len(ok),
             "errors": len(here) - len(ok),
-            "spilling": sum(1 for r in ok if r["spill_stores"] + r["spill_loads"]),
-            "hot_spilling": len(hot),
-            "worst_spill": _where(worst, f"{worst['spill_stores']}/{worst['spill_loads']} B") if worst else None,
+            "kept": len(kept),
+            "spilling": len(spilling),
+            "hot_spilling": sum(1 for r in spilling if r["hot"]),
+            "worst_spill": _where(spilling[0], f"{spilling[0]['spill_stores']}/{spilling[0]['spill_loads']} B") if spilling else None,
+            "pruned_spilling": len(pruned),
+            "worst_pruned_spill": _where(pruned[0], f"{pruned[0]['spill_stores']}/{pruned[0]['spill_loads']} B") if pruned else None,
             "largest_smem": _where(largest, f"{largest['shared']} B of {largest['smem_limit']}") if largest else None,
             "problems": sum(1 for r in here if r["problems"]),
         }
@@ -357,9 +370,11 @@ def write_report(out_dir: Path, meta: dict, rows: Sequence[dict]) -> dict[str, P
     lines = ["## Summary", ""]
     for arch, s in heads.items():
         lines.append(
-            f"- {arch}: {s['compiled']} of {s['launches']} launches compiled ({s['errors']} errors); "
-            f"{s['spilling']} spill ({s['hot_spilling']} in bf16/fp16); worst spill {s['worst_spill'] or 'none'}; "
-            f"largest shared memory {s['largest_smem']}; {s['problems']} failing the check"
+            f"- {arch}: {s['compiled']} of {s['launches']} launches compiled ({s['errors']} errors), {s['kept']} "
+            f"kept there by the autotuners' pruning; of those {s['spilling']} spill ({s['hot_spilling']} in "
+            f"bf16/fp16), worst {s['worst_spill'] or 'none'}; largest shared memory {s['largest_smem']}; "
+            f"{s['problems']} failing the check. Configs pruned there that spill: {s['pruned_spilling']}, "
+            f"worst {s['worst_pruned_spill'] or 'none'}"
         )
     limits = ", ".join(f"{a} {b} B" for a, b in meta["smem_limits"].items())
     lines += ["", f"Shared memory per block (opt-in): {limits} (CUDA C++ Programming Guide, compute capability "

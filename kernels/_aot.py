@@ -127,12 +127,13 @@ def _config_label(config) -> str:
 
 
 def _pruned_for(autotuner, kwargs, arch: int) -> list:
-    """The configs ``autotuner``'s own pruning keeps on a device with ``arch``'s shared memory."""
-    _utils._smem_limit = ARCHS[arch].smem_per_block
+    """The configs ``autotuner``'s own pruning keeps on a device of compute capability ``arch`` (its
+    shared memory, and the configs the kernel drops there because they spill)."""
+    _utils._smem_limit, _utils._arch = ARCHS[arch].smem_per_block, arch
     try:
         return autotuner.prune_configs(kwargs)
     finally:
-        _utils._smem_limit = None
+        _utils._smem_limit, _utils._arch = None, None
 
 
 @contextlib.contextmanager

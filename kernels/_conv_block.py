@@ -57,7 +57,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import block_settings, check_tensor, ensure_contiguous, fit_shared_memory, tl, triton, triton_interpret
+from ._utils import (
+    block_settings,
+    check_tensor,
+    device_arch,
+    ensure_contiguous,
+    fit_shared_memory,
+    tl,
+    triton,
+    triton_interpret,
+)
 
 LAYER_NORM_EPS = 1e-5
 
@@ -167,11 +176,20 @@ def _smem_estimate(config, args) -> int:
     return stages * (m * c + max(m, c) * args["BLOCK_O"]) * size
 
 
-def _prune_in_channel_tiles(widest: int, eight_warps_in_16_bit: bool = False):
+# Conv configs that spill in bf16 / fp16 on some architectures (``d2v2 bench compile``, Triton 3.9), dropped
+# there: (compute capabilities [from, to), {(BLOCK_M, BLOCK_C, num_warps)}). sm_100: the 128 x 64 tile at
+# 4 warps spills 8 / 8 B at 96 registers (the audio positional conv's input gradient, 48 channels per
+# group, k = 19); at 8 warps that launch takes 55 registers without spills.
+_CONV_SPILLS_16_BIT = (((100, 110), {(128, 64, 4)}),)
+
+
+def _prune_in_channel_tiles(widest: int, eight_warps_in_16_bit: bool = False, spills_16_bit=()):
     """The configs of the group's in-channel tile widths that fit the device's shared memory. With
     ``eight_warps_in_16_bit`` (the wgrad), bf16 / fp16 keep only 8-warp configs: at 4 warps the
     [BLOCK_C, BLOCK_O] fp32 accumulator and both staged operands spill (ptxas, sm_80 and sm_90, in
-    64 x 64, 64 x 128, 128 x 16, 128 x 128 and 32 x 64 tiles; ``d2v2 bench compile``)."""
+    64 x 64, 64 x 128, 128 x 16, 128 x 128 and 32 x 64 tiles; ``d2v2 bench compile``). In bf16 / fp16
+    the (BLOCK_M, BLOCK_C, num_warps) that ``spills_16_bit`` lists for the device's architecture
+    (``device_arch``) are dropped too."""
 
     def prune(configs, named_args, **kwargs):
         c_in_per_group = kwargs.get("C_IN_PER_GROUP", named_args.get("C_IN_PER_GROUP"))
@@ -179,6 +197,10 @@ def _prune_in_channel_tiles(widest: int, eight_warps_in_16_bit: bool = False):
         tiles = [c for c in configs if c.kwargs["BLOCK_C"] in widths]
         if eight_warps_in_16_bit and named_args["x_ptr"].element_size() == 2:
             tiles = [c for c in tiles if c.num_warps == 8] or tiles
+        arch = device_arch()
+        if arch is not None and named_args["x_ptr"].element_size() == 2:
+            dropped = set().union(*(blocks for (lo, hi), blocks in spills_16_bit if lo <= arch < hi))
+            tiles = [c for c in tiles if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.num_warps) not in dropped] or tiles
         # then what does not fit the device's shared memory (fp32 wgrad at 128 x 128, see _conv_configs)
         return fit_shared_memory(tiles, _smem_estimate, named_args, kwargs)
 
@@ -204,7 +226,7 @@ _CONV_WIDEST, _WGRAD_WIDEST = 64, 128
 @triton.autotune(
     configs=_conv_configs(),
     key=["C_IN_PER_GROUP", "C_OUT_PER_GROUP", "KH", "KW"],
-    prune_configs_by=_prune_in_channel_tiles(widest=_CONV_WIDEST),
+    prune_configs_by=_prune_in_channel_tiles(widest=_CONV_WIDEST, spills_16_bit=_CONV_SPILLS_16_BIT),
 )
 @triton.jit
 def _conv_block_conv_kernel(

@@ -48,10 +48,12 @@ def triton_interpret() -> bool:
 
 
 # Set by ``_aot.trace_launches()``: launches are then recorded, not run, so CPU tensors may take the
-# Triton path (with the host code's GPU branches, unlike the interpreter). ``_smem_limit`` stands in
-# for the device's shared memory while it asks the autotuners what they keep on each architecture.
+# Triton path (with the host code's GPU branches, unlike the interpreter). ``_smem_limit`` and ``_arch``
+# stand in for the device's shared memory and compute capability while it asks the autotuners what
+# they keep on each architecture.
 _tracing = False
 _smem_limit: int | None = None
+_arch: int | None = None
 
 
 def tracing_launches() -> bool:
@@ -96,6 +98,18 @@ def device_smem_limit() -> int | None:
     if triton_interpret() or _tracing or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+def device_arch() -> int | None:
+    """Compute capability of the current CUDA device as 10 * major + minor (80: A100, 90: H100), which
+    the autotuners' pruning reads to drop configs that spill registers there; None when nothing runs on
+    a GPU (the interpreter, ``trace_launches``, no CUDA), where no config is dropped by it."""
+    if _arch is not None:
+        return _arch
+    if triton_interpret() or _tracing or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+    return 10 * major + minor
 
 
 def fit_shared_memory(configs: list, smem_estimate, named_args: dict, kwargs: dict) -> list:

@@ -72,9 +72,12 @@ Limits
     - Offsets inside one (batch, head) plane are int32: a view whose plane spans 2**31 elements or
       more is copied to a contiguous tensor first.
     - Verified under TRITON_INTERPRET=1 (CPU) against the reference with Triton 3.6 and 3.9, and
-      every config compiled ahead of time for sm80 and sm90 (``d2v2 bench compile``). bf16/fp16 at
-      Dh 64: no spills without dropout; with dropout the backward configs that spill (dk/dv 64-query
-      steps, dq 64-key steps) are pruned. Configs are also filtered by the device's shared memory
+      every config compiled ahead of time for sm_80, sm_90 and sm_100 (``d2v2 bench compile``).
+      bf16/fp16 at Dh 64: the configs that spill on an architecture are pruned there for the flag
+      mixes where they spill (``_FWD_SPILLS``, ``_BWD_DKDV_SPILLS``, ``_BWD_DQ_SPILLS``: on sm_80 the
+      backward's 64-row steps, on sm_90 the dk/dv 64-query steps with dropout and the forward's
+      64 x 64 with ALiBi, padding and dropout, on sm_100 some ALiBi mixes), so no config the
+      autotuner keeps spills. Configs are also filtered by the device's shared memory
       (``_smem_estimate``). At Dh 80 / 128 most backward configs spill, so the autotuner's timing
       decides. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is
       correct but slow; train with bf16 autocast. Not yet run or timed on a GPU.
@@ -93,6 +96,7 @@ from ._utils import (
     INDEX_DTYPES,
     check_shape,
     check_tensor,
+    device_arch,
     fit_shared_memory,
     resolve_impl,
     tl,
@@ -227,37 +231,72 @@ def _configs(shapes):
 # Forward: one program per (query block, batch*head). 128 x 64 with 8 warps is the FlashAttention-2
 # shape for long L; the 64- and 32-row shapes are there for the short kept sequences (L = 40 images,
 # 266 text), where 128-row blocks would leave most rows empty. The pruner drops blocks longer than L.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
+_FWD_SHAPES = ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2))
+_FWD_CONFIGS = _configs(_FWD_SHAPES)
 # dk/dv: BLOCK_N keys per program (outer), BLOCK_M queries per step (inner); dq the other way round.
 # The tutorial's 32 x 128 / 128 x 32 shapes, plus smaller ones for short L. 128 x 128 is left out:
 # its fp32 score, probability and dp tiles on top of the accumulators do not fit in registers.
 # Register use checked by compiling for sm90 (Triton 3.6 and 3.9): see the module docstring's Limits.
-_BWD_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)])
-_BWD_DQ_CONFIGS = _configs([(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)])
+_BWD_DKDV_SHAPES = ((32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2))
+_BWD_DQ_SHAPES = ((128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2))
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_SHAPES)
+_BWD_DQ_CONFIGS = _configs(_BWD_DQ_SHAPES)
 # The slope partial buffer has one slot per _MIN_BWD_BLOCK_N keys, whatever BLOCK_N the autotuner picks.
 _MIN_BWD_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _BWD_DKDV_CONFIGS)
 _AUTOTUNE_KEY = ["L_BUCKET", "HEAD_DIM", "HAS_ALIBI", "HAS_PADDING", "HAS_DROPOUT"]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose blocks are larger than the (bucketed) length (keep the smallest otherwise),
-    then those whose shared memory exceeds the device's (``fit_shared_memory``)."""
-    bucket = kwargs.get("L_BUCKET", named_args.get("L_BUCKET"))
-    fitting = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= bucket]
-    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    return fit_shared_memory(fitting or [smallest], _smem_estimate, named_args, kwargs)
+# Configs that spill registers in bf16 / fp16 at head dim 64, found by compiling every launch of the base
+# recipes ahead of time, each ALiBi / padding / dropout mix (``d2v2 bench compile``, Triton 3.9), and
+# dropped by the autotuners on the architectures where they spill. Each entry: (compute capabilities
+# [from, to), the launch flags that must all match, the (BLOCK_M, BLOCK_N) dropped); the comment above
+# it gives what ptxas reported. An architecture outside every range (or no GPU) drops nothing.
+_FWD_SPILLS = (
+    # sm_90: 64 x 64 with ALiBi, padding and dropout: 8 / 8 B (stores / loads) at 255 registers.
+    ((90, 100), {"HAS_ALIBI": True, "HAS_PADDING": True, "HAS_DROPOUT": True}, {(64, 64)}),
+    # sm_100: with ALiBi and padding 64 x 64 spills 24 / 24 B (16 / 16 with dropout), 128 x 64 16 / 16 B.
+    ((100, 110), {"HAS_ALIBI": True, "HAS_PADDING": True}, {(64, 64), (128, 64)}),
+    # sm_100: 64 x 64 with ALiBi and dropout: 12 / 12 B.
+    ((100, 110), {"HAS_ALIBI": True, "HAS_DROPOUT": True}, {(64, 64)}),
+)
+# dk/dv: the configs stepping over 64 queries (the score, probability and dp tiles on top of two
+# [BLOCK_N, Dh] fp32 accumulators; with dropout, the in-register Philox draws as well).
+_BWD_DKDV_SPILLS = (
+    # sm_80: at the 255-register ceiling in every mix; with ALiBi 100 / 88 B (216 / 196 B with padding),
+    # 64 x 128 with padding 8 / 4 B.
+    ((80, 90), {}, {(64, 64), (64, 128)}),
+    # sm_90: with dropout 40 / 44 B, with ALiBi and dropout 52 / 56 B.
+    ((90, 100), {"HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
+    # sm_100: with ALiBi and dropout 36 / 36 B (64 x 64) and 36 / 40 B (64 x 128).
+    ((100, 110), {"HAS_ALIBI": True, "HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
+)
+_BWD_DQ_SPILLS = (
+    # sm_80: the 64-key steps at 255 registers: 64 x 64 spills 8 / 4 B, 128 x 64 with padding 16 / 8 B.
+    ((80, 90), {}, {(64, 64), (128, 64)}),
+    # sm_100: 128 x 32 with ALiBi and padding, without dropout: 4 / 4 B at 80 registers.
+    ((100, 110), {"HAS_ALIBI": True, "HAS_PADDING": True, "HAS_DROPOUT": False}, {(128, 32)}),
+)
 
 
-def _prune_dropout_spills(inner: str):
-    """``_prune_configs``, first dropping with dropout the configs whose inner loop steps over 64 rows
-    (``inner``: BLOCK_M for dk/dv, BLOCK_N for dq): the in-register Philox draws on top of the score,
-    probability and dp tiles make ptxas spill there in bf16 (dk/dv 64 x 64 and 64 x 128 on sm_80 and
-    sm_90, dq 64 x 64 and 128 x 64 on sm_80; ``d2v2 bench compile``). The 32-step configs do not."""
+def _prune_configs(spills):
+    """``early_config_prune`` of one kernel: drop the configs ``spills`` lists for the device's
+    architecture (``device_arch``) and the launch's flags, then the configs whose blocks are larger
+    than the (bucketed) length (keep the smallest otherwise), then those whose shared memory exceeds
+    the device's (``fit_shared_memory``). No list comes out empty."""
 
     def prune(configs, named_args, **kwargs):
-        if kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT")):
-            configs = [c for c in configs if c.kwargs[inner] < 64] or configs
-        return _prune_configs(configs, named_args, **kwargs)
+        args = {**named_args, **kwargs}
+        arch = device_arch()
+        if arch is not None:
+            dropped = set()
+            for (lo, hi), flags, blocks in spills:
+                if lo <= arch < hi and all(bool(args[name]) == value for name, value in flags.items()):
+                    dropped |= blocks
+            configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) not in dropped] or configs
+        bucket = args["L_BUCKET"]
+        fitting = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= bucket]
+        smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        return fit_shared_memory(fitting or [smallest], _smem_estimate, named_args, kwargs)
 
     return {"early_config_prune": prune}
 
@@ -363,7 +402,7 @@ def _attention_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_FWD_SPILLS))
 @triton.jit
 def _attention_fwd_kernel(
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,  # [B, H, L, Dh] out
@@ -476,7 +515,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_dropout_spills("BLOCK_M"))
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DKDV_SPILLS))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     dk_ptr, stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # [B, H, L, Dh] out
@@ -601,7 +640,7 @@ def _attention_bwd_dkdv_kernel(
             tl.store(slope_base + (slot + r) * stride_sn, 0.0, mask=slot + r < slots)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_dropout_spills("BLOCK_N"))
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DQ_SPILLS))
 @triton.jit
 def _attention_bwd_dq_kernel(
     dq_ptr, stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # [B, H, L, Dh] out

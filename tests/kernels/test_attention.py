@@ -4,6 +4,7 @@ float64 math, forward and every gradient (q, k, v, alibi_slopes), dropout, and e
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -304,3 +305,36 @@ def test_slope_partials_are_exact_for_any_autotuned_block(monkeypatch):
     expected = attention_ref(q, k, v, **kw)
     check_against(out, grads_of(out, inputs, dout), expected, grads_of(expected, inputs, dout),
                   torch.float32, "BLOCK_N 32")
+
+
+@pytest.mark.parametrize("arch", [80, 90, 100])
+def test_spilling_configs_are_pruned_and_something_is_always_left(monkeypatch, arch):
+    # The autotuners drop, per architecture and ALiBi / padding / dropout mix, the configs that compile to
+    # register spills there (``_FWD_SPILLS`` and the backward's lists, found by ``d2v2 bench compile``).
+    # Every mix at every length bucket must keep a config; the big tiles stay where they do not spill.
+    from d2v2.kernels import ARCHS, _utils
+
+    monkeypatch.setattr(_utils, "_arch", arch)
+    monkeypatch.setattr(_utils, "_smem_limit", ARCHS[arch].smem_per_block)
+    m = attention_module
+    named = {"q_ptr": torch.empty(0, dtype=torch.bfloat16)}
+    kernels = {"fwd": (m._FWD_SHAPES, m._FWD_SPILLS), "dkdv": (m._BWD_DKDV_SHAPES, m._BWD_DKDV_SPILLS),
+               "dq": (m._BWD_DQ_SHAPES, m._BWD_DQ_SPILLS)}  # fmt: skip
+    for name, (shapes, spills) in kernels.items():
+        configs = [_utils.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in shapes]  # fmt: skip
+        prune = m._prune_configs(spills)["early_config_prune"]
+        for alibi, padding, dropout in itertools.product((False, True), repeat=3):
+            flags = dict(HAS_ALIBI=alibi, HAS_PADDING=padding, HAS_DROPOUT=dropout)
+            for bucket in (16, 64, 512, 4096):
+                kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(configs, named, L_BUCKET=bucket,
+                                                                                   BLOCK_D=64, **flags)}  # fmt: skip
+                label = f"sm_{arch} {name} {flags} L_BUCKET={bucket}: {sorted(kept)}"
+                assert kept, label
+                if arch == 80 and name == "dkdv":
+                    assert all(block_m < 64 for block_m, _ in kept), label
+                if arch == 80 and name == "dq":
+                    assert all(block_n < 64 for _, block_n in kept), label
+                if arch == 90 and bucket >= 512:
+                    big = {"fwd": (128, 64), "dq": (128, 64), "dkdv": (64, 128) if not dropout else (32, 128)}[name]
+                    assert big in kept, label
