@@ -176,35 +176,44 @@ def pretrain(
         cfg = config_from_dict(runfolder.continued_config(Path(out), stored, recipe, overrides))
     else:
         cfg = resolve_config(recipe or DEFAULT_RECIPE, overrides)
-    env = distributed.detect()
-    dev = distributed.setup(env, device, cfg.dist.strategy)
-    try:
-        return _pretrain(cfg, env, dev, out, resume, init_from, log if env.is_main else _silent)
-    except RuntimeError as e:  # a dead peer is not a bug of ours: one line, not a traceback per rank
-        lost = distributed.as_peer_lost(e, env.rank) if env.distributed else None
-        if lost is None:
-            raise
-        raise lost from e
-    finally:
-        distributed.teardown()
+    return run_job(
+        cfg.recipe, cfg.dist.strategy, device, out, resume, log,
+        lambda env, dev, run_dir, log: _train_in(cfg, env, dev, run_dir, resume, init_from, log),
+    )  # fmt: skip
 
 
 def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def _pretrain(
-    cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, out: str | None, resume: str, init_from: str | None, log
-) -> dict:
-    run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(cfg.recipe))))
-    # Rank 0 locks the folder for the whole job; every rank stops if it cannot.
-    folder = _decided_by_rank0(env, lambda: runfolder.RunFolder.open(run_dir, resume))
+def run_job(recipe: str, strategy: str, device: str | None, out: str | None, resume: str, log, body):
+    """A training job's frame, for ``pretrain`` and ``finetune`` alike: this process's place in a torchrun
+    job and its device, the run folder (``out``, or ``runs/<recipe>-<time>``) locked by rank 0 for the
+    whole job (every rank stops if it cannot), then ``body(env, device, run_dir, log)`` (``log`` silent
+    off rank 0). A dead peer ends it in one line, not a traceback per rank."""
+    env = distributed.detect()
+    dev = distributed.setup(env, device, strategy)
     try:
-        with distributed.deterministic_on_cpu(dev):
-            return _train_in(folder, cfg, env, dev, run_dir, resume, init_from, log)
+        log = log if env.is_main else _silent
+        run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(recipe))))
+        folder = _decided_by_rank0(env, lambda: runfolder.RunFolder.open(run_dir, resume))
+        try:
+            if env.is_main and (hazard := distributed.restart_hazard()):
+                log(f"warning: {hazard}")
+            if folder is not None and folder.removed_temporaries:
+                log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
+            with distributed.deterministic_on_cpu(dev):
+                return body(env, dev, run_dir, log)
+        finally:
+            if folder is not None:
+                folder.close()
+    except RuntimeError as e:
+        lost = distributed.as_peer_lost(e, env.rank) if env.distributed else None
+        if lost is None:
+            raise
+        raise lost from e
     finally:
-        if folder is not None:
-            folder.close()
+        distributed.teardown()
 
 
 def _decided_by_rank0(env: distributed.DistEnv, decide):
@@ -222,13 +231,8 @@ def _decided_by_rank0(env: distributed.DistEnv, decide):
 
 
 def _train_in(
-    folder: runfolder.RunFolder | None, cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, run_dir: Path,
-    resume: str, init_from: str | None, log,
+    cfg: RunConfig, env: distributed.DistEnv, dev: torch.device, run_dir: Path, resume: str, init_from: str | None, log,
 ) -> dict:
-    if env.is_main and (hazard := distributed.restart_hazard()):
-        log(f"warning: {hazard}")
-    if folder is not None and folder.removed_temporaries:
-        log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
     torch.manual_seed(cfg.train.seed)
     # Rank 0 fills the data caches before the others read them; forked so that the model's init
     # stream is the same on every rank whoever built what.

@@ -24,7 +24,7 @@ from ..data import text
 from ..data.build import build_dataset
 from ..export import encoder_state
 from ..probe_sets import TOKENIZER_FILE, run_tokenizer
-from ..run import _decided_by_rank0, absolute_paths, resolve_config
+from ..run import absolute_paths, resolve_config, run_job
 from .config import FinetuneConfig, finetune_config_from_dict, resolve_finetune_config
 from .data import LabelledSplits, Mixing, train_loader
 from .tasks import TaskContext, task_named
@@ -132,19 +132,10 @@ def finetune(
         cfg = resolve_finetune_config(recipe, overrides)
         if checkpoint is None and cfg.pretrained.checkpoint is None:
             raise ValueError("give --checkpoint RUN (a pretraining run) or --checkpoint none (a fresh encoder)")
-    env = distributed.detect()
-    dev = distributed.setup(env, device, cfg.dist.strategy)
-    try:
-        run_dir = Path(out) if out else Path(env.broadcast_object(str(Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")))
-        folder = _decided_by_rank0(env, lambda: runfolder.RunFolder.open(run_dir, resume))
-        try:
-            with distributed.deterministic_on_cpu(dev):
-                return _finetune_in(cfg, stored, env, dev, run_dir, resume, log if env.is_main else (lambda *a, **k: None))
-        finally:
-            if folder is not None:
-                folder.close()
-    finally:
-        distributed.teardown()
+    return run_job(
+        cfg.recipe, cfg.dist.strategy, device, out, resume, log,
+        lambda env, dev, run_dir, log: _finetune_in(cfg, stored, env, dev, run_dir, resume, log),
+    )  # fmt: skip
 
 
 def make_trainer(cfg: FinetuneConfig, model: Classifier, splits: LabelledSplits, run_dir: Path, dev: torch.device,
