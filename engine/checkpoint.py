@@ -324,11 +324,15 @@ def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> dict:
 def method_from_checkpoint(path: str):
     """Rebuild the method a checkpoint was trained as, with its weights; returns (method, config dict).
     What probe and export load."""
+    return method_from_state(load_checkpoint(path), path)
+
+
+def method_from_state(state: dict, path) -> tuple:
+    """``method_from_checkpoint`` of a checkpoint already read (``load_checkpoint``) from ``path``."""
     from d2v2.models import DEFAULT_METHOD, build_method, method_entry
 
     from .config import from_dict
 
-    state = load_checkpoint(path)
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
     if "task" in state["config"]:

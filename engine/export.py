@@ -42,7 +42,7 @@ import torch
 from d2v2.models import DEFAULT_METHOD, method_entry, save_pretrained
 from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
-from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
+from .checkpoint import load_checkpoint, method_from_state, run_folder_of
 from .interop.standard_targets import REFUSALS, TARGETS, Target
 from .runfolder import require_new, write_failure
 
@@ -98,14 +98,16 @@ def export(
         raise ValueError(f"--format must be auto or d2v2, got {fmt!r}")
     out_dir = Path(out)
     require_new(out_dir, "export")
-    from .finetune.export import export_finetuned, is_finetuned
+    from .finetune.export import export_finetuned
+    from .finetune.run import finetuned_state_file
 
-    if is_finetuned(checkpoint):
+    state_file = finetuned_state_file(checkpoint)  # a fine-tuning run's best checkpoint, else what it names
+    loaded = load_checkpoint(state_file)  # read once: a checkpoint may hold gigabytes
+    if "task" in (loaded.get("config") or {}):
         if weights is not None:
             raise ValueError("--weights applies to pretraining runs; a fine-tuned run exports its fine-tuned weights")
-        return export_finetuned(checkpoint, out_dir, fmt, tokenizer, log)
-    state_file = resolve_checkpoint(checkpoint)
-    method, run_config = method_from_checkpoint(checkpoint)
+        return export_finetuned(loaded, state_file, out_dir, fmt, tokenizer, log)
+    method, run_config = method_from_state(loaded, checkpoint)
     name = run_config.get("method", DEFAULT_METHOD)
     has_teacher = getattr(method, "teacher", None) is not None
     weights = weights or ("teacher" if has_teacher else "student")

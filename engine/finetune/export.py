@@ -14,19 +14,9 @@ from pathlib import Path
 from d2v2.models import save_pretrained
 from d2v2.models.pretrained import write_folder
 
-from ..checkpoint import load_checkpoint
 from ..export import standard_target, write_export
 from ..interop.standard_targets import HEAD_TARGETS
-from .run import finetune_run_dir, finetuned_model, finetuned_state_file
-
-
-def is_finetuned(checkpoint: str) -> bool:
-    """Whether ``checkpoint`` (a run folder, checkpoint folder or state.pt) is a fine-tuning run's."""
-    try:
-        config = load_checkpoint(finetuned_state_file(checkpoint)).get("config")
-    except FileNotFoundError:
-        return False
-    return isinstance(config, dict) and "task" in config
+from .run import finetune_run_dir, finetuned_model_from
 
 
 def labels_config(classes: list[str] | None) -> dict:
@@ -37,9 +27,10 @@ def labels_config(classes: list[str] | None) -> dict:
             "problem_type": "single_label_classification"}  # fmt: skip
 
 
-def export_finetuned(checkpoint: str, out_dir: Path, fmt: str, tokenizer: bool, log) -> dict:
-    """Write the fine-tuned model of ``checkpoint`` (a run's best checkpoint by default) into ``out_dir``."""
-    model, method, cfg, config, state_file, step = finetuned_model(checkpoint)
+def export_finetuned(state: dict, state_file: Path, out_dir: Path, fmt: str, tokenizer: bool, log) -> dict:
+    """Write the fine-tuned model of checkpoint ``state`` (read from ``state_file``: a run's best checkpoint
+    by default) into ``out_dir``."""
+    model, method, cfg, config, _, step = finetuned_model_from(state, state_file)
     classes, task = config.get("classes"), config["task"]
     provenance = {"method": method, "weights": "fine-tuned", "task": task, "source": str(state_file), "step": step}
     base, why = standard_target(method, cfg) if fmt == "auto" else (None, "--format d2v2")

@@ -265,6 +265,12 @@ def finetuned_model(checkpoint: str):
     """The fine-tuned ``Classifier`` of a run (its best checkpoint) or checkpoint, with its weights, in eval
     mode; returns (model, encoder method name, encoder config, run config, state file, its update step)."""
     state, config, state_file = load_finetuned(checkpoint)
+    return finetuned_model_from(state, state_file)
+
+
+def finetuned_model_from(state: dict, state_file: Path):
+    """``finetuned_model`` of a fine-tuning checkpoint already read from ``state_file``."""
+    config = state["config"]
     cfg = finetune_config_from_dict(config)
     method_name = config["encoder"]["method"]
     model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
