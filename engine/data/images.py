@@ -178,8 +178,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     An unreadable file raises :class:`CorruptSample`, which the loader counts and skips.
     """
 
-    def __init__(self, root: str | os.PathLike, transform):
-        self.paths, self.labels, self.classes = list_images(root)
+    def __init__(self, root: str | os.PathLike, transform, listed: tuple[list[str], list[int], list[str]] | None = None):
+        """``listed``: (paths, labels, classes) already read from ``root`` (e.g. a split with the training
+        split's class order); None lists the folder (``list_images``)."""
+        self.paths, self.labels, self.classes = listed if listed is not None else list_images(root)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -115,27 +115,6 @@ class Subset(torch.utils.data.Dataset):
         return self.dataset[(self.indices[index], seed)]
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    """Image files (or in-memory images [M, 3, H, W] in [0, 1]) with a label each, through ``transform``."""
-
-    def __init__(self, items, labels, transform):
-        self.items, self.labels, self.transform = items, list(labels), transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        index, seed = item
-        source = self.items[index]
-        if isinstance(source, str):
-            try:
-                source = images.load_rgb(source)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
-                raise CorruptSample(source, e) from e
-        generator = torch.Generator().manual_seed(seed)
-        return {"source": self.transform(source, generator), "label": self.labels[index]}
-
-
 class Normalized:
     """Images already at the model's size, only normalised (the embedded digits' validation)."""
 

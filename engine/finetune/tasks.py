@@ -29,7 +29,6 @@ from ..probe_sets import text_set
 from .data import (
     FinetuneDataConfig,
     LabelledClips,
-    LabelledImages,
     LabelledSplits,
     LabelledTokens,
     Normalized,
@@ -107,14 +106,18 @@ def read_images(cfg: FinetuneDataConfig, ctx: TaskContext) -> LabelledSplits:
     augment = images.PretrainTransform(size, scale=cfg.crop_scale, hflip=cfg.hflip)
     if cfg.path is None:
         pixels, labels = embedded.digits(size=size)
-        train, valid = _split(lambda t: LabelledImages(pixels, labels.tolist(), augment if t else Normalized()), len(labels), cfg)
-        return LabelledSplits(train, valid, [str(d) for d in range(10)], "embedded digits")
+        classes = [str(d) for d in range(10)]
+        train, valid = _split(lambda t: images.TensorImageDataset(pixels, labels, augment if t else Normalized(), classes), len(labels), cfg)
+        return LabelledSplits(train, valid, classes, "embedded digits")
+
+    def files(found, transform):
+        return images.ImageFolderDataset(cfg.path, transform, listed=(found.paths, found.labels, found.classes))
+
     found = read_labelled_images(cfg.path, "train")
     if has_validation_split(cfg.path):
-        held = read_labelled_images(cfg.path, "val", found.classes)
-        train, valid = LabelledImages(found.paths, found.labels, augment), LabelledImages(held.paths, held.labels, images.EvalTransform(size))
+        train, valid = files(found, augment), files(read_labelled_images(cfg.path, "val", found.classes), images.EvalTransform(size))
     else:
-        train, valid = _split(lambda t: LabelledImages(found.paths, found.labels, augment if t else images.EvalTransform(size)), len(found), cfg)
+        train, valid = _split(lambda t: files(found, augment if t else images.EvalTransform(size)), len(found), cfg)
     return LabelledSplits(train, valid, found.classes, str(cfg.path))
 
 
