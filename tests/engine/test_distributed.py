@@ -83,6 +83,18 @@ def _torchrun(argv: list[str], cache: Path) -> str:
     return done.stdout
 
 
+def _one_process(argv: list[str]) -> None:
+    """``d2v2 <argv>`` in this process on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1)."""
+    from d2v2.engine.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _checkpoint(run: Path, step: int) -> dict:
     return torch.load(run / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=True)
 
@@ -152,15 +164,8 @@ def test_two_ranks_train_like_one_process_with_accumulation(tmp_path, cache, mon
     args = [*TINY, *NO_NOISE, "--max-steps", "3", "--resume", "none"]
     _torchrun([*args, "--out", str(tmp_path / "ranks"), "--set", "train.accum_steps=2"], cache)
 
-    from d2v2.engine.cli import main
-
     monkeypatch.setenv("D2V2_CACHE", str(cache))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*args, "--out", str(tmp_path / "single"), "--set", "train.accum_steps=4"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _one_process([*args, "--out", str(tmp_path / "single"), "--set", "train.accum_steps=4"])
 
     ranks, single = _metrics(tmp_path / "ranks"), _metrics(tmp_path / "single")
     assert len(ranks) == len(single) == 3
@@ -368,12 +373,7 @@ def test_fine_tuning_on_two_ranks_matches_one_process(tmp_path, cache, monkeypat
             "--max-steps", "3", "--set", "data.batch_size=4", "--set", "train.log_every=1", "--set", "train.eval_every=2",
             "--set", "model.drop_path_rate=0"]  # fmt: skip
     _torchrun([*args, "--out", str(tmp_path / "ranks")], cache)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*args, "--out", str(tmp_path / "single"), "--set", "train.accum_steps=2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _one_process([*args, "--out", str(tmp_path / "single"), "--set", "train.accum_steps=2"])
     ranks, single = _metrics(tmp_path / "ranks"), _metrics(tmp_path / "single")
     assert [r["step"] for r in ranks] == [r["step"] for r in single] == [1, 2, 2, 3, 3]  # train rows and valid rows
     for a, b in zip(ranks, single):
