@@ -27,6 +27,8 @@ from .safe_load import UnsafePickleError, load_torch
 STATE_FILE = "state.pt"
 LATEST = "latest"
 SHARDED_DIR = "sharded"
+BEST_DIR = "best"
+"""A fine-tuning run's best checkpoint on validation: ``<run>/best/state.pt`` (``save_best``)."""
 
 
 def step_folder(run_dir: Path, step: int) -> Path:
@@ -71,11 +73,29 @@ def _begin(tmp: Path) -> None:
     tmp.mkdir()
 
 
-def _write_state(tmp: Path, state: dict) -> None:
-    with open(tmp / STATE_FILE, "wb") as f:
+def _write_state(tmp: Path, state: dict, name: str = STATE_FILE) -> None:
+    with open(tmp / name, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_best(run_dir: Path, state: dict) -> Path:
+    """``state`` (weights, no optimizer) as ``<run>/best/state.pt``, replaced atomically: written beside it
+    under a temporary name, then renamed over it, so a run killed at any moment keeps a whole best
+    checkpoint. Outside ``checkpoints/``: pruning never reaches it. A write that fails leaves the previous
+    one as it was and raises ``CheckpointWriteError``."""
+    folder = Path(run_dir) / BEST_DIR
+    name = f".{STATE_FILE}.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_state(folder, state, name)
+        os.replace(folder / name, folder / STATE_FILE)
+        _fsync_dir(folder)
+    except OSError as e:
+        (folder / name).unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(folder, e, _state_bytes(state))) from e
+    return folder / STATE_FILE
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 3) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import LATEST, checkpoint_folders
+from .checkpoint import BEST_DIR, LATEST, STATE_FILE, checkpoint_folders
 from .config import apply_overrides, parse_override, to_dict
 
 LOCK_FILE = ".lock"
@@ -218,9 +218,11 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
 
 
 def remove_temporaries(run_dir: Path) -> list[str]:
-    """Remove what a crashed checkpoint write left behind (``.step-*.tmp-*``, ``.latest.tmp-*``)."""
-    root = Path(run_dir) / "checkpoints"
+    """Remove what a crashed checkpoint write left behind (``.step-*.tmp-*``, ``.latest.tmp-*``, and the
+    best checkpoint's ``best/.state.pt.tmp-*``)."""
+    root, best = Path(run_dir) / "checkpoints", Path(run_dir) / BEST_DIR
     found = sorted([*root.glob(".step-*.tmp-*"), *root.glob(f".{LATEST}.tmp-*")]) if root.is_dir() else []
+    found += sorted(best.glob(f".{STATE_FILE}.tmp-*")) if best.is_dir() else []
     for path in found:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return [p.name for p in found]

@@ -18,7 +18,7 @@ import torch
 from d2v2.models import Classifier, build_method, count_parameters, method_entry
 
 from .. import distributed, runfolder
-from ..checkpoint import STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
+from ..checkpoint import BEST_DIR, STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
 from ..config import from_dict, to_dict
 from ..data import text
 from ..data.build import build_dataset
@@ -28,7 +28,7 @@ from ..run import absolute_paths, resolve_config, run_job
 from .config import FinetuneConfig, finetune_config_from_dict, resolve_finetune_config
 from .data import LabelledSplits, Mixing, train_loader
 from .tasks import TaskContext, task_named
-from .trainer import BEST_DIR, FinetuneTrainer, _shown, predict
+from .trainer import FinetuneTrainer, _shown, predict
 
 FINETUNE_PATH_KEYS = ("data.path", "pretrained.checkpoint")
 """Paths config.yaml stores absolute, so that a run does not depend on the directory it started in."""

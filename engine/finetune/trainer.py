@@ -11,8 +11,6 @@ forward); rank 0 writes.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -20,14 +18,11 @@ import torch
 
 from d2v2.models import Classifier
 
-from ..checkpoint import STATE_FILE, _fsync_dir, _write_state
+from ..checkpoint import BEST_DIR, save_best
 from ..metrics_log import MetricsLog
 from ..trainer import Trainer
 from .data import valid_batches
 from .metrics import score
-
-BEST_DIR = "best"
-
 
 @torch.no_grad()
 def predict(model: Classifier, dataset, batch_size: int, pad_value, device: torch.device, autocast_dtype=None):
@@ -46,22 +41,6 @@ def predict(model: Classifier, dataset, batch_size: int, pad_value, device: torc
     finally:
         model.train(was_training)
     return torch.cat(outputs), torch.cat(labels)
-
-
-def write_best(run_dir: Path, state: dict) -> Path:
-    """``state`` as ``<run>/best/state.pt``: written under a temporary name, then swapped into place."""
-    final = Path(run_dir) / BEST_DIR
-    tmp = Path(run_dir) / f".{BEST_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_state(tmp, state)
-    old = Path(run_dir) / f".{BEST_DIR}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(Path(run_dir))
-    shutil.rmtree(old, ignore_errors=True)
-    return final / STATE_FILE
 
 
 class FinetuneTrainer(Trainer):
@@ -120,7 +99,7 @@ class FinetuneTrainer(Trainer):
         else:
             weights = self.method.state_dict()
         if self.dist.is_main:
-            write_best(self.run_dir, {
+            save_best(self.run_dir, {
                 "method": {k: v.detach().cpu() for k, v in weights.items()}, "config": self.config_dict,
                 "trainer": {"step": self.step}, "valid": dict(self.best["metrics"]),
             })  # fmt: skip

@@ -57,6 +57,18 @@ def test_finetune_keeps_the_best_checkpoint_and_evaluate_scores_it_alike(image_r
     assert "evaluate done" in capsys.readouterr().out
 
 
+def test_a_torn_best_write_is_cleaned_up_and_the_best_kept(image_run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    common = ["--recipe", "finetune-image-tiny", "--checkpoint", image_run, *FINETUNE_FAST]
+    assert finetune(*common, "--out", out, "--max-steps", 2) == 0
+    kept = (out / "best" / "state.pt").read_bytes()
+    (out / "best" / ".state.pt.tmp-99999").write_bytes(kept[:100])  # what a kill -9 mid-write leaves
+    assert finetune("--out", out, "--max-steps", 4) == 0
+    assert "removed the leftovers of an interrupted checkpoint write: .state.pt.tmp-99999" in capsys.readouterr().out
+    assert [p.name for p in (out / "best").iterdir()] == ["state.pt"]
+    assert load_checkpoint(out / "best")["trainer"]["step"] in (2, 4)
+
+
 def test_resume_is_exact(image_run, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     common = ["--recipe", "finetune-image-tiny", "--checkpoint", image_run, *FINETUNE_FAST]
