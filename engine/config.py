@@ -74,13 +74,14 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_recipe(name_or_path: str) -> dict:
-    """The fully merged dict of a recipe name (``image-base``) or a YAML path, following ``base:``."""
+def load_recipe(name_or_path: str, choices=recipe_names) -> dict:
+    """The fully merged dict of a recipe name (``image-base``) or a YAML path, following ``base:``;
+    an unknown name is a one-line error listing ``choices()`` (the pretraining recipes by default)."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = RECIPES_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(recipe_names())} or give a YAML path")
+            raise ValueError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(choices())} or give a YAML path")
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import apply_overrides, from_dict, load_recipe
+from ..config import apply_overrides, finetune_recipe_names, from_dict, load_recipe
 from ..distributed import DistConfig
 from ..schedule import OptimConfig
 from ..trainer import TrainConfig
@@ -86,5 +86,5 @@ def finetune_config_from_dict(data: dict) -> FinetuneConfig:
 
 
 def resolve_finetune_config(recipe: str, overrides: list[str] = ()) -> FinetuneConfig:
-    return finetune_config_from_dict(apply_overrides(load_recipe(recipe), list(overrides)))
+    return finetune_config_from_dict(apply_overrides(load_recipe(recipe, finetune_recipe_names), list(overrides)))
 

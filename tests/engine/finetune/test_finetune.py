@@ -115,6 +115,7 @@ def test_bad_input_is_one_line(image_run, tmp_path, capsys):
     )
     assert "unknown task 'video'" in one_line_error(capsys, [*ft, "--recipe", "finetune-image-tiny", "--checkpoint",
                                                              str(image_run), "--set", "task=video"])  # fmt: skip
+    assert "unknown recipe 'nonsense'; choose one of finetune-audio-base," in one_line_error(capsys, [*ft, "--recipe", "nonsense"])
     assert "is not a fine-tuned run" in one_line_error(capsys, ["evaluate", "--checkpoint", str(image_run)])
     assert "is a fine-tuning recipe" in one_line_error(capsys, ["pretrain", "--recipe", "finetune-image-tiny", "--out", str(tmp_path / "p")])
     assert "has no EMA teacher" in one_line_error(
