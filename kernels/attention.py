@@ -805,9 +805,13 @@ def _attention_bwd(dout, q, k, v, out, lse, positions, alibi_slopes, key_padding
 
     delta = torch.empty((batch, heads, length), device=q.device, dtype=torch.float32)
     block_m = 16 if triton_interpret() else 64
+    # 16 elements of the tile per thread: at 32 (4 warps for Dh 64, 8 for Dh 80) ptxas for sm_100 spilled
+    # 12-28 B at 48 registers in bf16 / fp16; at 16 the kernel takes 30-32 registers on sm_80, sm_90 and
+    # sm_100 without spills (``d2v2 bench compile``).
     _attention_bwd_preprocess_kernel[(triton.cdiv(length, block_m), batch * heads)](
         delta, out, *out.stride(), dout, *dout.stride(), heads, length,
         HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+        num_warps=max(4, block_m * flags["BLOCK_D"] // 512),
     )
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
