@@ -173,6 +173,8 @@ def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[st
     """One row per (launch, arch): the launch's identity, where it is used, and what it compiled to.
     ``kept_only``: only on the architectures whose pruning keeps the launch (a quicker check that
     leaves out the pruned configs' compile errors and spills)."""
+    from d2v2.kernels import ARCHS
+
     work = [(launch, arch) for launch, _ in variants for arch in archs
             if not kept_only or launch.kept_on is None or arch in launch.kept_on]  # fmt: skip
     _WORK[:] = work
@@ -200,7 +202,8 @@ def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[st
             "num_stages": launch.num_stages,
             "constexprs": dict(launch.constexprs),
             "used_by": [f"{u['recipe']} {u['dtype']}: {u['dims']}" for u in uses[launch]],
-            "smem_estimate": launch.smem_estimate,
+            # the device filter's bound there: the kernel's estimate and the architecture's compiler margin
+            "smem_estimate": None if launch.smem_estimate is None else launch.smem_estimate + ARCHS[arch].compiler_smem_margin,
             "autotuner_keeps": launch.kept_on is None or arch in launch.kept_on,
             **result,
         }

@@ -39,13 +39,14 @@ class ArchLimits:
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
     reserved_smem_per_block: int = 1024  # the driver's per-block reservation on sm_80 and later
+    compiler_smem_margin: int = 0  # added to the kernels' shared-memory estimates there (``_utils.smem_margin``)
 
 
 # A100 (8.0): 163 KB per block, 164 KB per SM; H100 (9.0) and B200 (10.0): 227 KB per block, 228 KB per SM.
 ARCHS = {
-    80: ArchLimits("sm_80", smem_per_block=163 * 1024, smem_per_sm=164 * 1024),
-    90: ArchLimits("sm_90", smem_per_block=227 * 1024, smem_per_sm=228 * 1024),
-    100: ArchLimits("sm_100", smem_per_block=227 * 1024, smem_per_sm=228 * 1024),
+    80: ArchLimits("sm_80", smem_per_block=163 * 1024, smem_per_sm=164 * 1024, compiler_smem_margin=_utils.smem_margin(80)),
+    90: ArchLimits("sm_90", smem_per_block=227 * 1024, smem_per_sm=228 * 1024, compiler_smem_margin=_utils.smem_margin(90)),
+    100: ArchLimits("sm_100", smem_per_block=227 * 1024, smem_per_sm=228 * 1024, compiler_smem_margin=_utils.smem_margin(100)),
 }
 
 
