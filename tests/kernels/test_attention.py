@@ -338,3 +338,18 @@ def test_spilling_configs_are_pruned_and_something_is_always_left(monkeypatch, a
                 if arch == 90 and bucket >= 512:
                     big = {"fwd": (128, 64), "dq": (128, 64), "dkdv": (64, 128) if not dropout else (32, 128)}[name]
                     assert big in kept, label
+
+
+@pytest.mark.parametrize("arch, margin", [(80, 0), (90, 0), (100, 4096)])
+def test_shared_memory_filter_keeps_the_compilers_margin(monkeypatch, arch, margin):
+    # sm_100's compiler allocates up to 2,064 B over the estimates (``d2v2 bench compile``): there a config
+    # whose estimate leaves less than the margin under the limit is dropped; on sm_80 / sm_90 it is kept.
+    from d2v2.kernels import ARCHS, _utils
+
+    limit = ARCHS[arch].smem_per_block
+    monkeypatch.setattr(_utils, "_arch", arch)
+    monkeypatch.setattr(_utils, "_smem_limit", limit)
+    assert _utils.smem_margin(arch) == ARCHS[arch].compiler_smem_margin == margin
+    tight, small = (_utils.triton.Config({"size": size}) for size in (limit - 16, 1024))
+    kept = _utils.fit_shared_memory([tight, small], lambda c, args: c.kwargs["size"], {}, {})
+    assert kept == ([small] if margin else [tight, small])
