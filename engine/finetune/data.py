@@ -233,6 +233,13 @@ def pad_batch(sources: list[torch.Tensor], pad_value) -> tuple[torch.Tensor, tor
     return out, padding
 
 
+def readable(items: list[dict]) -> tuple[list[dict], dict]:
+    """A batch's readable items, and its start: {"skipped": the unreadable files, "epoch", "batch"}."""
+    out = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": items[0].get("epoch", 0),
+           "batch": items[0].get("batch", 0)}  # fmt: skip
+    return [it for it in items if "corrupt" not in it], out
+
+
 class LabelledCollater:
     """A batch of labelled items -> {"source", "padding_mask"?, "label" or "target", "skipped", "epoch", "batch"}.
 
@@ -244,11 +251,10 @@ class LabelledCollater:
         self.seed, self.pad_value, self.mixing = seed, pad_value, mixing
 
     def __call__(self, items: list[dict]) -> dict:
-        good = [it for it in items if "corrupt" not in it]
-        epoch, batch = items[0].get("epoch", 0), items[0].get("batch", 0)
-        out: dict = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": epoch, "batch": batch}
+        good, out = readable(items)
         if not good:
             return out
+        epoch, batch = out["epoch"], out["batch"]
         sources = [it["source"] for it in good]
         if self.pad_value is None:
             out["source"] = torch.stack(sources)

@@ -26,7 +26,7 @@ from d2v2.models.tasks import FrameMasking
 from ..data import audio, embedded
 from ..data.base import derive_seed
 from ..data.letters import BLANK, PAD, Letters, dictionary_of, read_labels
-from .data import FinetuneDataConfig, LabelledSplits, Subset, pad_batch, split_indices
+from .data import FinetuneDataConfig, LabelledSplits, Subset, pad_batch, readable, split_indices
 from .decoding import Decoder, error_rates
 
 
@@ -99,9 +99,7 @@ class TranscriptCollater:
         self.seed, self.masking = seed, masking
 
     def __call__(self, items: list[dict]) -> dict:
-        good = [it for it in items if "corrupt" not in it]
-        epoch, batch = items[0].get("epoch", 0), items[0].get("batch", 0)
-        out: dict = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": epoch, "batch": batch}
+        good, out = readable(items)
         if not good:
             return out
         out["source"], padding = pad_batch([it["source"] for it in good], 0.0)
@@ -112,7 +110,7 @@ class TranscriptCollater:
         out["label_lengths"] = torch.tensor([len(t) for t in labels])
         out["words"] = [it["words"] for it in good]
         if self.masking is not None:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", epoch, batch))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", out["epoch"], out["batch"]))
             lengths = torch.tensor([it["source"].shape[0] for it in good])
             out.update(self.masking(lengths, out["source"].shape[1], generator))
         return out

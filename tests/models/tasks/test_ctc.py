@@ -11,7 +11,7 @@ import torch
 from d2v2.models import CTCHead, SpeechRecognizer, build_method
 from d2v2.models.tasks import FrameMasking, ctc_loss
 
-from ..fixtures import tiny_config
+from ..fixtures import fit, tiny_config
 
 AUDIO_METHODS = ["data2vec2", "data2vec", "wav2vec2"]
 
@@ -48,14 +48,7 @@ def test_every_audio_encoder_learns_with_its_own_mask_fill(method):
     batch = {"source": source, "padding_mask": padding, "label": torch.tensor([[4, 5, 6], [7, 4, 1]]),
              "label_lengths": torch.tensor([3, 2]),
              **masking(torch.tensor([16000, 9000]), 16000, torch.Generator().manual_seed(0))}  # fmt: skip
-    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(out["loss"].item())
+    out, losses = fit(model, batch, steps=6)
     assert out["logits"].shape == (2, 49, 8) and out["lengths"].tolist() == [49, 27]
     assert losses[-1] < losses[0]
     without_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
