@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from d2v2.models import FinetuneModel, build_method, count_parameters, method_entry
+from d2v2.models.config import finetune_fields
 
 from .. import distributed, runfolder
 from ..checkpoint import BEST_DIR, STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
@@ -35,9 +36,11 @@ FINETUNE_PATH_KEYS = ("data.path", "pretrained.checkpoint")
 
 
 def _encoder_config(method: str, values: dict, overrides: dict, where: str):
-    """The method's config from a run's stored values, with fine-tuning's ``model`` overrides."""
+    """The method's config from a run's stored values, with fine-tuning's ``model`` overrides (fairseq's
+    fine-tuning names spread over the method's fields: ``finetune_fields``)."""
+    config = method_entry(method).config
     values = {k: v for k, v in values.items() if k != "size"}
-    return from_dict(method_entry(method).config, {**values, **overrides}, where)
+    return from_dict(config, {**values, **finetune_fields(config, overrides)}, where)
 
 
 class Pretrained:
@@ -57,7 +60,8 @@ class Pretrained:
             self.weights_state = state["method"]
             self.tokenizer_file = None
         else:
-            run_cfg = resolve_config(cfg.pretrained.recipe, [f"model.{k}={json.dumps(v)}" for k, v in cfg.model.items()])
+            fields = finetune_fields(method_entry(resolve_config(cfg.pretrained.recipe).method).config, cfg.model)
+            run_cfg = resolve_config(cfg.pretrained.recipe, [f"model.{k}={json.dumps(v)}" for k, v in fields.items()])
             dataset = build_dataset(run_cfg.model.modality, run_cfg.data)
             self.method_name = run_cfg.method
             self.model_cfg = run_cfg.model.build_config(**dataset.model_fields())
