@@ -6,7 +6,9 @@ pretraining loader's ``EpochBatchSampler`` (every random choice a pure function 
 the data position, so resume is exact) through ``LabelledCollater``: images stacked, audio and text
 padded to the batch's longest sample with a ``padding_mask`` (True = padding), and for images mixup /
 cutmix with label smoothing (timm's ``Mixup``, batch mode, as the reference's ImageNet fine-tuning
-uses it). Validation batches run in order, unaugmented.
+uses it), or through the task's own collater (speech recognition's ``speech.TranscriptCollater``).
+Batches hold ``batch_size`` samples, or, where the task gives each item's size, up to
+``max_batch_samples`` samples (speech recognition). Validation batches run in order, unaugmented.
 """
 
 from __future__ import annotations
