@@ -29,7 +29,8 @@ PACKAGES = _packages(FOLDERS)
 # `pip install d2v2` is what d2v2.kernels and d2v2.models import, and nothing more (safetensors, tiny
 # and dependency-free, reads exported encoders: d2v2.models.load_pretrained); the engine (command
 # line, data, trainer), the benchmarks and the tests are extras.
-ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "threadpoolctl", "espeakng-loader"]
+ENGINE = ["pyyaml", "tqdm", "pillow", "soundfile", "tokenizers", "safetensors", "scikit-learn", "threadpoolctl", "espeakng-loader",
+          "jiwer"]
 BENCH = ENGINE + ["matplotlib", "pytest-benchmark"]
 
 setup(
@@ -59,6 +60,8 @@ setup(
         "tensorboard": ["tensorboard"],
         # The classes `d2v2 export` targets; timm needs torchvision, so it stays out of "test".
         "interop": ["transformers", "timm"],
+        # Speech recognition's beam search with a KenLM n-gram model (`d2v2 evaluate --beam N --lm LM`); import-guarded.
+        "lm": ["pyctcdecode", "kenlm"],
         # Optional comparison providers in `d2v2 bench`; import-guarded, never required.
         "providers": ["xformers"],
     },

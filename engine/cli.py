@@ -17,7 +17,7 @@ VERSION = importlib.metadata.version("d2v2")  # setup.py is the one place the ve
 
 # Modules of the `engine` and `bench` extras: a lean `pip install d2v2` (kernels and models only) lacks them.
 EXTRA_MODULES = {"numpy", "yaml", "tqdm", "PIL", "soundfile", "tokenizers", "safetensors", "sklearn",
-                 "espeakng_loader", "matplotlib", "pytest_benchmark"}  # fmt: skip
+                 "espeakng_loader", "jiwer", "matplotlib", "pytest_benchmark"}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -122,11 +122,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_options(args: argparse.Namespace) -> dict:
+    """The speech recognition decoding options given (``DecodeConfig`` fields)."""
+    given = {"beam": args.beam, "lm": args.lm, "lm_weight": args.lm_weight, "word_score": args.word_score}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a fine-tuned run's best checkpoint on its validation split (or on --data)."""
     from .finetune.run import evaluate
 
-    evaluate(args.checkpoint, data=args.data, out=args.out, device=args.device)
+    evaluate(args.checkpoint, data=args.data, out=args.out, device=args.device, decode=_decode_options(args))
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Print a fine-tuned speech recogniser's transcript of each audio file."""
+    from .finetune.transcribe import transcribe
+
+    transcribe(args.checkpoint, args.files, device=args.device, decode=_decode_options(args),
+               log=lambda line: print(line, file=sys.stderr))  # fmt: skip
     return 0
 
 
@@ -162,6 +177,16 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         args.audio_dir, args.dest or args.audio_dir, args.ext, args.valid_percent, args.seed, warn=_warn
     )
     print(f"{n} files -> {train}" + (f" and {valid}" if valid else ""))
+    if args.labels:
+        from .data.letters import DICT_FILE, LIBRISPEECH_LETTERS, librispeech_words, write_dictionary, write_labels
+
+        for manifest in (m for m in (train, valid) if m is not None):
+            words = librispeech_words(manifest)
+            wrd, ltr = write_labels(manifest.parent, manifest.stem, words)
+            print(f"{len(words)} transcripts -> {wrd} and {ltr}")
+            if manifest == train and not (train.parent / DICT_FILE).exists():
+                print(f"letters -> {write_dictionary(train.parent / DICT_FILE, words, order=LIBRISPEECH_LETTERS)}")
+        print(f"finetune:   d2v2 finetune --recipe finetune-speech-base-10h --checkpoint RUN --data {train.parent}")
     return 0
 
 
@@ -180,6 +205,15 @@ def plugin_commands() -> dict:
 def cmd_plugin(args: argparse.Namespace) -> int:
     """Hand the unparsed arguments to a registered subcommand's ``main(argv)``."""
     return args.plugin.load()(args.plugin_args)
+
+
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    """Speech recognition's decoding options (``evaluate``, ``transcribe``); the run's ``decode`` otherwise."""
+    p.add_argument("--beam", type=int, metavar="N", help="speech recognition: beam search with N hypotheses "
+                   "(needs pip install 'd2v2[lm]'); 0 = greedy (the default)")  # fmt: skip
+    p.add_argument("--lm", metavar="KENLM", help="speech recognition: a KenLM n-gram model (.arpa / .bin) for the beam search")
+    p.add_argument("--lm-weight", type=float, help="the language model's weight (pyctcdecode's alpha, default 0.5)")
+    p.add_argument("--word-score", type=float, help="a score added per word (pyctcdecode's beta, default 1.0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,14 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=5e-4")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a task head (classification)")
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a task head (classification, speech recognition)")
     p.add_argument("--recipe", help=f"a fine-tuning recipe ({', '.join(finetune_recipe_names())}) or YAML path; default: "
                    "the run's own when --out holds one")  # fmt: skip
     p.add_argument("--checkpoint", help="the pretraining run (folder, checkpoint folder or state.pt) to start from, "
                    "or none for a fresh encoder (the no-pretraining baseline)")  # fmt: skip
     p.add_argument("--weights", choices=("student", "teacher"), help="which weights to start from (default: student, "
                    "what the reference fine-tunes)")  # fmt: skip
-    p.add_argument("--data", help="labelled data (default: the embedded digits, spoken keywords or pydoc topics)")
+    p.add_argument("--data", help="labelled data (default: the embedded digits, spoken keywords, pydoc topics or "
+                   "synthetic speech with its transcripts)")  # fmt: skip
     p.add_argument("--out", help="run folder (default: runs/<recipe>-<time>)")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer updates in all")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -237,7 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled data in the task's layout to score instead of the run's validation split")
     p.add_argument("--out", help="where to write the JSON result (default: <run>/eval/)")
     p.add_argument("--device", choices=("cpu", "cuda"))
+    _add_decode_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("transcribe", help="a fine-tuned speech recogniser's transcript of audio files, one line each")
+    p.add_argument("--checkpoint", required=True, help="a speech-recognition fine-tuning run (its best checkpoint), "
+                   "checkpoint folder or state.pt")  # fmt: skip
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg), read whole as mono at 16 kHz: "
+                   "channels are averaged and other sample rates resampled")  # fmt: skip
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    _add_decode_options(p)
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("probe", help="linear probe and kNN of a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or state.pt")
@@ -270,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext", default="wav,flac", help="comma-separated extensions (default: wav,flac)")
     p.add_argument("--valid-percent", type=float, default=0.0, help="fraction of files for valid.tsv")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--labels", action="store_true", help="also write <split>.wrd / <split>.ltr transcripts (and "
+                   "dict.ltr.txt) from LibriSpeech's SPEAKER/CHAPTER/*.trans.txt, for speech recognition")  # fmt: skip
     p.set_defaults(func=cmd_manifest)
 
     # Everything after a registered subcommand (--help included) goes to it unparsed.

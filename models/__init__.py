@@ -7,7 +7,7 @@ Layout (timm's ``layers/`` + one folder per method, as torchtitan's ``models/<na
 - ``data2vec2/``, ``data2vec1/``, ``mae/``, ``mlm/``, ``wav2vec2/``: one method each, its module
   (``model``) with its config and presets (``config``) beside it;
 - ``tasks/``: fine-tuning models: any method's encoder with a task head (``Classifier``, ``PooledHead``,
-  ``SentenceHead``);
+  ``SentenceHead``; ``SpeechRecognizer`` with its ``CTCHead``);
 - the seams: ``method`` (the ``Method`` protocol the engine relies on), ``modalities`` (what differs
   between images, speech and text), ``methods`` (the registry ``METHODS``, ``build_method``),
   ``config`` (the encoder config every method config inherits), ``sizes`` (the size table) and
@@ -23,6 +23,7 @@ from .data2vec2.encoder import Data2Vec2Encoder
 from .data2vec2.model import Data2Vec2
 from .layers.blocks import Attention, DropPath, Mlp, PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
 from .layers.decoders import Decoder1d, Decoder2d
+from .layers.mask_fill import MaskFill
 from .layers.encoders import (
     WAV2VEC2_CONV_LAYERS,
     AudioFeatureEncoder,
@@ -55,12 +56,12 @@ from .mlm.model import MLM, LMHead, MLMEncoder
 from .modalities import MODALITIES, AudioModality, ImageModality, Modality, TextModality, modality_for
 from .pretrained import load_pretrained, save_pretrained
 from .sizes import ENCODER_SIZES, EncoderSize, count_parameters, encoder_size
-from .tasks import Classifier, PooledHead, SentenceHead
+from .tasks import CTCHead, Classifier, FinetuneModel, PooledHead, SentenceHead, SpeechRecognizer
 from .wav2vec2.config import WAV2VEC2_PRESETS, Wav2Vec2Config, wav2vec2_config
 from .wav2vec2.model import Wav2Vec2, Wav2Vec2Encoder
 
 __all__ = [
-    "Attention", "AudioFeatureEncoder", "Classifier", "PooledHead", "SentenceHead", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_PRESETS",
+    "Attention", "AudioFeatureEncoder", "CTCHead", "Classifier", "FinetuneModel", "SpeechRecognizer", "MaskFill", "PooledHead", "SentenceHead", "AudioModality", "ConvPositionalEncoder", "DATA2VEC1_PRESETS",
     "DATA2VEC2_PRESETS", "DEFAULT_METHOD", "Data2Vec1", "Data2Vec1Config", "Data2Vec1Encoder", "Data2Vec2",
     "Data2Vec2Config", "Data2Vec2Encoder", "Decoder1d", "Decoder2d", "DropPath", "ENCODER_SIZES", "EncoderSize",
     "GumbelVectorQuantizer", "ImageModality", "LMHead", "MAE", "MAEConfig", "MAEDecoder", "MAEEncoder",

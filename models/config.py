@@ -149,9 +149,21 @@ class Dropouts:
     layerdrop: float = 0.0
     """Probability of skipping each block of the student in a step (audio base 0.05)."""
 
+    finetune_names: ClassVar[dict[str, tuple[str, ...]]] = {"dropout": ("encoder_dropout",), "dropout_input": ()}
+    """The names fairseq's wav2vec 2.0 fine-tuning overrides in any pretrained model (``wav2vec2_asr.py``
+    ``arg_overrides``: ``dropout``, ``dropout_input``, ``layerdrop`` ...), each with the fields of this
+    config it sets (none: the method has no such dropout); other names are the fields themselves."""
+
     def _check_fields(self, check: ConfigChecker) -> None:
         for name in ("encoder_dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             check.fraction(name)
+
+
+def finetune_fields(config: type, overrides: dict) -> dict:
+    """A fine-tuning recipe's ``model`` overrides as ``config``'s fields: fairseq's fine-tuning names
+    (``Dropouts.finetune_names``) spread over the fields they set in this method, the others as given."""
+    names = getattr(config, "finetune_names", {})
+    return {field: value for key, value in overrides.items() for field in names.get(key, (key,))}
 
 
 @dataclass(kw_only=True)

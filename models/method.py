@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layers.embeddings import migrate_embed_keys
+from .layers.mask_fill import MaskFill
 from .layers.masking import mask_to_ids
 from .modalities import Modality
 
@@ -27,7 +28,8 @@ class Method(nn.Module):
         modality: the ``Modality`` object; the data loader calls ``modality.make_masks(batch_size,
             source, generator)`` and ``modality.num_positions(source)`` in its workers.
         encoder: the student encoder (``encoder(source, padding_mask) -> [B, extra + N, D]``), what
-            export saves.
+            export saves. Audio encoders split it for fine-tuning's masks:
+            ``encode_features(*maskable_features(source, padding_mask))``.
     """
 
     modality: Modality
@@ -85,6 +87,12 @@ class Method(nn.Module):
     def forward_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The student encoder on the unmasked input: [B, extra + N, D] (images: CLS first). For export."""
         return self.encoder(source, padding_mask)
+
+    def mask_fill(self) -> MaskFill | None:
+        """How fine-tuning with time masks (speech recognition) fills the masked frames of
+        ``encoder.maskable_features``: the method's own mask vector or noise, with the fewest spans its
+        masking asks for (``layers.mask_fill``); None: the method has no such masking."""
+        return None
 
     @torch.no_grad()
     def probe_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -149,6 +149,26 @@ def read_waveform(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return wav.mean(axis=1)
 
 
+def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling by truncating (or zero-padding) the spectrum."""
+    n_out = int(round(wav.shape[0] * sr_out / sr_in))
+    spectrum = np.fft.rfft(wav.astype(np.float64))
+    return (np.fft.irfft(spectrum[: n_out // 2 + 1], n_out) * (n_out / wav.shape[0])).astype(np.float32)
+
+
+def read_resampled(path: str, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Read a file as float32 mono (channels averaged) at ``sample_rate``, resampling another rate
+    (``resample``); returns (waveform, the file's own rate). An unreadable or empty file is a ValueError."""
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for bad files
+        raise ValueError(f"{path} cannot be read as audio ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+    if wav.shape[0] == 0:
+        raise ValueError(f"{path} holds no samples")
+    wav = wav.mean(axis=1)
+    return (wav if sr == sample_rate else resample(wav, sr, sample_rate)), sr
+
+
 def normalize_waveform(wav: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance over the utterance (a parameter-free layer norm, eps 1e-5)."""
     return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)).astype(np.float32)

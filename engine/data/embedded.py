@@ -7,7 +7,8 @@
   (``pydoc_data.topics``, about 460 kB);
 - speech: utterances synthesised locally from sentences of that same English text with the
   eSpeak NG library in the ``espeakng-loader`` wheel, in several voices and speaking rates,
-  resampled from 22,050 Hz to 16 kHz. This is synthetic speech, not recordings. Beside them, a
+  resampled from 22,050 Hz to 16 kHz, with their transcripts (the sentences are known: speech
+  recognition's ``.wrd`` / ``.ltr`` labels). This is synthetic speech, not recordings. Beside them, a
   keyword-spotting set in the manner of Speech Commands: one-second clips of ten command words in
   every voice, rate and pitch, labelled by word (a content task; voice and rate are speaker and
   prosody, which contextual targets keep less of).
@@ -27,6 +28,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+
+from .audio import resample
+from .letters import DICT_FILE, LIBRISPEECH_LETTERS, normalize_words, write_dictionary, write_labels
 
 SPEECH_VOICES = ("en-us", "en", "en-us+f2", "en+m3", "en-us+f4", "en+m7")
 SPEECH_RATES = (140, 165, 190)
@@ -152,36 +156,37 @@ def synthetic_speech_labels(num_utterances: int) -> tuple[list[int], list[int]]:
     return voices, rates
 
 
-def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    """Band-limited resampling by truncating (or zero-padding) the spectrum."""
-    n_out = int(round(wav.shape[0] * sr_out / sr_in))
-    spectrum = np.fft.rfft(wav.astype(np.float64))
-    return (np.fft.irfft(spectrum[: n_out // 2 + 1], n_out) * (n_out / wav.shape[0])).astype(np.float32)
-
-
 def synthetic_speech(num_utterances: int = 240, min_seconds: float = 2.5, sample_rate: int = 16_000) -> Path:
     """Synthesise (once) the embedded speech corpus and its manifest; returns the manifest path.
 
     Utterances join consecutive sentences until ``min_seconds`` is reached, cycling through the
-    voices and rates, so that every clip passes the reference's 2 s minimum.
+    voices and rates, so that every clip passes the reference's 2 s minimum. Beside the manifest, the
+    transcripts in fairseq's speech recognition layout: ``train.wrd`` (the sentences' words as
+    LibriSpeech writes them), ``train.ltr`` (their letters) and ``dict.ltr.txt`` (LibriSpeech's letters
+    with this corpus's counts). A corpus made before the transcripts were kept is made again (the same audio).
     """
     manifest, wav_dir = _corpus(f"speech-{num_utterances}")
-    if manifest.exists():
+    if manifest.exists() and manifest.with_suffix(".ltr").exists():
         return manifest
     engine = _ESpeak()
     sentences = prose_sentences()
-    lines, s = [str(wav_dir.resolve())], 0
+    lines, s, words = [str(wav_dir.resolve())], 0, []
     voices, rates = synthetic_speech_labels(num_utterances)
     for u in range(num_utterances):
         voice, rate = SPEECH_VOICES[voices[u]], SPEECH_RATES[rates[u]]
         pieces: list[np.ndarray] = []
+        spoken = []
         while sum(p.shape[0] for p in pieces) < min_seconds * engine.sample_rate:
-            pieces.append(engine.speak(sentences[s % len(sentences)], voice, rate))
+            spoken.append(sentences[s % len(sentences)])
+            pieces.append(engine.speak(spoken[-1], voice, rate))
             s += 1
         wav = resample(np.concatenate(pieces).astype(np.float32) / 32768.0, engine.sample_rate, sample_rate)
         name = f"utt{u:04d}.wav"
         sf.write(wav_dir / name, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16")
         lines.append(f"{name}\t{wav.shape[0]}")
+        words.append(normalize_words(" ".join(spoken)))
+    write_labels(manifest.parent, "train", words)
+    write_dictionary(manifest.parent / DICT_FILE, words, order=LIBRISPEECH_LETTERS)
     return _write_manifest(manifest, lines)
 
 

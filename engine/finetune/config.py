@@ -11,6 +11,7 @@ from ..distributed import DistConfig
 from ..schedule import OptimConfig
 from ..trainer import TrainConfig
 from .data import FinetuneDataConfig
+from .decoding import DecodeConfig
 from .tasks import HeadConfig, task_named
 
 
@@ -51,7 +52,7 @@ class FinetuneConfig:
 
     recipe: str
     task: str
-    """A task of ``d2v2.engine.finetune.tasks.TASKS`` (image-, audio-, text-classification)."""
+    """A task of ``d2v2.engine.finetune.tasks.TASKS`` (image-, audio-, text-classification, speech-recognition)."""
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     model: dict = field(default_factory=dict)
     """Encoder config fields that fine-tuning changes (drop path, dropouts, LayerDrop), over the
@@ -61,6 +62,8 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Speech recognition: how logits become words in validation, ``evaluate`` and ``transcribe``."""
 
     def __post_init__(self):
         task_named(self.task)  # an unknown task is a one-line error naming the known ones
@@ -74,7 +77,7 @@ class FinetuneConfig:
 
 RESOLVED_ONLY = ("encoder", "method", "classes")
 """What config.yaml holds beyond the recipe's sections: the built encoder's method and whole config, and the
-class names the head predicts."""
+class names the head predicts (speech recognition: its letter vocabulary, blank first)."""
 
 
 def finetune_config_from_dict(data: dict) -> FinetuneConfig:

@@ -6,7 +6,9 @@ pretraining loader's ``EpochBatchSampler`` (every random choice a pure function 
 the data position, so resume is exact) through ``LabelledCollater``: images stacked, audio and text
 padded to the batch's longest sample with a ``padding_mask`` (True = padding), and for images mixup /
 cutmix with label smoothing (timm's ``Mixup``, batch mode, as the reference's ImageNet fine-tuning
-uses it). Validation batches run in order, unaugmented.
+uses it), or through the task's own collater (speech recognition's ``speech.TranscriptCollater``).
+Batches hold ``batch_size`` samples, or, where the task gives each item's size, up to
+``max_batch_samples`` samples (speech recognition). Validation batches run in order, unaugmented.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class FinetuneDataConfig:
     in validation)."""
     max_tokens: int = 512
     """Text: sequences (``<s>`` and ``</s>`` included) are cut to this many tokens."""
+    max_batch_samples: int = 0
+    """Speech recognition: the most audio samples a micro-batch holds (count x longest utterance, fairseq's
+    ``max_tokens``), utterances of similar length batched together; 0 = ``batch_size`` utterances."""
+    valid_split: str = "valid"
+    """Speech recognition: the manifest beside ``train.tsv`` that is the validation split (``<name>.tsv``
+    with its labels; the released configs validate on ``dev_other``); where there is none,
+    ``valid_fraction`` of the training utterances are held out."""
 
     def __post_init__(self):
         if not 0 < self.valid_fraction < 1:
@@ -61,6 +70,10 @@ class FinetuneDataConfig:
         for name in ("batch_size", "max_samples", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_samples < 0:
+            raise ValueError(f"data.max_batch_samples must be >= 0 (0 = batch_size utterances), got {self.max_batch_samples}")
+        if not self.valid_split or "/" in self.valid_split:
+            raise ValueError(f"data.valid_split must be a manifest name beside train.tsv (e.g. dev_other), got {self.valid_split!r}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -85,6 +98,10 @@ class LabelledSplits:
     """The padding value of the sources (text: the tokenizer's <pad>; audio: 0.0; images: None)."""
     extra: dict = field(default_factory=dict)
     """What the metrics need to know (``glue_task``)."""
+    train_sizes: list[int] | None = None
+    """Audio samples of each training item, where batches are made by total samples (speech recognition)."""
+    valid_sizes: list[int] | None = None
+    """The same for the validation items."""
 
     @property
     def num_outputs(self) -> int:
@@ -218,6 +235,13 @@ def pad_batch(sources: list[torch.Tensor], pad_value) -> tuple[torch.Tensor, tor
     return out, padding
 
 
+def readable(items: list[dict]) -> tuple[list[dict], dict]:
+    """A batch's readable items, and its start: {"skipped": the unreadable files, "epoch", "batch"}."""
+    out = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": items[0].get("epoch", 0),
+           "batch": items[0].get("batch", 0)}  # fmt: skip
+    return [it for it in items if "corrupt" not in it], out
+
+
 class LabelledCollater:
     """A batch of labelled items -> {"source", "padding_mask"?, "label" or "target", "skipped", "epoch", "batch"}.
 
@@ -229,11 +253,10 @@ class LabelledCollater:
         self.seed, self.pad_value, self.mixing = seed, pad_value, mixing
 
     def __call__(self, items: list[dict]) -> dict:
-        good = [it for it in items if "corrupt" not in it]
-        epoch, batch = items[0].get("epoch", 0), items[0].get("batch", 0)
-        out: dict = {"skipped": [it["corrupt"] for it in items if "corrupt" in it], "epoch": epoch, "batch": batch}
+        good, out = readable(items)
         if not good:
             return out
+        epoch, batch = out["epoch"], out["batch"]
         sources = [it["source"] for it in good]
         if self.pad_value is None:
             out["source"] = torch.stack(sources)
@@ -249,25 +272,37 @@ class LabelledCollater:
         return out
 
 
-def train_loader(splits: LabelledSplits, cfg: FinetuneDataConfig, seed: int, mixing: Mixing | None, start: DataPosition,
+def train_loader(splits: LabelledSplits, cfg: FinetuneDataConfig, seed: int, collate, start: DataPosition,
                  rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:  # fmt: skip
-    """The endless, resumable training loader from data position ``start`` (this rank's share)."""
-    sampler = EpochBatchSampler(len(splits.train), seed, batch_size=cfg.batch_size, start=start, rank=rank, world_size=world_size)
+    """The endless, resumable training loader from data position ``start`` (this rank's share): batches of
+    ``data.batch_size`` samples, or by total samples (``data.max_batch_samples``) where the task gives sizes."""
+    shard = {"start": start, "rank": rank, "world_size": world_size}
+    if splits.train_sizes is not None and cfg.max_batch_samples > 0:
+        sampler = EpochBatchSampler(len(splits.train), seed, sizes=splits.train_sizes, max_tokens=cfg.max_batch_samples, **shard)
+    else:
+        sampler = EpochBatchSampler(len(splits.train), seed, batch_size=cfg.batch_size, **shard)
     return torch.utils.data.DataLoader(
-        SkipCorrupt(splits.train), batch_sampler=sampler, collate_fn=LabelledCollater(seed, splits.pad_id, mixing),
+        SkipCorrupt(splits.train), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_worker,
         generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
 
 
-def valid_batches(dataset, batch_size: int, pad_value=None):
-    """The validation set in order, in batches (no augmentation, no skipping: a bad file is an error)."""
-    collate = LabelledCollater(0, pad_value)
-    for start in range(0, len(dataset), batch_size):
-        items = []
-        for index in range(start, min(start + batch_size, len(dataset))):
-            try:
-                items.append(dataset[(index, 0)])
-            except CorruptSample as e:
-                raise ValueError(f"validation sample {e.path} cannot be read ({e}); fix or remove it") from e
+def valid_batches(dataset, batch_size: int, collate, sizes: list[int] | None = None, max_batch_samples: int = 0):
+    """The validation set in order, in batches of ``batch_size`` items, or of at most ``max_batch_samples``
+    samples (count x longest) where ``sizes`` are given (no augmentation, no skipping: a bad file is an error)."""
+    items: list[dict] = []
+    longest = 0
+    for index in range(len(dataset)):
+        size = sizes[index] if sizes is not None and max_batch_samples > 0 else 0
+        full = (len(items) + 1) * max(longest, size) > max_batch_samples if size else len(items) == batch_size
+        if items and full:
+            yield collate(items)
+            items, longest = [], 0
+        try:
+            items.append(dataset[(index, 0)])
+        except CorruptSample as e:
+            raise ValueError(f"validation sample {e.path} cannot be read ({e}); fix or remove it") from e
+        longest = max(longest, size)
+    if items:
         yield collate(items)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d2v2.models import save_pretrained
+from d2v2.models import Classifier, save_pretrained
 from d2v2.models.pretrained import write_folder
 
 from ..export import standard_target, write_export
@@ -32,6 +32,8 @@ def export_finetuned(state: dict, state_file: Path, out_dir: Path, fmt: str, tok
     by default) into ``out_dir``."""
     model, method, cfg, config, _, step = finetuned_model_from(state, state_file)
     classes, task = config.get("classes"), config["task"]
+    if not isinstance(model, Classifier):
+        raise ValueError(f"d2v2 export writes classification runs; exporting a {task} run is not implemented yet")
     provenance = {"method": method, "weights": "fine-tuned", "task": task, "source": str(state_file), "step": step}
     base, why = standard_target(method, cfg) if fmt == "auto" else (None, "--format d2v2")
     head = HEAD_TARGETS.get(base.name) if base is not None else None

@@ -2,11 +2,13 @@
 
 Each GLUE task reports what its paper and leaderboard report: CoLA Matthews correlation, STS-B
 Pearson and Spearman correlation, MRPC and QQP F1 and accuracy, the others accuracy (Wang et al.,
-2019, table 1). Images report top-1 and top-5 accuracy, audio classification accuracy.
+2019, table 1). Images report top-1 and top-5 accuracy, audio classification accuracy, speech
+recognition the word and character error rates (``decoding.error_rates``), for which lower is better.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -76,3 +78,14 @@ def score(names: Sequence[str], outputs: torch.Tensor, labels: torch.Tensor) -> 
     if outputs.shape[0] != labels.shape[0] or outputs.shape[0] == 0:
         raise ValueError(f"need as many outputs as labels, and at least one; got {outputs.shape[0]} and {labels.shape[0]}")
     return {name: METRICS[name](outputs, labels) for name in names}
+
+
+LOWER_IS_BETTER = frozenset({"wer", "cer"})
+"""Metrics where a smaller value is the better model (error rates)."""
+
+
+def better(name: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of metric ``name`` beats ``best`` (None or not finite: nothing yet)."""
+    if best is None or not math.isfinite(best):
+        return True
+    return value < best if name in LOWER_IS_BETTER else value > best

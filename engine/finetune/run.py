@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from d2v2.models import Classifier, build_method, count_parameters, method_entry
+from d2v2.models import FinetuneModel, build_method, count_parameters, method_entry
+from d2v2.models.config import finetune_fields
 
 from .. import distributed, runfolder
 from ..checkpoint import BEST_DIR, STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
@@ -26,18 +27,20 @@ from ..export import encoder_state
 from ..probe_sets import TOKENIZER_FILE, run_tokenizer
 from ..run import absolute_paths, resolve_config, run_job
 from .config import FinetuneConfig, finetune_config_from_dict, resolve_finetune_config
-from .data import LabelledSplits, Mixing, train_loader
+from .data import LabelledSplits, train_loader, valid_batches
 from .tasks import TaskContext, task_named
-from .trainer import FinetuneTrainer, _shown, predict
+from .trainer import FinetuneTrainer, _shown, run_scorer
 
 FINETUNE_PATH_KEYS = ("data.path", "pretrained.checkpoint")
 """Paths config.yaml stores absolute, so that a run does not depend on the directory it started in."""
 
 
 def _encoder_config(method: str, values: dict, overrides: dict, where: str):
-    """The method's config from a run's stored values, with fine-tuning's ``model`` overrides."""
+    """The method's config from a run's stored values, with fine-tuning's ``model`` overrides (fairseq's
+    fine-tuning names spread over the method's fields: ``finetune_fields``)."""
+    config = method_entry(method).config
     values = {k: v for k, v in values.items() if k != "size"}
-    return from_dict(method_entry(method).config, {**values, **overrides}, where)
+    return from_dict(config, {**values, **finetune_fields(config, overrides)}, where)
 
 
 class Pretrained:
@@ -57,7 +60,8 @@ class Pretrained:
             self.weights_state = state["method"]
             self.tokenizer_file = None
         else:
-            run_cfg = resolve_config(cfg.pretrained.recipe, [f"model.{k}={json.dumps(v)}" for k, v in cfg.model.items()])
+            fields = finetune_fields(method_entry(resolve_config(cfg.pretrained.recipe).method).config, cfg.model)
+            run_cfg = resolve_config(cfg.pretrained.recipe, [f"model.{k}={json.dumps(v)}" for k, v in fields.items()])
             dataset = build_dataset(run_cfg.model.modality, run_cfg.data)
             self.method_name = run_cfg.method
             self.model_cfg = run_cfg.model.build_config(**dataset.model_fields())
@@ -73,7 +77,7 @@ class Pretrained:
             return text.load_tokenizer(self.tokenizer_file)
         return run_tokenizer(self.run_config, self.run_dir)
 
-    def load_weights(self, model: Classifier, which: str) -> str:
+    def load_weights(self, model: FinetuneModel, which: str) -> str:
         """Put the pretrained encoder's weights (the student's or the EMA teacher's) into ``model``; says
         which were taken."""
         if self.weights_state is None:
@@ -82,22 +86,14 @@ class Pretrained:
         method.load_state_dict(self.weights_state)
         if which == "teacher" and getattr(method, "teacher", None) is None:
             raise ValueError(f"pretrained.weights=teacher: {self.method_name} has no EMA teacher; use student")
-        model.load_encoder(encoder_state(method, which))
+        model.load_encoder(encoder_state(method, which), method)
         return f"the {which}'s weights of {self.method_name}"
 
 
-def build_classifier(cfg: FinetuneConfig, method_name: str, model_cfg, classes: list[str] | None) -> Classifier:
-    """The task's model around a freshly built ``method_name`` encoder, for ``classes`` (None: a regression)."""
-    task = task_named(cfg.task)
-    method = build_method(method_name, model_cfg)
-    outputs = 1 if classes is None else len(classes)
-    model = Classifier(
-        method.encoder, method.modality, task.head(cfg.head, model_cfg, outputs), regression=classes is None,
-        label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay,
-        layerdrop=getattr(model_cfg, "layerdrop", 0) > 0 or getattr(model_cfg, "prenet_layerdrop", 0) > 0,
-        freeze_feature_encoder=cfg.head.freeze_feature_encoder,
-    )  # fmt: skip
-    return model
+def build_model(cfg: FinetuneConfig, method_name: str, model_cfg, classes: list[str] | None) -> FinetuneModel:
+    """The task's model around a freshly built ``method_name`` encoder, for ``classes`` (the class names,
+    the letters of speech recognition; None: a regression)."""
+    return task_named(cfg.task).model(cfg, build_method(method_name, model_cfg), model_cfg, classes)
 
 
 def _splits(cfg: FinetuneConfig, model_cfg, tokenizer_fn, run_config, run_dir) -> LabelledSplits:
@@ -138,21 +134,29 @@ def finetune(
     )  # fmt: skip
 
 
-def make_trainer(cfg: FinetuneConfig, model: Classifier, splits: LabelledSplits, run_dir: Path, dev: torch.device,
+def split_batches(cfg: FinetuneConfig, splits: LabelledSplits, model: FinetuneModel):
+    """``() -> the validation split's batches``, in order, as the task batches them."""
+    collate = task_named(cfg.task).collater(cfg, splits, model, 0, False)
+    return lambda: valid_batches(splits.valid, cfg.data.batch_size, collate, splits.valid_sizes, cfg.data.max_batch_samples)
+
+
+def make_trainer(cfg: FinetuneConfig, model: FinetuneModel, splits: LabelledSplits, run_dir: Path, dev: torch.device,
                  resolved: dict, log, env: distributed.DistEnv | None = None) -> FinetuneTrainer:  # fmt: skip
-    """The loop for ``model`` on ``splits``: its resumable loader (mixup / cutmix for classes), validation."""
+    """The loop for ``model`` on ``splits``: its resumable loader (the task's batches), validation."""
     env = env or distributed.DistEnv()
-    mixing = Mixing(cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_prob, cfg.data.switch_prob, cfg.head.label_smoothing,
-                    splits.num_outputs) if splits.classes is not None else None  # fmt: skip
+    task = task_named(cfg.task)
+    collate = task.collater(cfg, splits, model, cfg.train.seed, True)
+    names = task.metrics(splits)
 
     def loader_fn(position):
-        return train_loader(splits, cfg.data, cfg.train.seed, mixing, position, rank=env.rank, world_size=env.world_size)
+        return train_loader(splits, cfg.data, cfg.train.seed, collate, position, rank=env.rank, world_size=env.world_size)
 
+    by_size = splits.train_sizes is not None and cfg.data.max_batch_samples > 0
     return FinetuneTrainer(
-        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, cfg.data.batch_size, resolved, log=log, dist=env,
-        find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
-        valid=splits.valid, metric_names=task_named(cfg.task).metrics(splits), eval_every=cfg.train.eval_every,
-        eval_batch_size=cfg.data.batch_size, pad_value=splits.pad_id,
+        model, loader_fn, cfg.optim, cfg.train, run_dir, dev, 0 if by_size else cfg.data.batch_size, resolved, log=log,
+        dist=env, find_unused_parameters=model.skips_parameters, strategy=cfg.dist.strategy,
+        valid_batches=split_batches(cfg, splits, model), scorer=lambda: task.scorer(cfg, splits.classes, names),
+        metric_names=names, eval_every=cfg.train.eval_every,
     )  # fmt: skip
 
 
@@ -171,7 +175,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
         tokenizer_fn, run_config, pre_dir = pretrained.tokenizer, pretrained.run_config, pretrained.run_dir
     with torch.random.fork_rng(devices=[]):
         splits = env.in_turns(lambda: _splits(cfg, model_cfg, tokenizer_fn, run_config, pre_dir))
-    model = build_classifier(cfg, method_name, model_cfg, splits.classes)
+    model = build_model(cfg, method_name, model_cfg, splits.classes)
     # The pretrained weights go in before the trainer shards or wraps the model; a run that resumes
     # replaces them with its checkpoint's.
     taken = None
@@ -185,7 +189,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
     trainer = make_trainer(cfg, model, splits, run_dir, dev, resolved, log, env)
     log(f"run folder {run_dir} | {cfg.task}: {splits.description}, {len(splits.train)} train / {len(splits.valid)} valid "
         f"samples, {splits.num_outputs if splits.classes is not None else 'a regression'} "
-        f"{'classes' if splits.classes is not None else 'target'} | {method_name} {model_cfg.modality} encoder, "
+        f"{'outputs' if splits.classes is not None else 'target'} | {method_name} {model_cfg.modality} encoder, "
         f"{count_parameters(model.encoder) / 1e6:.1f} M parameters | {dev}")  # fmt: skip
     if not trainer.resume(resume) and taken is not None:
         log(f"starting from {taken}" + (f" ({cfg.pretrained.checkpoint})" if cfg.pretrained.checkpoint else ""))
@@ -229,41 +233,49 @@ def load_finetuned(checkpoint: str):
     return state, config, state_file
 
 
-def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, device: str | None = None, log=print) -> dict:
+def evaluate(checkpoint: str, data: str | None = None, out: str | None = None, device: str | None = None,
+             decode: dict | None = None, log=print) -> dict:  # fmt: skip
     """Score a fine-tuned checkpoint on its run's validation split (or on ``data``, in the task's layout);
-    prints the metrics and writes them as JSON into the run folder (``<run>/eval/``)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prints the metrics and writes them as JSON into the run folder (``<run>/eval/``). ``decode`` overrides
+    the run's ``DecodeConfig`` fields (speech recognition: ``beam``, ``lm``, ``lm_weight``, ``word_score``)."""
+    dev = _device(device)
     start = time.perf_counter()
     model, _, model_cfg, config, state_file, step = finetuned_model(checkpoint)
     run_dir = finetune_run_dir(state_file)
-    cfg = finetune_config_from_dict({**config, **({"data": {**config["data"], "path": str(Path(data).resolve())}} if data else {})})
+    changed = {"data": {**config["data"], "path": str(Path(data).resolve())}} if data else {}
+    if decode:
+        changed["decode"] = {**config.get("decode", {}), **decode}
+    cfg = finetune_config_from_dict({**config, **changed})
     splits = _splits(cfg, model_cfg, lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE), config, run_dir)
     if splits.classes != config.get("classes", splits.classes):
-        raise ValueError(f"--data {data} has the classes {splits.classes}, the run was fine-tuned on {config['classes']}")
+        raise ValueError(f"--data {data} has the outputs (classes, letters) {splits.classes}, the run was fine-tuned on "
+                         f"{config['classes']}")  # fmt: skip
     model.to(dev)
-    autocast = torch.bfloat16 if dev.type == "cuda" else None
     task = task_named(cfg.task)
-    outputs, labels = predict(model, splits.valid, cfg.data.batch_size, splits.pad_id, dev, autocast)
-    from .metrics import score
-
-    metrics = score(task.metrics(splits), outputs, labels)
+    scorer = task.scorer(cfg, splits.classes, task.metrics(splits))
+    metrics = run_scorer(model, split_batches(cfg, splits, model)(), scorer, dev, torch.bfloat16 if dev.type == "cuda" else None)
     result = {"checkpoint": str(state_file), "step": step, "task": cfg.task, "data": splits.description,
-              "samples": int(labels.shape[0]), "metrics": metrics}  # fmt: skip
+              "samples": len(splits.valid), "metrics": metrics}  # fmt: skip
+    if hasattr(scorer, "examples"):
+        result.update(decoding=scorer.decoder.description, examples=scorer.examples())
     target = Path(out) if out else run_dir / "eval" / f"{state_file.parent.name}-step-{step:08d}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
-    shown = " | ".join(f"{k} {_shown(v)}" for k, v in metrics.items())
+    shown = " | ".join(f"{k} {_shown(v, k)}" for k, v in metrics.items())
     log(f"evaluate done: step {step} of {checkpoint} on {splits.description} ({result['samples']} samples) in "
         f"{time.perf_counter() - start:.1f} s: {shown}")
     log(f"results:    {target}")
     return result
 
 
+def _device(device: str | None) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def finetuned_model(checkpoint: str):
-    """The fine-tuned ``Classifier`` of a run (its best checkpoint) or checkpoint, with its weights, in eval
-    mode; returns (model, encoder method name, encoder config, run config, state file, its update step)."""
+    """The fine-tuned model of a run (its best checkpoint) or checkpoint, with its weights, in eval mode; returns (model, encoder method name, encoder config, run config, state file, its update step)."""
     state, config, state_file = load_finetuned(checkpoint)
     return finetuned_model_from(state, state_file)
 
@@ -274,7 +286,7 @@ def finetuned_model_from(state: dict, state_file: Path):
     cfg = finetune_config_from_dict(config)
     method_name = config["encoder"]["method"]
     model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
-    model = build_classifier(cfg, method_name, model_cfg, config.get("classes"))
+    model = build_model(cfg, method_name, model_cfg, config.get("classes"))
     model.load_state_dict(state["method"])
     return model.eval(), method_name, model_cfg, config, state_file, int(state.get("trainer", {}).get("step", 0))
 
@@ -300,8 +312,8 @@ def finetune_copy(method, method_name: str, recipe: str, run_config: dict, *, de
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         splits = _splits(cfg, model_cfg, lambda: run_tokenizer(run_config, run_dir), run_config, run_dir)
-        model = build_classifier(cfg, method_name, model_cfg, splits.classes)
-        model.load_encoder(encoder_state(method, "student"))
+        model = build_model(cfg, method_name, model_cfg, splits.classes)
+        model.load_encoder(encoder_state(method, "student"), method)
         trainer = make_trainer(cfg, model, splits, scratch, device, {}, lambda *_: None)
         trainer.train()
     return trainer.best

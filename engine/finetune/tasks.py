@@ -1,7 +1,7 @@
 """The fine-tuning tasks, by name: what each reads, which head it puts on the encoder, how it is scored.
 
-A ``Task`` is three functions and a modality; ``d2v2 finetune`` looks its task up in ``TASKS`` and
-never branches on the task's name (speech recognition will be one more entry):
+A ``Task`` is a modality and the functions below; ``d2v2 finetune`` looks its task up in ``TASKS`` and
+never branches on the task's name:
 
 - ``image-classification``: an ImageFolder (``train/`` + ``val/``) or the embedded digits; mean-pooled
   patches, LayerNorm and a linear head (the reference's ``mae_image_classification``); top-1 (and top-5
@@ -11,6 +11,11 @@ never branches on the task's name (speech recognition will be one more entry):
 - ``text-classification``: a GLUE task folder, a CSV / JSONL of ``text[,text_pair],label``, or the
   embedded pydoc topics; RoBERTa's head on ``<s>``; the GLUE task's metrics, accuracy, or Pearson /
   Spearman for a regression target (STS-B).
+- ``speech-recognition``: a manifest with its ``.ltr`` / ``.wrd`` transcripts and ``dict.ltr.txt``, or the
+  embedded synthetic speech; a per-frame CTC head over the letters (``speech``); WER and CER.
+
+The classification tasks share ``Classifier`` (``classifier_model``), ``LabelledCollater`` batches
+(mixup / cutmix for images) and ``ClassScorer``; speech recognition brings its own three.
 """
 
 from __future__ import annotations
@@ -20,17 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
-from d2v2.models import PooledHead, SentenceHead
+from d2v2.models import Classifier, PooledHead, SentenceHead
 
 from ..data import audio, embedded, images
 from ..probe_sets import text_set
 from .data import (
     FinetuneDataConfig,
     LabelledClips,
+    LabelledCollater,
     LabelledSplits,
     LabelledTokens,
+    Mixing,
     Normalized,
     Subset,
     split_indices,
@@ -38,7 +46,8 @@ from .data import (
 from .labelled_audio import read_labelled_audio
 from .labelled_images import has_validation_split, read_labelled_images
 from .labelled_text import TextExamples, glue_task_of, read_glue, read_table
-from .metrics import GLUE_METRICS
+from .metrics import GLUE_METRICS, score
+from .speech import build_recognizer, ctc_head, read_speech, speech_collater, speech_metrics, speech_scorer
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,11 +66,29 @@ class HeadConfig:
     freeze_feature_encoder: bool = False
     """Audio: keep the CNN feature encoder as pretrained (wav2vec 2.0's and data2vec's fine-tuning:
     ``feature_grad_mult: 0.0``)."""
+    freeze_updates: int = 0
+    """Speech recognition: the encoder stays as pretrained for this many updates, only the head learns
+    (wav2vec 2.0's ``freeze_finetune_updates``)."""
+    mask_prob: float = 0.0
+    """Speech recognition: time masking in training, the probability of a frame starting a span
+    (wav2vec 2.0's ``mask_prob``; 0 = off); masked frames take the method's fill (``Method.mask_fill``)."""
+    mask_length: int = 10
+    """Speech recognition: frames per time-mask span (``mask_length``)."""
+    mask_channel_prob: float = 0.0
+    """Speech recognition: channel masking, the probability of a channel starting a span of zeroed
+    channels (``mask_channel_prob``; 0 = off)."""
+    mask_channel_length: int = 64
+    """Speech recognition: channels per channel-mask span (``mask_channel_length``)."""
 
     def __post_init__(self):
-        for name in ("dropout", "label_smoothing"):
+        for name in ("dropout", "label_smoothing", "mask_prob", "mask_channel_prob"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"head.{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("mask_length", "mask_channel_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"head.{name} must be >= 1, got {getattr(self, name)}")
+        if self.freeze_updates < 0:
+            raise ValueError(f"head.freeze_updates must be >= 0, got {self.freeze_updates}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"head.layer_decay must lie in (0, 1] (1 = no decay), got {self.layer_decay}")
         if self.init_std <= 0:
@@ -79,6 +106,43 @@ class TaskContext:
     run_dir: Path | None = None
 
 
+class ClassScorer:
+    """Collects a split's logits and labels batch by batch, then scores them (``metrics.score``)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names, self.outputs, self.labels = names, [], []
+
+    def add(self, out: dict, batch: dict) -> None:
+        self.outputs.append(out["logits"].float().cpu())
+        self.labels.append(batch["label"].cpu())
+
+    def result(self) -> dict[str, float]:
+        return score(self.names, torch.cat(self.outputs), torch.cat(self.labels))
+
+
+def classifier_model(cfg, method, model_cfg, classes: list[str] | None) -> Classifier:
+    """The task's head on ``method``'s (fresh) encoder, for ``classes`` (None: a regression)."""
+    outputs = 1 if classes is None else len(classes)
+    return Classifier(
+        method.encoder, method.modality, task_named(cfg.task).head(cfg.head, model_cfg, outputs), regression=classes is None,
+        label_smoothing=cfg.head.label_smoothing, layer_decay=cfg.head.layer_decay, layerdrop=method.skips_parameters,
+        freeze_feature_encoder=cfg.head.freeze_feature_encoder,
+    )  # fmt: skip
+
+
+def labelled_collater(cfg, splits: LabelledSplits, model, seed: int, train: bool) -> LabelledCollater:
+    """Stacked or padded batches with their labels; training batches of classes mixed as ``data`` asks."""
+    mixing = None
+    if train and splits.classes is not None:
+        data = cfg.data
+        mixing = Mixing(data.mixup, data.cutmix, data.mix_prob, data.switch_prob, cfg.head.label_smoothing, splits.num_outputs)
+    return LabelledCollater(seed if train else 0, splits.pad_id, mixing)
+
+
+def class_scorer(cfg, classes: list[str] | None, names: tuple[str, ...]) -> ClassScorer:
+    return ClassScorer(names)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -88,7 +152,13 @@ class Task:
     head: Callable[[HeadConfig, object, int], nn.Module]
     """The head for ``(head config, model config, outputs)``."""
     metrics: Callable[[LabelledSplits], tuple[str, ...]]
-    """The metrics to report, the first the one the best checkpoint is chosen by."""
+    """The metrics to report, the first the one the best checkpoint is chosen by (``metrics.better``)."""
+    model: Callable = classifier_model
+    """``model(finetune config, method, model config, classes)``: the task's model around the method's encoder."""
+    collater: Callable = labelled_collater
+    """``collater(finetune config, splits, model, seed, train)``: what makes a batch of items."""
+    scorer: Callable = class_scorer
+    """``scorer(finetune config, classes, metric names)``: a fresh ``add(out, batch)`` / ``result()`` scorer."""
 
 
 def _split(make, num: int, cfg: FinetuneDataConfig):
@@ -243,6 +313,8 @@ TASKS = {
         Task("image-classification", "image", read_images, image_head, image_metrics),
         Task("audio-classification", "audio", read_audio, audio_head, accuracy_only),
         Task("text-classification", "text", read_text, text_head, text_metrics),
+        Task("speech-recognition", "audio", read_speech, ctc_head, speech_metrics, model=build_recognizer,
+             collater=speech_collater, scorer=speech_scorer),
     )
 }
 

@@ -16,51 +16,45 @@ from pathlib import Path
 
 import torch
 
-from d2v2.models import Classifier
-
 from ..checkpoint import BEST_DIR, save_best
 from ..metrics_log import MetricsLog
 from ..trainer import Trainer
-from .data import valid_batches
-from .metrics import score
+from .metrics import LOWER_IS_BETTER, better
 
 @torch.no_grad()
-def predict(model: Classifier, dataset, batch_size: int, pad_value, device: torch.device, autocast_dtype=None):
-    """Outputs [M, C] (fp32, on the CPU) and labels [M] of ``model`` on ``dataset``, in order, in eval mode."""
+def run_scorer(model, batches, scorer, device: torch.device, autocast_dtype=None):
+    """Feed ``model``'s outputs on ``batches`` (in eval mode) to ``scorer`` (``add(out, batch)``); returns
+    ``scorer.result()``."""
     was_training = model.training
     model.eval()
-    outputs, labels = [], []
     try:
-        for batch in valid_batches(dataset, batch_size, pad_value):
-            padding = batch.get("padding_mask")
+        for batch in batches:
+            inputs = {k: batch[k].to(device) for k in ("source", "padding_mask") if k in batch}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                inputs = {"source": batch["source"].to(device)} | ({} if padding is None else {"padding_mask": padding.to(device)})
-                logits = model(inputs)["logits"]
-            outputs.append(logits.float().cpu())
-            labels.append(batch["label"])
+                out = model(inputs)
+            scorer.add(out, batch)
     finally:
         model.train(was_training)
-    return torch.cat(outputs), torch.cat(labels)
+    return scorer.result()
 
 
 class FinetuneTrainer(Trainer):
-    """``Trainer`` for a ``d2v2.models.Classifier``, scoring ``valid`` every ``eval_every`` updates.
+    """``Trainer`` for a fine-tuning model (``d2v2.models.FinetuneModel``), scoring the validation split
+    every ``eval_every`` updates.
 
     Args (beyond ``Trainer``'s):
-        valid: the validation data set (``(index, seed) -> {"source", "label"}``).
-        metric_names: what to report, the first deciding the best checkpoint (higher is better).
+        valid_batches: ``valid_batches() -> iterable of batches``, the validation split in order.
+        scorer: ``scorer() -> a fresh scorer`` (``add(out, batch)``, ``result() -> {metric: value}``).
+        metric_names: what to report, the first deciding the best checkpoint (``metrics.better``: error
+            rates lower, the others higher).
         eval_every: updates between validations.
-        eval_batch_size: samples per validation batch.
-        pad_value: the sources' padding value (None: images, stacked).
     """
 
     command = "finetune"
 
-    def __init__(self, *args, valid, metric_names: tuple[str, ...], eval_every: int, eval_batch_size: int,
-                 pad_value=None, **kwargs):  # fmt: skip
+    def __init__(self, *args, valid_batches, scorer, metric_names: tuple[str, ...], eval_every: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.valid, self.metric_names, self.eval_every = valid, tuple(metric_names), eval_every
-        self.eval_batch_size, self.pad_value = eval_batch_size, pad_value
+        self.valid_batches, self.scorer, self.metric_names, self.eval_every = valid_batches, scorer, tuple(metric_names), eval_every
         self.best = {"step": 0, "score": -math.inf, "metrics": {}}
 
     def state_dict(self) -> dict:
@@ -69,11 +63,13 @@ class FinetuneTrainer(Trainer):
     def load_state_dict(self, state: dict, folder: Path | None = None) -> None:
         super().load_state_dict(state, folder)
         self.best = dict(state.get("best", self.best))
+        # A fine-tuning model keeps nothing from after_step but the update count (the frozen-encoder
+        # phase), which its weights do not hold: tell it where the run resumes.
+        self.method.after_step(self.step)
 
     def evaluate(self) -> dict[str, float]:
         """The metrics of the validation split now."""
-        outputs, labels = predict(self.method, self.valid, self.eval_batch_size, self.pad_value, self.device, self.autocast_dtype)
-        return score(self.metric_names, outputs, labels)
+        return run_scorer(self.method, self.valid_batches(), self.scorer(), self.device, self.autocast_dtype)
 
     def after_update(self, metrics_file: MetricsLog | None) -> None:
         if self.step % self.eval_every != 0 and self.step != self.max_steps:
@@ -83,13 +79,13 @@ class FinetuneTrainer(Trainer):
         main = self.metric_names[0]
         if metrics_file is not None:
             metrics_file.write({"step": self.step, **{f"valid_{k}": v for k, v in metrics.items()}})
-        improved = metrics[main] > self.best["score"]
+        improved = better(main, metrics[main], self.best["score"])
         if improved:
             self.best = {"step": self.step, "score": metrics[main], "metrics": metrics}
             self._save_best()
-        shown = " | ".join(f"{k} {_shown(v)}" for k, v in metrics.items())
+        shown = " | ".join(f"{k} {_shown(v, k)}" for k, v in metrics.items())
         self.log(f"step {self.step}/{self.max_steps} valid: {shown} ({time.perf_counter() - start:.1f} s)"
-                 + (" | best so far, kept" if improved else f" | best {_shown(self.best['score'])} at step {self.best['step']}"))
+                 + (" | best so far, kept" if improved else f" | best {_shown(self.best['score'], main)} at step {self.best['step']}"))
 
     def _save_best(self) -> None:
         if self.sharded:  # the whole weights, gathered from every rank's shards (a collective)
@@ -109,12 +105,12 @@ class FinetuneTrainer(Trainer):
         best = self.best
         lines = []
         if best["metrics"]:
-            shown = " | ".join(f"{k} {_shown(v)}" for k, v in best["metrics"].items())
+            shown = " | ".join(f"{k} {_shown(v, k)}" for k, v in best["metrics"].items())
             lines.append(f"best:       step {best['step']}: valid {shown} ({self.run_dir / BEST_DIR})")
         lines.append(f"evaluate:   d2v2 evaluate --checkpoint {self.run_dir}")
         return lines
 
 
-def _shown(value: float) -> str:
-    """A metric for the console: fractions as percentages."""
-    return f"{100 * value:.2f} %" if -1 <= value <= 1 else f"{value:.4f}"
+def _shown(value: float, name: str = "") -> str:
+    """A metric for the console: fractions (and error rates, which may pass 1) as percentages."""
+    return f"{100 * value:.2f} %" if -1 <= value <= 1 or name in LOWER_IS_BETTER else f"{value:.4f}"

@@ -11,7 +11,7 @@ here (which blocks, which mask, which teacher parts are copied), never a branch 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..config import (
     AudioFields,
@@ -35,6 +35,12 @@ class Data2Vec1Config(TeacherTargets, MaskToken, TextFields, AudioFields, ImageF
     Build one with ``data2vec1_config(modality, size, **overrides)``; the shared fields are documented
     where ``config`` declares them, and the presets set the per-modality values of the reference.
     """
+
+    finetune_names: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dropout": ("encoder_dropout", "post_mlp_dropout", "input_dropout"), "dropout_input": (),
+    }  # fmt: skip
+    """fairseq's ``dropout`` is the transformer's: after attention, after the FFN and after the input
+    LayerNorm (``TransformerEncoder``), which this config splits in three."""
 
     # -- encoder: data2vec 1.0's block flavours -----------------------------------------------------------
     layer_norm_first: bool = False

@@ -49,6 +49,7 @@ from d2v2.kernels.masked_regression_loss import masked_regression_loss
 from ..data2vec2.model import Data2Vec2
 from ..layers.blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
 from ..layers.embeddings import embed_paths
+from ..layers.mask_fill import MaskFill
 from ..layers.masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
 from ..layers.teacher import ema_update, frozen_copy, weighted_std
 from ..method import Method, check_mask
@@ -128,10 +129,17 @@ class Data2Vec1Encoder(nn.Module):
                                    collect=self.collect)  # fmt: skip
         return self.norm(x), layers
 
+    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """The features the mask vector replaces (here and in fine-tuning): the local features [B, N, D], their padding."""
+        return self.local_features(source, padding_mask)
+
+    def encode_features(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(Masked) local features [B, N, D] -> the encoder's output [B, extra + N, D]."""
+        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
+
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The unmasked encoder: source -> [B, extra + N, D] (images: CLS first). For probes and export."""
-        feats, padding_mask = self.local_features(source, padding_mask)
-        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
+        return self.encode_features(*self.maskable_features(source, padding_mask))
 
 
 class Data2Vec1(Method):
@@ -279,6 +287,13 @@ class Data2Vec1(Method):
             ema_update(self.teacher, self.encoder, decay, impl=self.cfg.impl, copy=embed_paths(self.cfg.teacher_copies))
 
     # -- features, optimizer ---------------------------------------------------------------------------
+
+    def mask_fill(self) -> MaskFill | None:
+        """Fine-tuning's time masks take this method's mask vector, in spans of at least 2 (fairseq
+        ``Data2VecAudioModel.apply_mask``); text, which masks its input ids, has none."""
+        if self.mask_emb is None:
+            return None
+        return MaskFill(self.cfg.embed_dim, self.mask_emb, min_spans=2)
 
     @torch.no_grad()
     def probe_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

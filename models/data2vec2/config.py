@@ -9,6 +9,7 @@ fields only they use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import (
     AudioFields,
@@ -33,6 +34,13 @@ class Data2Vec2Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
     where ``config`` declares them, the defaults are generic (base width) and the modality-specific
     ones are the reference's model defaults.
     """
+
+    finetune_names: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dropout": ("encoder_dropout", "prenet_dropout", "post_mlp_dropout"), "layerdrop": ("layerdrop", "prenet_layerdrop"),
+        "dropout_input": (),
+    }  # fmt: skip
+    """fairseq's fine-tuning sets ``encoder_dropout``, ``prenet_dropout`` and ``post_mlp_drop`` from its
+    ``dropout``, ``layerdrop`` and ``prenet_layerdrop`` from its ``layerdrop`` (``wav2vec2_asr.py``)."""
 
     # -- encoder: data2vec 2.0's prenet split and dropouts --------------------------------------------
     prenet_depth: int = 0

@@ -117,9 +117,15 @@ class Data2Vec2Encoder(nn.Module):
         collect_from = len(self.blocks) - collect_top if collect_top > 0 else None
         return forward_blocks(self.blocks, x, **context, layerdrop=self.layerdrop, collect_from=collect_from)
 
+    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """The features fine-tuning masks (``MaskFill``): the local features [B, N, D] and their padding."""
+        return self.local_features(source, padding_mask)
+
+    def encode_features(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(Masked) local features [B, N, D] -> the encoder's output [B, extra + N, D], every token kept."""
+        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
+
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The unmasked encoder: source -> [B, extra + N, D] (images: CLS first). For probes and export."""
-        feats, padding_mask = self.local_features(source, padding_mask)
-        x, context = self.contextualize(feats, padding_mask)
-        return self.run_blocks(x, context)[0]
+        return self.encode_features(*self.maskable_features(source, padding_mask))
 

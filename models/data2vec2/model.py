@@ -61,6 +61,7 @@ from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
 from ..layers.blocks import init_bert_params
+from ..layers.mask_fill import MaskFill
 from ..layers.teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
 from ..method import Method, batch_masks
 from ..modalities import modality_for
@@ -259,6 +260,12 @@ class Data2Vec2(Method):
         return None
 
     # -- features, optimizer ---------------------------------------------------------------------------
+
+    def mask_fill(self) -> MaskFill:
+        """Fine-tuning's time masks fill with N(0, mask_noise_std^2) noise, in spans of at least 1: the
+        reference's fine-tuning sets ``encoder_zero_mask`` false (``zero_mask``) and ``compute_mask``
+        passes ``min_masks=1``; data2vec 2.0 has no learned mask vector."""
+        return MaskFill(self.cfg.embed_dim, noise_std=self.cfg.mask_noise_std, min_spans=1)
 
     @torch.no_grad()
     def probe_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -161,15 +161,18 @@ def wav2vec_span_mask(
     span: int = 10,
     min_masks: int = 2,
     generator: torch.Generator | None = None,
+    lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """wav2vec 2.0 / data2vec 1.0 audio masks (fairseq ``compute_mask_indices``, static lengths, no
     overlap avoidance, ``require_same_masks``): p = 0.65, span 10 masks about 49 % of the frames.
 
-    Per row: ``n = max(min_masks, int(mask_prob * length / span + u))`` with u ~ U(0, 1) (probabilistic
-    rounding), n distinct span starts drawn uniformly from ``[0, length - span)`` (the reference's
-    ``np.random.choice(sz - min_len, n, replace=False)``), each masking ``span`` frames (cut at the end);
-    overlaps merge. Then every row keeps a uniformly random subset of its masked frames of the size of
-    the smallest row's, so all rows mask the same number of frames.
+    Per row of ``size`` frames (``length``, or the row's own entry of ``lengths``: a padded batch, as
+    fine-tuning masks it): ``n = max(min_masks, int(mask_prob * size / span + u))`` with u ~ U(0, 1)
+    (probabilistic rounding), n distinct span starts drawn uniformly from ``[0, size - span)`` (the
+    reference's ``np.random.choice(sz - min_len, n, replace=False)``), each masking ``span`` frames (cut
+    at the row's end, so padding is never masked); overlaps merge; n = 0 masks nothing. Then every row
+    keeps a uniformly random subset of its masked frames of the size of the smallest row's, so all rows
+    mask the same number of frames.
 
     Returns:
         bool ``[batch, length]``, True = masked.
@@ -180,20 +183,25 @@ def wav2vec_span_mask(
     if min_masks < 0:
         raise ValueError(f"min_masks must be >= 0, got {min_masks}")
     _check_generator(generator)
+    sizes = [length] * batch if lengths is None else [int(n) for n in lengths]
+    if len(sizes) != batch or not all(1 <= n <= length for n in sizes):
+        raise ValueError(f"lengths must give {batch} row lengths in [1, {length}], got {sizes}")
     rounding = torch.rand(batch, generator=generator)
-    counts = [max(min_masks, int(mask_prob * length / span + float(u))) for u in rounding]
     selected = torch.zeros(batch, length, dtype=torch.bool)
-    for row, count in enumerate(counts):
-        min_len = span if length - span > count else length - count - 1
-        if min_len < 0 or length - min_len < count or count == 0:
+    for row, (size, u) in enumerate(zip(sizes, rounding.tolist())):
+        count = max(min_masks, int(mask_prob * size / span + u))
+        if count == 0:
+            continue
+        min_len = span if size - span > count else size - count - 1
+        if min_len < 0 or size - min_len < count:
             raise ValueError(
-                f"cannot place {count} spans of {span} in {length} frames; use longer clips (or a smaller mask_prob/span)"
+                f"cannot place {count} spans of {span} in {size} frames; use longer clips (or a smaller mask_prob/span)"
             )
-        starts = torch.randperm(length - min_len, generator=generator)[:count]
-        _mark_spans(selected[row], starts, span)
+        starts = torch.randperm(size - min_len, generator=generator)[:count]
+        _mark_spans(selected[row, :size], starts, span)
     num_masked = int(selected.sum(dim=1).min())
-    if num_masked >= length:
-        raise ValueError(f"the spans cover all {length} frames; use longer clips (or a smaller mask_prob/span)")
+    if num_masked >= min(sizes):
+        raise ValueError(f"the spans cover all {min(sizes)} frames of a row; use longer clips (or a smaller mask_prob/span)")
     return _equalise(selected, num_masked, generator)
 
 

@@ -159,6 +159,10 @@ class MLM(Method):
         biases and padding row, LayerNorm 1 / 0; the LM head's bias starts at zero."""
         self.apply(init_bert_params)
 
+    @property
+    def skips_parameters(self) -> bool:
+        return self.cfg.layerdrop > 0
+
     def no_weight_decay(self) -> set[str]:
         """None: fairseq's Adam decays every RoBERTa parameter (biases, norms and embeddings included)."""
         return set()

@@ -10,7 +10,7 @@ fairseq's ``examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..config import ConfigChecker, Dropouts, EncoderConfig, build_preset
 from ..layers.encoders import WAV2VEC2_CONV_LAYERS
@@ -27,6 +27,9 @@ class Wav2Vec2Config(Dropouts, EncoderConfig):
     (wav2vec 2.0's ``dropout`` is ``encoder_dropout``), the defaults below are wav2vec 2.0 base's and
     the presets hold its dropouts (0.1) and LayerDrop (0.05).
     """
+
+    finetune_names: ClassVar[dict[str, tuple[str, ...]]] = {"dropout": ("encoder_dropout",), "dropout_input": ("dropout_input",)}
+    """fairseq's names are this model's own (``dropout`` is ``encoder_dropout``)."""
 
     modalities = ("audio",)  # a speech method
 

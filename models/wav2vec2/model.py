@@ -45,6 +45,7 @@ from d2v2.kernels.gather_tokens import gather_tokens
 
 from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
 from ..layers.encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
+from ..layers.mask_fill import MaskFill
 from ..layers.masking import mask_to_ids, wav2vec_span_mask
 from ..layers.quantizer import GumbelVectorQuantizer
 from ..method import Method, check_mask
@@ -136,9 +137,17 @@ class Wav2Vec2Encoder(nn.Module):
         x, _ = forward_blocks(self.blocks, x, key_padding_mask=padding_mask, layerdrop=self.cfg.layerdrop)
         return x
 
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """The features ``mask_emb`` replaces: the projected CNN features [B, N, D] and their padding."""
         feats, padding_mask = self.local_features(source, padding_mask)
-        return self.contextualize(self.project(self.local_encoder.project_norm(feats)), padding_mask)
+        return self.project(self.local_encoder.project_norm(feats)), padding_mask
+
+    def encode_features(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(Masked) projected features [B, N, D] -> the last block's output [B, N, D]."""
+        return self.contextualize(x, padding_mask)
+
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_features(*self.maskable_features(source, padding_mask))
 
 
 class Wav2Vec2(Method):
@@ -251,6 +260,11 @@ class Wav2Vec2(Method):
     def after_step(self, step: int) -> None:
         """Anneal the quantiser's temperature to its value after optimizer update ``step``."""
         self.quantizer.set_num_updates(step)
+
+    def mask_fill(self) -> MaskFill:
+        """Fine-tuning's time masks take the encoder's mask vector, in spans of at least 2 (fairseq
+        ``Wav2Vec2Model.apply_mask``: ``min_masks=2``)."""
+        return MaskFill(self.cfg.embed_dim, self.encoder.mask_emb, min_spans=2)
 
     def no_weight_decay(self) -> set[str]:
         """Nothing: the base recipe's plain fairseq ``adam`` decays every parameter (norms, biases,

@@ -80,3 +80,19 @@ def train_losses(model, batch: dict, steps: int, lr: float, weight_decay: float 
         model.after_step(step)
         losses.append(loss.item())
     return losses
+
+
+def fit(model, batch: dict, steps: int, lr: float = 3e-3) -> tuple[dict, list[float]]:
+    """``steps`` AdamW updates of a fine-tuning model on one batch (its groups' ``lr_scale`` applied):
+    (the last outputs, the losses)."""
+    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=lr)
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
+    losses = []
+    for _ in range(steps):
+        out = model(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    return out, losses

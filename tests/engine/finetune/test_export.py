@@ -12,7 +12,7 @@ from d2v2.engine.checkpoint import save_checkpoint
 from d2v2.engine.config import to_dict
 from d2v2.engine.export import export
 from d2v2.engine.finetune.config import resolve_finetune_config
-from d2v2.engine.finetune.run import build_classifier
+from d2v2.engine.finetune.run import build_model
 from d2v2.models import load_pretrained, method_config
 
 ATOL = 1e-5
@@ -35,7 +35,7 @@ def make_finetuned_run(tmp_path, method: str, modality: str, overrides: dict, cl
     """A fine-tuning run folder holding one checkpoint of a tiny classifier with every weight moved."""
     cfg = resolve_finetune_config(f"finetune-{modality}-tiny", ["pretrained.checkpoint=/pretrained"])
     model_cfg = method_config(method, modality, "tiny", impl="torch", **overrides)
-    model = build_classifier(cfg, method, model_cfg, classes).eval()
+    model = build_model(cfg, method, model_cfg, classes).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

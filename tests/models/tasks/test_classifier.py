@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from d2v2.models import Classifier, PooledHead, SentenceHead, build_method
 from d2v2.models.tasks import layer_ids
 
-from ..fixtures import make_source, registered_pairs, tiny_config
+from ..fixtures import fit, make_source, registered_pairs, tiny_config
 
 
 def classifier(method: str, modality: str, outputs: int = 3, **kwargs) -> Classifier:
@@ -25,16 +25,7 @@ def test_every_encoder_takes_a_head_and_learns(method, modality):
     fixed = {f"encoder.{n}" for n, p in build_method(method, cfg).encoder.named_parameters() if not p.requires_grad}
     model = classifier(method, modality, layer_decay=0.5)
     batch = {"source": make_source(cfg, batch_size=4), "label": torch.tensor([0, 1, 2, 1])}
-    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
-    for group in optimizer.param_groups:
-        group["lr"] *= group["lr_scale"]
-    losses = []
-    for _ in range(8):
-        out = model(batch)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(out["loss"].item())
+    out, losses = fit(model, batch, steps=8)
     assert out["logits"].shape == (4, 3)
     assert losses[-1] < losses[0]
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n not in fixed]  # fixed: e.g. sin-cos tables
