@@ -16,6 +16,9 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.conv_block1d import conv_block1d, conv_block1d_ref
+from d2v2.kernels.conv_block2d import conv_block2d, conv_block2d_ref
+
 from . import harness
 from .harness import BASE_PROVIDERS, CONV_TARGETS, TRAIN_MODES, Case, Workload
 from .shapes import ShapeSpec
@@ -47,7 +50,7 @@ def _parameters(spec: ShapeSpec, taps: tuple[int, ...], device, gen):
 
 def setup_conv_block1d(spec: ShapeSpec, provider: str, device: torch.device, dtype: torch.dtype) -> Workload:
     harness.check_provider("conv_block1d", provider, BASE_PROVIDERS)
-    op = harness.op_provider("conv_block1d", "conv_block1d", provider, device)
+    op = harness.op_provider(conv_block1d, conv_block1d_ref, provider, device)
     gen = harness.generator(device)
     x = harness.randn((spec.rows, spec.length, spec.dec_dim), device, dtype, gen, requires_grad=True)
     weight, bias = _parameters(spec, (spec.dec_kernel,), device, gen)
@@ -58,7 +61,7 @@ def setup_conv_block2d(spec: ShapeSpec, provider: str, device: torch.device, dty
     harness.check_provider("conv_block2d", provider, BASE_PROVIDERS)
     if spec.grid is None:
         raise ValueError(f"conv_block2d needs a shape spec with a grid; {spec.name!r} has none")
-    op = harness.op_provider("conv_block2d", "conv_block2d", provider, device)
+    op = harness.op_provider(conv_block2d, conv_block2d_ref, provider, device)
     gen = harness.generator(device)
     k = spec.dec_kernel
     x = harness.randn((spec.rows, spec.length, spec.dec_dim), device, dtype, gen, requires_grad=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.ema import ema_, ema_ref
 from d2v2.models import data2vec2_config
 
 from . import harness
@@ -53,7 +54,7 @@ def setup_ema(
             multi_tensor_applier(amp_C.multi_tensor_axpby, noop_flag, [student, teacher, teacher], 1.0 - decay, decay, -1)
 
     else:
-        op = harness.op_provider("ema", "ema_", provider, device)
+        op = harness.op_provider(ema_, ema_ref, provider, device)
 
         def fn():
             with torch.no_grad():

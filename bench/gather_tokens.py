@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.gather_tokens import gather_tokens, gather_tokens_ref
+
 from . import harness
 from .harness import BASE_PROVIDERS, MEMORY_TARGETS, TRAIN_MODES, Case, Workload
 from .shapes import ShapeSpec
@@ -28,7 +30,7 @@ def distinct_rows(ids: torch.Tensor, clones: int, length: int) -> int:
 
 def setup_gather_tokens(spec: ShapeSpec, provider: str, device: torch.device, dtype: torch.dtype) -> Workload:
     harness.check_provider("gather_tokens", provider, BASE_PROVIDERS)
-    op = harness.op_provider("gather_tokens", "gather_tokens", provider, device)
+    op = harness.op_provider(gather_tokens, gather_tokens_ref, provider, device)
     gen = harness.generator(device)
     x = harness.randn((spec.batch, spec.length, spec.dim), device, dtype, gen, requires_grad=True)
     # the fixed sin-cos buffer, fp32 as the model keeps it

@@ -46,7 +46,6 @@ lost run. ``select_cases`` filters by name, ``apply_targets`` judges the triton 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -278,14 +277,6 @@ def dtype_from_name(name: str) -> torch.dtype:
 # Providers
 
 
-def kernel_module(name: str):
-    """``d2v2.kernels.<name>``; Unavailable when it cannot be imported here."""
-    try:
-        return importlib.import_module(f"d2v2.kernels.{name}")
-    except ImportError as e:
-        raise Unavailable(f"d2v2.kernels.{name} is not importable: {e}") from e
-
-
 def require_triton(device: torch.device) -> None:
     """Unavailable unless Triton kernels can run on ``device`` (CUDA, or the CPU interpreter), or are
     only traced (``d2v2.kernels.trace_launches``: the compile bench)."""
@@ -297,16 +288,16 @@ def require_triton(device: torch.device) -> None:
         raise Unavailable("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to interpret them on CPU")
 
 
-def op_provider(module_name: str, op: str, provider: str, device: torch.device) -> Callable[..., Any]:
-    """The callable behind a generic provider: the op (triton), its ``<op>_ref`` (torch) or the compiled ref."""
-    check_provider(op, provider, BASE_PROVIDERS)
-    module = kernel_module(module_name)
-    reference = getattr(module, f"{op.rstrip('_')}_ref")  # ema_ -> ema_ref
+def op_provider(op: Callable[..., Any], reference: Callable[..., Any], provider: str, device: torch.device) -> Callable[..., Any]:
+    """The callable behind a generic provider: the op (triton), its reference ``<op>_ref`` (torch) or the
+    compiled reference."""
+    name = op.__name__
+    check_provider(name, provider, BASE_PROVIDERS)
     if provider == "triton":
         require_triton(device)
         # The bench's ids are valid by construction: no per-call range check (a host sync) in the timing.
-        unchecked = {"check_ids": False} if op in ("gather_tokens", "scatter_tokens") else {}
-        return functools.partial(getattr(module, op), impl="triton", **unchecked)
+        unchecked = {"check_ids": False} if name in ("gather_tokens", "scatter_tokens") else {}
+        return functools.partial(op, impl="triton", **unchecked)
     if provider == "torch":
         return reference
     torch._dynamo.reset()  # a fresh cache per case: recompiles never hit the cache-size limit

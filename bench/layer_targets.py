@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.layer_targets import layer_targets, layer_targets_ref
+
 from . import harness
 from .harness import BASE_PROVIDERS, MEMORY_TARGETS, NO_GRAD_MODES, Case, Unavailable, Workload
 from .shapes import ShapeSpec
@@ -35,14 +37,13 @@ def setup_layer_targets(spec: ShapeSpec, provider: str, device: torch.device, dt
             from apex.normalization import FusedLayerNorm
         except ImportError as e:
             raise Unavailable(f"apex.normalization is not importable: {e}") from e
-        reference = harness.kernel_module("layer_targets").layer_targets_ref
         final_norm = FusedLayerNorm(spec.dim, eps=EPS, elementwise_affine=False).to(device)
 
         def run():
-            return final_norm(reference(layers, per_layer=spec.target_per_layer, final=None, eps=EPS))
+            return final_norm(layer_targets_ref(layers, per_layer=spec.target_per_layer, final=None, eps=EPS))
 
     else:
-        op = harness.op_provider("layer_targets", "layer_targets", provider, device)
+        op = harness.op_provider(layer_targets, layer_targets_ref, provider, device)
 
         def run():
             return op(layers, per_layer=spec.target_per_layer, final=spec.target_final, eps=EPS)

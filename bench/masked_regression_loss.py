@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.masked_regression_loss import masked_regression_loss, masked_regression_loss_ref
+
 from . import harness
 from .harness import BASE_PROVIDERS, MEMORY_TARGETS, TRAIN_MODES, Case, Workload
 from .shapes import ShapeSpec
@@ -31,7 +33,7 @@ def setup_masked_regression_loss(
     spec: ShapeSpec, provider: str, device: torch.device, dtype: torch.dtype
 ) -> Workload:
     harness.check_provider("masked_regression_loss", provider, BASE_PROVIDERS)
-    op = harness.op_provider("masked_regression_loss", "masked_regression_loss", provider, device)
+    op = harness.op_provider(masked_regression_loss, masked_regression_loss_ref, provider, device)
     gen = harness.generator(device)
     pred = harness.randn((spec.rows, spec.length, spec.dim), device, dtype, gen, requires_grad=True)
     target = harness.randn((spec.batch, spec.length, spec.dim), device, torch.float32, gen)  # layer_targets is fp32

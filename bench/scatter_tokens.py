@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from d2v2.kernels.scatter_tokens import scatter_tokens, scatter_tokens_ref
+
 from . import harness
 from .harness import BASE_PROVIDERS, MEMORY_TARGETS, TRAIN_MODES, Case, Workload
 from .shapes import ShapeSpec
@@ -20,7 +22,7 @@ from .shapes import ShapeSpec
 
 def setup_scatter_tokens(spec: ShapeSpec, provider: str, device: torch.device, dtype: torch.dtype) -> Workload:
     harness.check_provider("scatter_tokens", provider, BASE_PROVIDERS)
-    op = harness.op_provider("scatter_tokens", "scatter_tokens", provider, device)
+    op = harness.op_provider(scatter_tokens, scatter_tokens_ref, provider, device)
     gen = harness.generator(device)
     y = harness.randn((spec.rows, spec.kept, spec.dim), device, dtype, gen, requires_grad=True)
     ids = harness.ids_keep(spec.rows, spec.length, spec.kept, device, gen)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from d2v2.bench import harness
+from d2v2.kernels.gather_tokens import gather_tokens, gather_tokens_ref
 from tests.bench.helpers import CPU
 
 
@@ -44,8 +45,8 @@ def test_timer_resets_gradients_outside_the_timed_call():
 
 def test_provider_and_name_checks():
     with pytest.raises(ValueError, match="provider must be one of"):
-        harness.op_provider("gather_tokens", "gather_tokens", "sdpa", CPU)
-    assert harness.op_provider("gather_tokens", "gather_tokens", "torch", CPU).__name__ == "gather_tokens_ref"
+        harness.op_provider(gather_tokens, gather_tokens_ref, "sdpa", CPU)
+    assert harness.op_provider(gather_tokens, gather_tokens_ref, "torch", CPU).__name__ == "gather_tokens_ref"
     with pytest.raises(ValueError, match="dtype must be one of"):
         harness.dtype_from_name("int8")
     assert harness.dtype_name(torch.bfloat16) == "bf16" and harness.dtype_name(torch.float64) == "float64"
