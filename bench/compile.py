@@ -179,14 +179,18 @@ def compile_all(variants, archs: Sequence[int], jobs: int = 1, log: Callable[[st
             if not kept_only or launch.kept_on is None or arch in launch.kept_on]  # fmt: skip
     _WORK[:] = work
     start = time.perf_counter()
+    from tqdm import tqdm
+
+    # The full matrix takes tens of minutes: a bar on a terminal, a line every half minute in a log.
+    progress = dict(total=len(work), desc="compile", unit="launch", mininterval=1 if sys.stderr.isatty() else 30)
     if jobs > 1:
         import multiprocessing
 
         # fork: the workers inherit the traced launches (their JIT functions do not pickle).
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_compile_one, range(len(work)), chunksize=1)
+            results = list(tqdm(pool.imap(_compile_one, range(len(work)), chunksize=1), **progress))
     else:
-        results = [_compile_one(i) for i in range(len(work))]
+        results = [_compile_one(i) for i in tqdm(range(len(work)), **progress)]
     log(f"compiled {len(work)} launches in {time.perf_counter() - start:.0f} s")
     uses = {launch: used for launch, used in variants}
     rows = []
