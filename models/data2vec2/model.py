@@ -62,7 +62,7 @@ from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
 from ..layers.blocks import init_bert_params
 from ..layers.mask_fill import MaskFill
-from ..layers.teacher import ema_decay_schedule, ema_update, frozen_copy, weighted_std
+from ..layers.teacher import ema_decay_schedule, ema_update, frozen_copy, std_within_samples, weighted_std
 from ..method import Method, batch_masks
 from ..modalities import modality_for
 from .config import DATA2VEC2_PRESETS, Data2Vec2Config, data2vec2_config
@@ -104,6 +104,9 @@ class Data2Vec2(Method):
     """
 
     embedded_encoders = ("encoder.", "teacher.")
+    log_keys = ("local_std",)
+    """Logged beside the variances: the local features' std within each sample (``std_within_samples``),
+    the early sign of a collapsing CNN or patch embedding."""
 
     def __init__(self, cfg: Data2Vec2Config):
         super().__init__()
@@ -189,6 +192,7 @@ class Data2Vec2(Method):
             # A target position counts as many times as clones mask it; the target is never repeated.
             out["target_var"] = weighted_std(target, mask.view(batch_size, clones, length).sum(dim=1))
             out["pred_var"] = weighted_std(pred, mask)
+            out["local_std"] = std_within_samples(feats, padding_mask)
         out["loss"] = loss
         out["ema_decay"] = self.ema_decay(self.num_updates)
         out["sample_size"] = batch_size * clones * (length - num_kept)

@@ -80,3 +80,16 @@ def weighted_std(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     mean = torch.einsum("rn,rnd->d", weights, values) / count
     var = torch.einsum("rn,rnd->d", weights, (values - mean).square()) / (count - 1)
     return torch.sqrt(var + 1e-6).mean()
+
+
+def std_within_samples(values: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples and channels of the per-channel std of ``values`` [B, N, D] over each sample's own
+    positions (``padding_mask`` [B, N], True = padding, left out). Near 0 when an encoder gives every
+    position of a sample the same vector: a local encoder that collapsed while the loss and the batch-wide
+    variances look fine (the failure users of the reference report in fairseq #4177 / #5239)."""
+    values = values.detach().float()
+    keep = torch.ones(values.shape[:2], device=values.device) if padding_mask is None else (~padding_mask).float()
+    count = keep.sum(dim=1, keepdim=True).clamp(min=2)  # [B, 1]
+    mean = torch.einsum("bn,bnd->bd", keep, values) / count
+    var = torch.einsum("bn,bnd->bd", keep, (values - mean[:, None]).square()) / (count - 1)
+    return torch.sqrt(var + 1e-6).mean()
