@@ -368,3 +368,15 @@ HEAD_TARGETS: dict[str, HeadTarget] = {
                                       lambda cfg: {"use_mean_pooling": True, "use_mask_token": False}),
 }  # fmt: skip
 """By the encoder's standard class (``Target.name``): its class with a head, where one matches ours."""
+
+
+def ctc_head_state(head: dict, cfg) -> dict:
+    """``*ForCTC``'s ``lm_head`` is our ``CTCHead``'s linear layer (its dropout is ``final_dropout``)."""
+    return {"lm_head.weight": head["linear.weight"], "lm_head.bias": head["linear.bias"]}
+
+
+CTC_TARGETS: dict[str, HeadTarget] = {
+    "Wav2Vec2Model": HeadTarget("Wav2Vec2ForCTC", "wav2vec2.", ctc_head_state, lambda cfg: {}),
+    "Data2VecAudioModel": HeadTarget("Data2VecAudioForCTC", "data2vec_audio.", ctc_head_state, lambda cfg: {}),
+}
+"""By the encoder's standard class: its class with a CTC head (speech recognition, ``SpeechRecognizer``)."""
