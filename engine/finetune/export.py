@@ -60,7 +60,8 @@ def export_finetuned(state: dict, state_file: Path, out_dir: Path, fmt: str, tok
         if not speech:
             write_folder(folder, state, {**hf, **labels_config(classes), "classifier_dropout": model.head.spec["dropout"]})
             return []
-        fields = ctc_config(classes, model.head.spec["dropout"], finetune_config_from_dict(config).head, model.fill.min_spans)
+        head_cfg = finetune_config_from_dict(config).head
+        fields = ctc_config(classes, model.head.spec["dropout"], head_cfg, model.fill.min_spans)
         # HF keeps the mask vector only where its config masks; fine-tuning's (trained) vector is the fill's.
         state.pop(f"{head.prefix}masked_spec_embed", None)
         if fields["apply_spec_augment"] and model.fill.embedding is not None:
