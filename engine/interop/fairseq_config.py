@@ -6,6 +6,12 @@ settings, ...). A setting d2v2 does not implement is refused when it changes the
 (pre-norm blocks, end-of-block targets, no-affine norms, a per-layer or learned ALiBi table, decoder
 positions, a shared decoder, another feature extractor mode) and reported as ignored when it only
 changed fairseq's training (``dropout_input``, ``local_grad_mult``, ``recon_loss``, ...).
+
+``wav2vec_from_fairseq`` maps the encoder fields of fairseq's wav2vec 2.0 (``Wav2Vec2Config``) and
+data2vec 1.0 audio (``Data2VecAudioConfig``) configs (``encoder_layers``, ``encoder_embed_dim``,
+``conv_feature_layers``, ``conv_pos``, ``pos_conv_depth``, the dropouts) onto ``Wav2Vec2Config`` /
+``Data2Vec1Config``: what the recogniser of a CTC fine-tune needs, refusing pre-norm blocks, conformer
+layers and CNN biases.
 """
 
 from __future__ import annotations
@@ -135,24 +141,29 @@ def _typed(value, name: str, kind: type):
 
 
 def _get(cfg: dict, key: str, default):
+    """``cfg[key]``, or ``default`` where it is absent or None."""
     value = cfg.get(key, default)
     return default if value is None and default is not None else value
 
 
 # Typed reads: a value of the wrong type is refused naming its own field (not one compared with it).
 def _integer(cfg: dict, key: str, default, at: str = "model") -> int:
+    """``cfg[key]`` as a whole number (``at.key`` names it in the error)."""
     return _typed(_get(cfg, key, default), f"{at}.{key}", int)
 
 
 def _number(cfg: dict, key: str, default, at: str = "model") -> float:
+    """``cfg[key]`` as a number (``at.key`` names it in the error)."""
     return _typed(_get(cfg, key, default), f"{at}.{key}", float)
 
 
 def _flag(cfg: dict, key: str, default, at: str = "model") -> bool:
+    """``cfg[key]`` as true or false (``at.key`` names it in the error)."""
     return _typed(_get(cfg, key, default), f"{at}.{key}", bool)
 
 
 def _refuse(key: str, why: str) -> None:
+    """The one-line error of a setting d2v2 does not implement."""
     raise ValueError(f"the checkpoint sets {key}, which d2v2 does not implement ({why}); it cannot be imported")
 
 

@@ -201,6 +201,7 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, dictionary: str | Pa
 
 
 def _report(dropped: list[str], notes: list[str], log) -> None:
+    """Say what was left out of the checkpoint and what the mapping had to say."""
     if dropped:
         log(f"dropped {len(dropped)} tensors outside the encoder: {_summary(dropped)}")
     for note in notes:
@@ -208,6 +209,7 @@ def _report(dropped: list[str], notes: list[str], log) -> None:
 
 
 def _mismatch(checkpoint, what: str, missing: list[str], unexpected: list[str]) -> ValueError:
+    """The one-line error of weights that do not fit the model the config describes, naming the first few."""
     parts = ([f"missing {len(missing)}: {', '.join(missing[:5])}"] if missing else []) + (
         [f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}"] if unexpected else []
     )
