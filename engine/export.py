@@ -20,6 +20,11 @@ Everything else (data2vec 2.0 images: a LayerNorm on the embeddings and post-nor
 values) is written in d2v2's own format (``d2v2.models.pretrained``), which ``d2v2.models.load_pretrained``
 reads; ``--format d2v2`` asks for it for any method.
 
+A fine-tuned run (``finetune/export.py``) exports with its head: the table's class with a
+classification head (``*ForSequenceClassification``, ``Data2VecVisionForImageClassification``) or, for a
+speech recogniser, its CTC class (``Wav2Vec2ForCTC``, ``Data2VecAudioForCTC``) with ``Wav2Vec2Processor``'s
+vocabulary and feature extractor; d2v2's own format (a ``Classifier`` or ``SpeechRecognizer``) elsewhere.
+
 Exact mappings (differences that change nothing, checked to 1e-5 by tests/engine/test_export.py):
 the fused qkv projection is split into query/key/value; text positions get RoBERTa's offset of
 padding_idx + 1 zero rows and a zero token-type row; the image positions get a zero CLS row (d2v2's
@@ -139,8 +144,9 @@ def export(
 
 
 def write_export(out_dir: Path, write, cfg, tokenizer_of: tuple[dict, Path | None] | None) -> list[str]:
-    """``write(folder)`` (the weights and config.json) and, for text, the run's tokenizer (``tokenizer_of``:
-    its run config and folder; None: none) into ``out_dir``, whole or not at all; returns the files.
+    """``write(folder)`` (the weights, config.json, and the names of any other files it writes, or None)
+    and, for text, the run's tokenizer (``tokenizer_of``: its run config and folder; None: none) into
+    ``out_dir``, whole or not at all; returns the files.
 
     An empty ``out_dir`` (perhaps a mount point, which can be neither removed nor renamed over) is
     written into; a new one is written whole under a temporary name beside it, then renamed.
@@ -149,8 +155,7 @@ def write_export(out_dir: Path, write, cfg, tokenizer_of: tuple[dict, Path | Non
     tmp = out_dir / f".export.tmp-{os.getpid()}" if into else out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
-        files = [WEIGHTS_FILE, CONFIG_FILE]
+        files = [WEIGHTS_FILE, CONFIG_FILE, *(write(tmp) or ())]
         if tokenizer_of is not None and cfg.modality == "text":
             run_config, run_dir = tokenizer_of
             files += copy_tokenizer(run_config, cfg, tmp, run_dir)

@@ -10,7 +10,9 @@ A folder with two files:
   plus where it came from (``source``, ``step``).
 
 A fine-tuned model's export adds ``"task": {"name", "head" (the head's spec), "classes", "regression"}``
-and holds the ``Classifier``'s weights (``encoder.*``, ``head.*``).
+and holds the ``Classifier``'s weights (``encoder.*``, ``head.*``); a speech recogniser's adds ``"blank"``
+(the CTC blank's row) and holds the ``SpeechRecognizer``'s (``fill.*`` too: fine-tuning's mask vector),
+its ``classes`` the letter vocabulary, row by row.
 
 ``load_pretrained(folder)`` rebuilds the encoder from ``d2v2.models`` alone (no engine, no data):
 ``encoder(source, padding_mask) -> [B, extra + N, D]``, the method's ``forward_features`` (images: CLS
@@ -105,7 +107,9 @@ def load_pretrained(path: str | os.PathLike, impl: str | None = None, device: st
     Returns:
         the encoder module: ``encoder(source, padding_mask=None) -> [B, extra + N, D]``; for a fine-tuned
         export (``config.json`` with a ``task``), the ``d2v2.models.Classifier`` with its head:
-        ``model({"source": ..., "padding_mask": ...})["logits"]``, class names in ``config["task"]["classes"]``.
+        ``model({"source": ..., "padding_mask": ...})["logits"]``, class names in ``config["task"]["classes"]``;
+        for a speech recogniser the ``d2v2.models.SpeechRecognizer``: per-frame ``logits`` [B, N, V] and
+        ``lengths`` [B], the vocabulary (blank at ``config["task"]["blank"]``) in ``classes``.
     """
     from safetensors.torch import load_file
 
@@ -129,9 +133,13 @@ def load_pretrained(path: str | os.PathLike, impl: str | None = None, device: st
     weights = load_file(str(weights_file))
     task = config.get("task")
     if task is not None:  # a fine-tuned model: the encoder with its head
-        from .tasks import Classifier, build_head
+        from .tasks import Classifier, CTCHead, SpeechRecognizer, build_head
 
-        model = Classifier(method.encoder, method.modality, build_head(task["head"]), regression=bool(task["regression"]))
+        head = build_head(task["head"])
+        if isinstance(head, CTCHead):  # with the method's fill, whose mask vector fine-tuning trained
+            model = SpeechRecognizer(method.encoder, method.modality, head, method.mask_fill(), blank=int(task["blank"]))
+        else:
+            model = Classifier(method.encoder, method.modality, head, regression=bool(task["regression"]))
         model.load_state_dict(weights)
         return model.to(device).eval()
     encoder = method.encoder

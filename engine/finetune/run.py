@@ -35,7 +35,7 @@ FINETUNE_PATH_KEYS = ("data.path", "pretrained.checkpoint")
 """Paths config.yaml stores absolute, so that a run does not depend on the directory it started in."""
 
 
-def _encoder_config(method: str, values: dict, overrides: dict, where: str):
+def encoder_config(method: str, values: dict, overrides: dict, where: str):
     """The method's config from a run's stored values, with fine-tuning's ``model`` overrides (fairseq's
     fine-tuning names spread over the method's fields: ``finetune_fields``)."""
     config = method_entry(method).config
@@ -55,7 +55,7 @@ class Pretrained:
                 what = "a fine-tuned run" if isinstance(config, dict) and "task" in config else "not a d2v2 pretraining checkpoint"
                 raise ValueError(f"--checkpoint {cfg.pretrained.checkpoint} is {what}; give a pretraining run (or none)")
             self.method_name = config.get("method", "data2vec2")
-            self.model_cfg = _encoder_config(self.method_name, dict(config["model"]), cfg.model, "model")
+            self.model_cfg = encoder_config(self.method_name, dict(config["model"]), cfg.model, "model")
             self.run_config, self.run_dir = config, run_folder_of(resolve_checkpoint(cfg.pretrained.checkpoint))
             self.weights_state = state["method"]
             self.tokenizer_file = None
@@ -134,6 +134,14 @@ def finetune(
     )  # fmt: skip
 
 
+def resolved_config(cfg: FinetuneConfig, method_name: str, model_cfg, classes: list[str] | None) -> dict:
+    """A fine-tuning run's config.yaml (and its checkpoints' ``config``): the run's config, the encoder it
+    built (its method and whole config: what resume, ``evaluate`` and ``export`` rebuild it from) and
+    the classes its head predicts (speech recognition: the letters, blank first; None: a regression)."""
+    return {"recipe": cfg.recipe, "method": method_name, **{k: v for k, v in to_dict(cfg).items() if k != "recipe"},
+            "encoder": {"method": method_name, "config": to_dict(model_cfg)}, "classes": classes}  # fmt: skip
+
+
 def split_batches(cfg: FinetuneConfig, splits: LabelledSplits, model: FinetuneModel):
     """``() -> the validation split's batches``, in order, as the task batches them."""
     collate = task_named(cfg.task).collater(cfg, splits, model, 0, False)
@@ -166,7 +174,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
     pretrained = None
     if stored is not None and "encoder" in stored:  # a continued run: the encoder it was built as
         method_name = stored["encoder"]["method"]
-        model_cfg = _encoder_config(method_name, stored["encoder"]["config"], {}, "encoder.config")
+        model_cfg = encoder_config(method_name, stored["encoder"]["config"], {}, "encoder.config")
         tokenizer_fn = lambda: text.load_tokenizer(run_dir / TOKENIZER_FILE)  # noqa: E731
         run_config, pre_dir = stored, run_dir
     else:
@@ -183,9 +191,7 @@ def _finetune_in(cfg: FinetuneConfig, stored: dict | None, env, dev, run_dir: Pa
         pretrained = pretrained or Pretrained(cfg, task.modality)
         taken = pretrained.load_weights(model, cfg.pretrained.weights)
     env.offset_rng(cfg.train.seed)
-    resolved = {"recipe": cfg.recipe, "method": method_name, **{k: v for k, v in to_dict(cfg).items() if k != "recipe"},
-                "encoder": {"method": method_name, "config": to_dict(model_cfg)},
-                "classes": splits.classes}  # fmt: skip
+    resolved = resolved_config(cfg, method_name, model_cfg, splits.classes)
     trainer = make_trainer(cfg, model, splits, run_dir, dev, resolved, log, env)
     log(f"run folder {run_dir} | {cfg.task}: {splits.description}, {len(splits.train)} train / {len(splits.valid)} valid "
         f"samples, {splits.num_outputs if splits.classes is not None else 'a regression'} "
@@ -285,7 +291,7 @@ def finetuned_model_from(state: dict, state_file: Path):
     config = state["config"]
     cfg = finetune_config_from_dict(config)
     method_name = config["encoder"]["method"]
-    model_cfg = _encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
+    model_cfg = encoder_config(method_name, config["encoder"]["config"], {}, "encoder.config")
     model = build_model(cfg, method_name, model_cfg, config.get("classes"))
     model.load_state_dict(state["method"])
     return model.eval(), method_name, model_cfg, config, state_file, int(state.get("trainer", {}).get("step", 0))

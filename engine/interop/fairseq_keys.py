@@ -28,6 +28,24 @@ the shared blocks, named ``N.``). d2v2's names are those of ``Data2Vec2`` (``enc
 Text positions: fairseq's learned positions are padding-aware with an offset, position p of a
 sequence reading row padding_idx + 1 + p (rows 0 .. padding_idx are never read by a real token);
 d2v2 reads row p, so the first padding_idx + 1 rows are dropped on import.
+
+fairseq's wav2vec 2.0 and data2vec 1.0 audio encoders (``Wav2Vec2Model``, ``Data2VecAudioModel``:
+``ConvFeatureExtractionModel`` and ``TransformerEncoder``) are the architectures d2v2 exports to Hugging
+Face's ``Wav2Vec2Model`` / ``Data2VecAudioModel``, whose names are fairseq's module for module. So
+``wav2vec_fairseq_names`` goes d2v2 -> HF with the export's tables (``standard_targets``), then HF ->
+fairseq with ``WAV2VEC_RULES``::
+
+    HF (d2v2's export)                            fairseq
+    feature_extractor.conv_layers.i.conv.*        feature_extractor.conv_layers.i.0.*
+    feature_extractor.conv_layers.i.layer_norm.*  .i.2.1.* (LayerNorm CNN) / .0.2.* (GroupNorm, layer 0)
+    feature_projection.layer_norm / projection    layer_norm / post_extract_proj
+    masked_spec_embed                             mask_emb
+    encoder.pos_conv_embed.conv.*                 encoder.pos_conv.0.{bias, weight_g, weight_v}
+    encoder.pos_conv_embed.layers.i.conv.*        encoder.pos_conv.i.0.*   (data2vec 1.0: a conv stack)
+    encoder.layers.i.attention.{q,k,v,out}_proj   encoder.layers.i.self_attn.{q,k,v,out}_proj
+    encoder.layers.i.layer_norm                   encoder.layers.i.self_attn_layer_norm
+    encoder.layers.i.feed_forward.*_dense         encoder.layers.i.fc1 / fc2
+    encoder.layers.i.final_layer_norm, encoder.layer_norm   the same
 """
 
 from __future__ import annotations
@@ -36,7 +54,9 @@ import re
 
 import torch
 
-__all__ = ["fairseq_name", "fairseq_tensor", "d2v2_tensor", "TAGS"]
+from .standard_targets import DATA2VEC_AUDIO_KEYS, WAV2VEC2_KEYS, rename
+
+__all__ = ["fairseq_name", "fairseq_tensor", "d2v2_tensor", "wav2vec_fairseq_names", "TAGS"]
 
 TAGS = {"image": "IMAGE", "audio": "AUDIO", "text": "TEXT"}
 """fairseq's ``Modality`` names, the keys of ``modality_encoders``."""
@@ -123,3 +143,35 @@ def d2v2_tensor(name: str, tensor: torch.Tensor, like: torch.Tensor, padding_idx
         raise ValueError(f"the checkpoint's weight for {name} has shape {list(tensor.shape)}, the model built from "
                          f"its config needs {list(like.shape)}; the config and weights disagree")  # fmt: skip
     return tensor.to(like.dtype)
+
+
+WAV2VEC_RULES = (
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
+    (r"feature_projection\.layer_norm\.", "layer_norm."),
+    (r"feature_projection\.projection\.", "post_extract_proj."),
+    (r"masked_spec_embed$", "mask_emb"),
+    # torch's weight norm, old (fairseq's) and new (ours): the norm g and the direction v
+    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0$", "encoder.pos_conv.0.weight_g"),
+    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1$", "encoder.pos_conv.0.weight_v"),
+    (r"encoder\.pos_conv_embed\.conv\.", "encoder.pos_conv.0."),
+    (r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.", r"encoder.pos_conv.\1.0."),
+    (r"encoder\.layer_norm\.", "encoder.layer_norm."),
+    (r"encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.fc2."),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
+)
+"""Hugging Face's names of a wav2vec 2.0 / data2vec 1.0 encoder -> fairseq's (the CNN's norms: ``CNN_NORMS``)."""
+CNN_NORMS = {"default": r"feature_extractor.conv_layers.\1.2.", "layer_norm": r"feature_extractor.conv_layers.\1.2.1."}
+"""fairseq's CNN norm by ``extractor_mode``: a GroupNorm module, or a LayerNorm between two transposes."""
+HF_TABLES = {"wav2vec2": WAV2VEC2_KEYS, "data2vec": DATA2VEC_AUDIO_KEYS}
+
+
+def wav2vec_fairseq_names(names, method: str, extractor_mode: str) -> dict[str, str]:
+    """fairseq's name of each d2v2 encoder parameter of ``names`` (``attn.q`` / ``attn.k`` / ``attn.v``: the
+    thirds of ``attn.qkv``, as ``split_qkv`` makes them; ``mask_emb`` the mask vector) of ``method``
+    (wav2vec2 or data2vec) whose CNN is in ``extractor_mode``."""
+    rules = WAV2VEC_RULES + ((r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", CNN_NORMS[extractor_mode]),)
+    hf = rename({name: name for name in names}, HF_TABLES[method])  # the values ride along: HF name -> ours
+    return {ours: theirs for theirs, ours in rename(hf, rules).items()}

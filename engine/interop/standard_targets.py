@@ -108,6 +108,19 @@ def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def join_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``split_qkv``: every ``attn.q`` / ``attn.k`` / ``attn.v`` triple as one ``attn.qkv``."""
+    out = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(.*\.attn\.)([qkv])\.(weight|bias)", key)
+        if match is None:
+            out[key] = value
+        elif match[2] == "q":
+            parts = [state[f"{match[1]}{part}.{match[3]}"] for part in "qkv"]
+            out[f"{match[1]}qkv.{match[3]}"] = torch.cat(parts, dim=0)
+    return out
+
+
 def rename(state: dict[str, torch.Tensor], table) -> dict[str, torch.Tensor]:
     """Keys renamed by ``table`` (pattern, replacement or None to drop); a key no rule names is a bug
     of the table, reported with the key (so no weight is ever left out silently)."""
@@ -368,3 +381,15 @@ HEAD_TARGETS: dict[str, HeadTarget] = {
                                       lambda cfg: {"use_mean_pooling": True, "use_mask_token": False}),
 }  # fmt: skip
 """By the encoder's standard class (``Target.name``): its class with a head, where one matches ours."""
+
+
+def ctc_head_state(head: dict, cfg) -> dict:
+    """``*ForCTC``'s ``lm_head`` is our ``CTCHead``'s linear layer (its dropout is ``final_dropout``)."""
+    return {"lm_head.weight": head["linear.weight"], "lm_head.bias": head["linear.bias"]}
+
+
+CTC_TARGETS: dict[str, HeadTarget] = {
+    "Wav2Vec2Model": HeadTarget("Wav2Vec2ForCTC", "wav2vec2.", ctc_head_state, lambda cfg: {}),
+    "Data2VecAudioModel": HeadTarget("Data2VecAudioForCTC", "data2vec_audio.", ctc_head_state, lambda cfg: {}),
+}
+"""By the encoder's standard class: its class with a CTC head (speech recognition, ``SpeechRecognizer``)."""

@@ -7,12 +7,16 @@
 - ``SentenceHead``: RoBERTa's classification head on the first token (``<s>``): dropout, dense D -> D,
   tanh, dropout, linear (fairseq ``RobertaClassificationHead``; Hugging Face's
   ``RobertaClassificationHead`` has the same layers and names).
+
+``build_head`` also rebuilds speech recognition's per-frame ``CTCHead`` (``ctc``) from its spec.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .ctc import CTCHead
 
 __all__ = ["HEADS", "PooledHead", "SentenceHead", "build_head", "masked_mean"]
 
@@ -79,7 +83,7 @@ class SentenceHead(nn.Module):
         return self.out_proj(self.dropout(x))
 
 
-HEADS = {"pooled": PooledHead, "sentence": SentenceHead}
+HEADS = {"pooled": PooledHead, "sentence": SentenceHead, "ctc": CTCHead}
 
 
 def build_head(spec: dict) -> nn.Module:
