@@ -5,7 +5,7 @@ The fields map one to one where both implement the same thing (``depth``, ``embe
 settings, ...). A setting d2v2 does not implement is refused when it changes the encoder's output
 (pre-norm blocks, end-of-block targets, no-affine norms, a per-layer or learned ALiBi table, decoder
 positions, a shared decoder, another feature extractor mode) and reported as ignored when it only
-changed fairseq's training (``dropout_input``, ``local_grad_mult``, ``recon_loss``, ...).
+changed fairseq's training (``dropout_input``, ``recon_loss``, ...).
 
 ``wav2vec_from_fairseq`` maps the encoder fields of fairseq's wav2vec 2.0 (``Wav2Vec2Config``) and
 data2vec 1.0 audio (``Data2VecAudioConfig``) configs (``encoder_layers``, ``encoder_embed_dim``,
@@ -225,8 +225,6 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
             notes.append(f"model.{key}={model_cfg[key]!r} (training only) is not carried over")
     if modality == "audio" and mod.get("learned_alibi_scale") is False:
         notes.append(f"{where}.learned_alibi_scale=False: d2v2 trains the ALiBi scale when pretraining goes on")
-    if _get(mod, "local_grad_mult", 1.0) != 1.0:
-        notes.append(f"{where}.local_grad_mult={mod['local_grad_mult']!r} (training only) is not carried over")
     if _get(model_cfg, "start_drop_path_rate", 0.0) or _get(mod, "start_drop_path_rate", 0.0):
         notes.append("drop path starts at 0 in d2v2 (linear up to end_drop_path_rate over all blocks)")
 
@@ -256,6 +254,7 @@ def data2vec2_from_fairseq(model_cfg: dict, state: dict[str, torch.Tensor]) -> I
         mask_length=_integer(mod, "mask_length", 5, where),
         mask_prob_adjust=_number(mod, "mask_prob_adjust", 0.0, where),
         mask_noise_std=_number(mod, "mask_noise_std", 0.01, where),
+        local_grad_mult=_number(mod, "local_grad_mult", 1.0, where),
         target_layer_norm="instance" if model_cfg.get("instance_norm_target_layer")
         else "layer" if model_cfg.get("layer_norm_target_layer") else None,
         target_final_norm="instance" if model_cfg.get("instance_norm_targets")

@@ -83,6 +83,10 @@ class Data2Vec2Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
     """Dropout on the student outputs before the decoder (0.1 audio, text)."""
     mask_noise_std: float = 0.01
     """Std of the fresh Gaussian noise the decoder sees at masked positions."""
+    local_grad_mult: float = 1.0
+    """Gradient into the local encoder (the audio CNN before its projection, the image patch embedding,
+    the text token embedding) times this: 1 in every released config; 0 trains it not at all (it keeps its
+    initial weights). Pretraining only: fine-tuning freezes the CNN by ``head.freeze_feature_encoder``."""
 
     # -- loss -----------------------------------------------------------------------------------------
     cls_loss: float = 0.0
@@ -97,7 +101,7 @@ class Data2Vec2Config(TeacherTargets, TextFields, AudioFields, ImageFields, Drop
         for name in ("post_mlp_dropout", "drop_path_rate", "prenet_layerdrop", "prenet_dropout",
                      "decoder_input_dropout"):  # fmt: skip
             check.fraction(name)
-        for name in ("projection_ratio", "mask_noise_std", "mask_prob_adjust", "cls_loss"):
+        for name in ("projection_ratio", "mask_noise_std", "mask_prob_adjust", "cls_loss", "local_grad_mult"):
             check.nonnegative(name)
         check.open_fraction("mask_ratio", "mask some but not all tokens")
         for name, channels in (("embed_dim", self.embed_dim), ("decoder_dim", self.decoder_dim)):

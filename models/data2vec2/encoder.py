@@ -74,10 +74,11 @@ class Data2Vec2Encoder(nn.Module):
         return self.embed.alibi()
 
     def local_features(
-        self, source: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self, source: torch.Tensor, padding_mask: torch.Tensor | None = None, grad_mult: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """source -> (features [B, N, D], token padding mask [B, N] or None). Runs once per sample."""
-        return self.embed.local_features(source, padding_mask)
+        """source -> (features [B, N, D], token padding mask [B, N] or None). Runs once per sample; the
+        gradient into the local encoder times ``grad_mult`` (``local_grad_mult``; 0 = none)."""
+        return self.embed.local_features(source, padding_mask, grad_mult)
 
     def contextualize(
         self,

@@ -160,7 +160,7 @@ class Data2Vec2(Method):
         cfg = self.cfg
         clones = self.modality.clones  # K: the loader's masks come from the same object
         source = batch["source"]
-        feats, padding_mask = self.encoder.local_features(source, batch.get("padding_mask"))
+        feats, padding_mask = self.encoder.local_features(source, batch.get("padding_mask"), cfg.local_grad_mult)
         batch_size, length, dim = feats.shape
         mask, ids_keep = batch_masks(batch, batch_size, clones, length, feats.device)
         num_kept = ids_keep.shape[1]

@@ -5,7 +5,8 @@ runs in two steps, because data2vec 2.0 runs the local encoder once per sample a
 once per masked copy (paper section 3, "Efficient data encoding"; fairseq
 ``examples/data2vec/models/modalities/base.py: ModalitySpecificEncoder``):
 
-- ``local_features(source, padding_mask) -> (feats [B, N, D], token padding [B, N] or None)``;
+- ``local_features(source, padding_mask, grad_mult) -> (feats [B, N, D], token padding [B, N] or None)``,
+  the gradient into the local encoder times ``grad_mult`` (data2vec 2.0's ``local_grad_mult``);
 - ``forward(feats, mask, ids_keep, clones, check_ids) -> (tokens [R, extra + L, D], positions [R, L]
   or None)``: positions and extra tokens added, only the kept tokens of every clone when ``ids_keep``
   is given;
@@ -32,6 +33,7 @@ from .encoders import (
     frame_padding_mask,
     sincos_pos_embed_2d,
 )
+from .grad import with_grad_mult
 
 __all__ = ["ImageEmbed", "AudioEmbed", "TextEmbed", "EMBED_PARTS", "embed_paths", "migrate_embed_keys"]
 
@@ -79,8 +81,8 @@ class ImageEmbed(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, (side, side)), requires_grad=False)  # [N, D]
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
 
-    def local_features(self, source, padding_mask=None):
-        return self.local_encoder(source), None
+    def local_features(self, source, padding_mask=None, grad_mult=1.0):
+        return with_grad_mult(self.local_encoder, grad_mult, source), None
 
     def forward(self, feats, mask=None, ids_keep=None, clones=1, check_ids=True):
         if ids_keep is not None:
@@ -120,8 +122,8 @@ class AudioEmbed(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads) if alibi else None, persistent=False)
         self.alibi_scale = nn.Parameter(torch.full((num_heads,), float(alibi_scale_init))) if alibi else None
 
-    def local_features(self, source, padding_mask=None):
-        feats = self.local_encoder(source)
+    def local_features(self, source, padding_mask=None, grad_mult=1.0):
+        feats = self.local_encoder(source, grad_mult)
         if padding_mask is None:
             return feats, None
         return feats, frame_padding_mask(padding_mask, feats.shape[1], self.local_encoder.conv_spec)
@@ -163,8 +165,8 @@ class TextEmbed(nn.Module):
         self.impl = impl
         self.local_encoder = TokenEmbedding(num_embeddings, dim, max_positions, padding_idx, norm_eps, dropout)
 
-    def local_features(self, source, padding_mask=None):
-        return self.local_encoder(source, padding_mask), padding_mask
+    def local_features(self, source, padding_mask=None, grad_mult=1.0):
+        return with_grad_mult(self.local_encoder, grad_mult, source, padding_mask), padding_mask
 
     def forward(self, feats, mask=None, ids_keep=None, clones=1, check_ids=True):
         if ids_keep is None:

@@ -27,6 +27,8 @@ from torch import nn
 
 from d2v2.kernels.conv_block1d import conv_block1d
 
+from .grad import with_grad_mult
+
 __all__ = [
     "WAV2VEC2_CONV_LAYERS",
     "sincos_pos_embed_2d",
@@ -202,9 +204,10 @@ class AudioFeatureEncoder(nn.Module):
         """Frames from ``num_samples`` samples (int or integer tensor); see ``audio_num_frames``."""
         return audio_num_frames(num_samples, self.conv_spec)
 
-    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """waveforms [B, T] -> projected features [B, N, D]."""
-        return self.project(self.project_norm(self.features(waveforms)))
+    def forward(self, waveforms: torch.Tensor, grad_mult: float = 1.0) -> torch.Tensor:
+        """waveforms [B, T] -> projected features [B, N, D]; the gradient into the CNN (not the projection)
+        times ``grad_mult`` (``with_grad_mult``: 0 = none)."""
+        return self.project(self.project_norm(with_grad_mult(self.features, grad_mult, waveforms)))
 
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """waveforms [B, T] -> the CNN's output [B, N, C], before the projection's LayerNorm."""

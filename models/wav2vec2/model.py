@@ -45,6 +45,7 @@ from d2v2.kernels.gather_tokens import gather_tokens
 
 from ..layers.blocks import PostNormBlock, forward_blocks, init_bert_params
 from ..layers.encoders import AudioFeatureEncoder, WeightNormConvPositions, frame_padding_mask
+from ..layers.grad import grad_multiply
 from ..layers.mask_fill import MaskFill
 from ..layers.masking import mask_to_ids, wav2vec_span_mask
 from ..layers.quantizer import GumbelVectorQuantizer
@@ -56,24 +57,6 @@ __all__ = [
     "Wav2Vec2", "Wav2Vec2Config", "Wav2Vec2Encoder", "wav2vec2_config", "WAV2VEC2_PRESETS", "sample_negatives",
     "contrastive_logits", "grad_multiply", "standard_architecture",
 ]  # fmt: skip
-
-
-class _GradMultiply(torch.autograd.Function):
-    """Identity forward, gradient times ``scale`` backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
-def grad_multiply(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x unchanged, with the gradient flowing back through it multiplied by ``scale``."""
-    return x if scale == 1.0 else _GradMultiply.apply(x, scale)
 
 
 class Wav2Vec2Encoder(nn.Module):

@@ -128,6 +128,27 @@ def test_every_student_parameter_gets_a_gradient_and_the_teacher_none(modality):
         assert torch.equal(value, teacher_before[name]), name  # forward/backward never touch the teacher
 
 
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_local_grad_mult_scales_the_local_encoders_gradient_and_zero_stops_it(modality):
+    grads = {}
+    for mult in (1.0, 0.5, 0.0):
+        torch.manual_seed(0)
+        model = Data2Vec2(tiny_config(modality, local_grad_mult=mult)).train()
+        torch.manual_seed(1)
+        batch = make_batch(model)
+        torch.manual_seed(2)  # the same dropout masks in every run
+        model(batch)["loss"].backward()
+        grads[mult] = {n: p.grad for n, p in model.encoder.embed.local_encoder.named_parameters()}
+    projection = {n for n in grads[1.0] if n.startswith(("project.", "project_norm."))}  # audio: after the CNN
+    for name, grad in grads[1.0].items():
+        if name in projection:  # learns at any local_grad_mult, as the reference's project_features
+            assert_close(grads[0.5][name], grad, atol=1e-6, rtol=1e-5)
+            assert grads[0.0][name] is not None
+        else:
+            assert_close(grads[0.5][name], 0.5 * grad, atol=1e-6, rtol=1e-5)
+            assert grads[0.0][name] is None, name
+
 def test_after_step_is_exactly_the_ema_rule():
     model = Data2Vec2(tiny_config("image", ema_decay=0.9, ema_end_decay=0.99, ema_anneal_end_step=10))
     with torch.no_grad():  # make student and teacher differ everywhere, the fixed positions included
