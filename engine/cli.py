@@ -27,7 +27,7 @@ class UsageError(Exception):
 try:  # the trainer's own stop signals; imported lazily elsewhere to keep `d2v2 info` light
     from .distributed import PeerLost
     from .signals import RunStopped
-    from .trainer import TrainingStopped
+    from .unreadable import TrainingStopped
 except ImportError:  # pragma: no cover
     TrainingStopped = RunStopped = PeerLost = RuntimeError
 

@@ -27,14 +27,14 @@ SIGTERM and Ctrl-C (``signals.StopRequest``) stop the loop at a step boundary: t
 checkpoint is written and ``RunStopped`` tells the caller how to continue.
 
 Beside the loop: the optimizer settings and learning-rate schedules in ``schedule``, resume and
-init-from (with the RNG states) in ``resume``, the logged row and the closing summary in ``metrics_log``.
+init-from (with the RNG states) in ``resume``, the logged row and the closing summary in ``metrics_log``,
+the unreadable files' bookkeeping in ``unreadable``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ from .runfolder import export_command
 from .resume import init_weights_from, resume_from_checkpoint, rng_state, set_rng_state
 from .schedule import OptimConfig, lr_at
 from .signals import RunStopped, StopRequest
+from .unreadable import TrainingStopped, UnreadableFiles
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,14 +85,6 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0:
             raise ValueError(f"train.max_steps must be >= 0 (0 = the schedule's total_steps), got {self.max_steps}")
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on (non-finite loss, collapse, too many bad files); the message says why."""
-
-
-class DataUnreadable(ValueError):
-    """The loader yields nothing: every file it tried was unreadable (a bad path or format)."""
 
 
 class Trainer:
@@ -180,11 +173,10 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.position = DataPosition()
-        self.skipped: set[str] = set()  # distinct unreadable files: a bad file counts once, however often it is read
+        self.unreadable = UnreadableFiles(train.max_corrupt, log)
         self.last_checkpoint: Path | None = None
         # Known on this rank only until the next logging or checkpoint step agrees them (``_settle``).
         self._unsettled_samples = 0
-        self._unsettled_skipped: list[str] = []
         # Device int64 [2]: the first step with a non-finite loss, and with a non-finite gradient
         # norm (0 = none yet); read on logging and checkpoint steps only.
         self._first_bad: torch.Tensor | None = None
@@ -203,7 +195,7 @@ class Trainer:
                 "samples_seen": self.samples_seen,
                 "epoch": self.position.epoch,
                 "batch": self.position.batch,
-                "skipped": sorted(self.skipped),
+                "skipped": sorted(self.unreadable.seen),
                 "world_size": self.dist.world_size,
             },
             "rng": rng_state(),
@@ -239,7 +231,7 @@ class Trainer:
         t = state["trainer"]
         self.step, self.samples_seen = int(t["step"]), int(t["samples_seen"])
         self.position = DataPosition(int(t["epoch"]), int(t["batch"]))
-        self.skipped = set(t.get("skipped", []))
+        self.unreadable.seen = set(t.get("skipped", []))
         saved = state.get("rng_ranks") or [state["rng"]]
         if self.dist.rank < len(saved):
             set_rng_state(saved[self.dist.rank])
@@ -269,40 +261,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _next_batch(self, batches: Iterator[dict], skipped: list[str]) -> dict:
-        """The next batch with samples; the paths of unreadable files go to ``skipped``.
-
-        Batches whose every file was unreadable are passed over, but not forever: once more distinct
-        files than ``train.max_corrupt`` (or every file of the data set) failed in a row, it stops.
-        """
-        tried: dict[str, None] = {}  # unreadable files since the last good batch, in order
-        while True:
-            batch = next(batches)
-            self.position = position_after(batch["epoch"], batch["batch"], self.dist.rank, self.dist.world_size)
-            skipped.extend(batch["skipped"])
-            if "source" in batch:
-                return batch
-            tried.update(dict.fromkeys(batch["skipped"]))
-            if len(tried) > self.cfg.max_corrupt or len(tried) >= self.num_samples:
-                paths = list(tried)
-                folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-                raise DataUnreadable(
-                    f"every file tried in {folder} was unreadable ({len(paths)} files: {', '.join(paths[:5])}"
-                    f"{', ...' if len(paths) > 5 else ''}); check the data path and the files' format"
-                )
-
-    def _count_skipped(self, skipped: list[str]) -> None:
-        """Record a step's unreadable files (every rank's); too many distinct ones stop the run."""
-        paths = sorted({p for rank_paths in self.dist.all_gather_object(skipped) for p in rank_paths})
-        new = [p for p in paths if p not in self.skipped]
-        self.skipped.update(paths)
-        self.log(f"skipped {len(paths)} unreadable file(s) ({len(new)} new, {len(self.skipped)} in all): {', '.join(paths[:3])}")
-        if len(self.skipped) > self.cfg.max_corrupt:
-            listing = "\n  ".join(sorted(self.skipped)[:50])
-            raise TrainingStopped(
-                f"{len(self.skipped)} data files could not be read (more than train.max_corrupt="
-                f"{self.cfg.max_corrupt}); fix or remove them:\n  {listing}"
-            )
+    def _advance(self, batch: dict) -> None:
+        """The data position after a batch the loader gave (read or not)."""
+        self.position = position_after(batch["epoch"], batch["batch"], self.dist.rank, self.dist.world_size)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -332,18 +293,16 @@ class Trainer:
         lr = lr_at(self.step, self.optim_cfg, self.peak_lr)
         for group in self.optimizer.param_groups:  # lr_scale: a method's per-group factor (layer decay)
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        losses, outs, samples, tokens, skipped = [], [], 0, 0, []
+        losses, outs, samples, tokens = [], [], 0, 0
         for micro in range(self.cfg.accum_steps):
-            batch = self._to_device(self._next_batch(batches, skipped))
+            batch = self._to_device(self.unreadable.next_readable(batches, self.num_samples, self._advance))
             out = self.forward_backward(batch, sync=micro == self.cfg.accum_steps - 1)
             losses.append(out["loss"].detach())
             outs.append(out)
             samples += batch["source"].shape[0]
             tokens += batch["source"].shape[0] * self._positions(batch)
-        if skipped:  # known on the CPU: one process records them now, several agree on the next settle
-            self._unsettled_skipped.extend(skipped)
-            if not self.dist.distributed:
-                self._settle_skipped(len(self._unsettled_skipped))
+        if self.unreadable.pending and not self.dist.distributed:  # several processes agree on the next settle
+            self.unreadable.record([self.unreadable.pending])
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
@@ -382,7 +341,7 @@ class Trainer:
         files and the first non-finite steps. ``extra`` (a float vector) rides along, summed over
         ranks; its values are returned.
         """
-        counts = [float(self._unsettled_samples), float(len(self._unsettled_skipped))]
+        counts = [float(self._unsettled_samples), float(len(self.unreadable.pending))]
         device = self._first_bad.device if self._first_bad is not None else self.device
         first_bad = self._first_bad if self._first_bad is not None else torch.zeros(2, dtype=torch.int64, device=device)
         values = torch.cat([
@@ -393,8 +352,8 @@ class Trainer:
         samples, num_skipped, bad_loss, bad_grad, *rest = self.dist.all_reduce(values).tolist()
         self.samples_seen += int(samples)
         self._unsettled_samples = 0
-        if num_skipped:
-            self._settle_skipped(int(num_skipped))
+        if num_skipped:  # every rank gathers: the count is the same everywhere
+            self.unreadable.record(self.dist.all_gather_object(self.unreadable.pending))
         bad_loss, bad_grad = int(bad_loss) // self.dist.world_size, int(bad_grad) // self.dist.world_size
         if bad_loss or bad_grad:
             what = "loss" if bad_loss and (not bad_grad or bad_loss <= bad_grad) else "gradient norm"
@@ -405,12 +364,6 @@ class Trainer:
                 "Lower optim.lr or use train.precision=fp32"
             )
         return rest
-
-    def _settle_skipped(self, num_skipped: int) -> None:
-        """Record the unreadable files every rank holds (``num_skipped`` in all, agreed or local)."""
-        if num_skipped:
-            skipped, self._unsettled_skipped = self._unsettled_skipped, []
-            self._count_skipped(skipped)
 
     def _check_health(self, metrics: dict) -> None:
         """Stop when the method reports a reason (e.g. collapsed representations), naming the last checkpoint."""
@@ -461,7 +414,7 @@ class Trainer:
                     logged = self._logged_values(result, window_samples, window_tokens)  # the sync
                     session_samples += logged["samples"]
                     metrics = log_row(
-                        self.step, logged, result["lr"], out, time.perf_counter() - window_start, len(self.skipped),
+                        self.step, logged, result["lr"], out, time.perf_counter() - window_start, len(self.unreadable.seen),
                         getattr(self.method, "log_keys", ()),
                     )  # fmt: skip
                     if metrics_file is not None:

@@ -12,7 +12,8 @@ from torch import nn
 
 from d2v2.engine.signals import StopRequest
 from d2v2.engine.schedule import OptimConfig
-from d2v2.engine.trainer import DataUnreadable, TrainConfig, Trainer, TrainingStopped
+from d2v2.engine.trainer import TrainConfig, Trainer
+from d2v2.engine.unreadable import DataUnreadable, TrainingStopped
 
 
 class NanGrad(torch.autograd.Function):
