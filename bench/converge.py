@@ -3,7 +3,7 @@
 Each method of a modality pretrains from its own recipe (``<modality>-<size>`` for data2vec 2.0,
 ``d2v1-``, ``mae-``, ``wav2vec2-``, ``mlm-`` before it for the others) on the embedded data, with the
 real engine: the recipe's loader (decode, augmentation, masks in its workers) and
-``engine.trainer.Trainer.train_step`` (forward, backward, clipping, fused AdamW, EMA). Every method gets
+``engine.training.trainer.Trainer.train_step`` (forward, backward, clipping, fused AdamW, EMA). Every method gets
 the same wall-clock budget.
 
 Schedules fitted to the budget
@@ -95,7 +95,7 @@ class Runner:
         from d2v2.engine.data.build import batches_by_size, build_dataset, build_loader
         from d2v2.engine.data.loader import DataPosition
         from d2v2.engine.run import build_run_method, resolve_config
-        from d2v2.engine.trainer import Trainer
+        from d2v2.engine.training.trainer import Trainer
 
         self.method, self.modality, self.seed, self.device = method, modality, seed, device
         self.recipe = recipe_for(method, modality, size)

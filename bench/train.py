@@ -1,7 +1,7 @@
 """``d2v2 bench train``: the real training step of each method and variant, alternated in one run.
 
 What is timed
-    One optimizer update of ``engine.trainer.Trainer.train_step`` (forward, backward, gradient clipping,
+    One optimizer update of ``engine.training.trainer.Trainer.train_step`` (forward, backward, gradient clipping,
     fused AdamW, the EMA teacher update), built from the recipe ``<modality>-<size>`` exactly as
     ``d2v2 pretrain`` builds it, on synthetic batches of the recipe's per-GPU size (random images,
     waveforms or token ids; masks made on the CPU as the loader makes them, pinned, copied with
@@ -174,7 +174,7 @@ class Contestant:
         self, method: str, modality: str, size: str, variant: str, device: torch.device, run_dir: Path,
         batch: int | None = None,
     ):
-        from d2v2.engine.trainer import Trainer
+        from d2v2.engine.training.trainer import Trainer
 
         self.method, self.modality, self.variant, self.device = method, modality, variant, device
         torch.manual_seed(0)  # the same weights for every variant

@@ -25,9 +25,9 @@ class UsageError(Exception):
 
 
 try:  # the trainer's own stop signals; imported lazily elsewhere to keep `d2v2 info` light
-    from .distributed import PeerLost
-    from .signals import RunStopped
-    from .unreadable import TrainingStopped
+    from .training.distributed import PeerLost
+    from .training.signals import RunStopped
+    from .training.unreadable import TrainingStopped
 except ImportError:  # pragma: no cover
     TrainingStopped = RunStopped = PeerLost = RuntimeError
 

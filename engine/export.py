@@ -47,9 +47,9 @@ import torch
 from d2v2.models import DEFAULT_METHOD, method_entry, save_pretrained
 from d2v2.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
-from .checkpoint import load_checkpoint, method_from_state, run_folder_of
+from .training.checkpoint import load_checkpoint, method_from_state, run_folder_of
 from .interop.standard_targets import REFUSALS, TARGETS, Target
-from .runfolder import require_new, write_failure
+from .training.runfolder import require_new, write_failure
 
 WEIGHTS = ("teacher", "student")
 FORMATS = ("auto", "d2v2")

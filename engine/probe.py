@@ -20,9 +20,9 @@ import torch
 
 from d2v2.models import Method
 
-from .checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
+from .training.checkpoint import method_from_checkpoint, resolve_checkpoint, run_folder_of
 from .probe_sets import labelled_set
-from .runfolder import export_command
+from .training.runfolder import export_command
 
 
 def default_result_path(state_file: Path) -> Path:

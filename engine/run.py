@@ -24,13 +24,13 @@ import torch
 from d2v2.models import DEFAULT_METHOD, build_method, count_parameters, method_entry
 from d2v2.models.config import ModalityName
 
-from . import distributed, runfolder
+from .training import distributed, runfolder
 from .config import apply_overrides, convert, from_dict, load_recipe, parse_override, to_dict
 from .data.build import DataConfig, batches_by_size, build_dataset, build_loader, fingerprint
 from .data.loader import DataPosition
 from .probe_sets import TOKENIZER_FILE
-from .schedule import OptimConfig
-from .trainer import TrainConfig, Trainer
+from .training.schedule import OptimConfig
+from .training.trainer import TrainConfig, Trainer
 
 
 @dataclass(kw_only=True, slots=True)

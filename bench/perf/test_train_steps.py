@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d2v2.bench import train
-from d2v2.engine.trainer import Trainer
+from d2v2.engine.training.trainer import Trainer
 
 METHODS = [("data2vec2", "image"), ("data2vec2", "audio"), ("data2vec2", "text"), ("data2vec", "image"),
            ("mae", "image"), ("wav2vec2", "audio"), ("mlm", "text")]  # fmt: skip

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..signals import ignore_in_worker
+from ..training.signals import ignore_in_worker
 from . import audio, images, text
 from .kinds import data_kind
 from .loader import DataPosition, EpochBatchSampler, Masker, MaskingCollater, SkipCorrupt

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import apply_overrides, finetune_recipe_names, from_dict, load_recipe
-from ..distributed import DistConfig
-from ..schedule import OptimConfig
-from ..trainer import TrainConfig
+from ..training.distributed import DistConfig
+from ..training.schedule import OptimConfig
+from ..training.trainer import TrainConfig
 from .data import FinetuneDataConfig
 from .decoding import DecodeConfig
 from .tasks import HeadConfig, task_named

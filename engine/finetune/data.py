@@ -22,7 +22,7 @@ import torch
 from ..data import audio, images
 from ..data.base import CorruptSample, derive_seed
 from ..data.loader import DataPosition, EpochBatchSampler, SkipCorrupt
-from ..signals import ignore_in_worker
+from ..training.signals import ignore_in_worker
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,8 +18,8 @@ import torch
 from d2v2.models import FinetuneModel, build_method, count_parameters, method_entry
 from d2v2.models.config import finetune_fields
 
-from .. import distributed, runfolder
-from ..checkpoint import BEST_DIR, STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
+from ..training import distributed, runfolder
+from ..training.checkpoint import BEST_DIR, STATE_FILE, checkpoint_folders, load_checkpoint, resolve_checkpoint, run_folder_of
 from ..config import from_dict, to_dict
 from ..data import text
 from ..data.build import build_dataset

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import BEST_DIR, save_best
-from ..metrics_log import MetricsLog
-from ..trainer import Trainer
+from ..training.checkpoint import BEST_DIR, save_best
+from ..training.metrics_log import MetricsLog
+from ..training.trainer import Trainer
 from .metrics import LOWER_IS_BETTER, better
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ import torch
 
 from d2v2.models import ENCODER_SIZES
 
-from ..checkpoint import CheckpointWriteError, save_checkpoint, step_folder
+from ..training.checkpoint import CheckpointWriteError, save_checkpoint, step_folder
 from ..config import to_dict
 from ..data.letters import SPECIALS, STANDARD, Letters, read_dictionary
-from ..runfolder import write_config, write_failure
+from ..training.runfolder import write_config, write_failure
 
 __all__ = ["HEAD", "ctc_head", "recognizer_letters", "write_recognizer"]
 

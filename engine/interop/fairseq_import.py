@@ -37,9 +37,9 @@ import torch
 from d2v2.models import build_method
 from d2v2.models.data2vec2 import Data2Vec2
 
-from ..checkpoint import CheckpointWriteError, save_checkpoint, step_folder
+from ..training.checkpoint import CheckpointWriteError, save_checkpoint, step_folder
 from ..config import recipe_names
-from ..runfolder import require_new, write_config, write_failure
+from ..training.runfolder import require_new, write_config, write_failure
 from .fairseq_config import WAV2VEC_MODELS, ImportedConfig, data2vec2_from_fairseq, pretraining_config, wav2vec_from_fairseq
 from .fairseq_ctc import HEAD, ctc_head, recognizer_letters, write_recognizer
 from .fairseq_keys import d2v2_tensor, fairseq_name, wav2vec_fairseq_names

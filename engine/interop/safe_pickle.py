@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_load import UnsafePickleError
+from ..training.safe_load import UnsafePickleError
 
 __all__ = ["UnsafePickleError", "SafeUnpickler", "load_checkpoint_safely", "plain"]
 

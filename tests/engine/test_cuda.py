@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from d2v2.engine.cli import main
-from d2v2.engine.schedule import OptimConfig
-from d2v2.engine.trainer import TrainConfig, Trainer
+from d2v2.engine.training.schedule import OptimConfig
+from d2v2.engine.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.cuda
 

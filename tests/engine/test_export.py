@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d2v2.engine.checkpoint import save_checkpoint
+from d2v2.engine.training.checkpoint import save_checkpoint
 from d2v2.engine.cli import main
 from d2v2.engine.config import to_dict
 from d2v2.engine.export import export, standard_target

@@ -19,7 +19,7 @@ import yaml
 omegaconf = pytest.importorskip("omegaconf")
 from omegaconf import OmegaConf  # noqa: E402
 
-from d2v2.engine.checkpoint import load_checkpoint  # noqa: E402
+from d2v2.engine.training.checkpoint import load_checkpoint  # noqa: E402
 from d2v2.engine.cli import main  # noqa: E402
 from d2v2.engine.data.audio import normalize_waveform  # noqa: E402
 from d2v2.engine.data.letters import STANDARD, Letters  # noqa: E402

@@ -19,7 +19,7 @@ import yaml
 omegaconf = pytest.importorskip("omegaconf")
 from omegaconf import OmegaConf  # noqa: E402
 
-from d2v2.engine.checkpoint import load_checkpoint  # noqa: E402
+from d2v2.engine.training.checkpoint import load_checkpoint  # noqa: E402
 from d2v2.engine.cli import main  # noqa: E402
 from d2v2.engine.interop.fairseq_keys import TAGS, fairseq_name, fairseq_tensor  # noqa: E402
 from d2v2.engine.interop.safe_pickle import SafeUnpickler, UnsafePickleError, plain  # noqa: E402

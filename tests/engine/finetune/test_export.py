@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import save_checkpoint
+from d2v2.engine.training.checkpoint import save_checkpoint
 from d2v2.engine.config import to_dict
 from d2v2.engine.data.audio import normalize_waveform
 from d2v2.engine.data.letters import STANDARD, Letters

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import load_checkpoint
+from d2v2.engine.training.checkpoint import load_checkpoint
 from d2v2.engine.cli import main
 
 from ...helpers import one_line_error

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from d2v2.engine.checkpoint import load_checkpoint
+from d2v2.engine.training.checkpoint import load_checkpoint
 from d2v2.engine.cli import main
 from d2v2.engine.data.letters import STANDARD
 from d2v2.engine.finetune.config import resolve_finetune_config

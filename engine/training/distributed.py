@@ -89,7 +89,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from d2v2.models import PostNormBlock, PreNormBlock
 
-from .data.base import derive_seed
+from ..data.base import derive_seed
 
 # Generous: while rank 0 builds a tokenizer or token cache, or writes a large checkpoint, the other
 # ranks wait in a collective that would otherwise time out.

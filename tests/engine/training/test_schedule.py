@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from d2v2.engine.schedule import OptimConfig, lr_at
+from d2v2.engine.training.schedule import OptimConfig, lr_at
 
 
 def test_lr_schedule_warms_up_then_follows_the_cosine():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from d2v2.engine.cli import main
-from d2v2.engine.signals import StopRequest
+from d2v2.engine.training.signals import StopRequest
 
 FAST = ["--set", "data.num_workers=2", "--set", "train.log_every=1", "--set", "data.batch_size=8"]
 
@@ -69,7 +69,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum, c
 def test_a_second_signal_while_the_workers_end_changes_nothing(tmp_path, monkeypatch, capsys):
     # Two Ctrl-C 0.3 s apart: the first stops the run at a step boundary, the second lands while the
     # run ends its loader workers, and must neither cut that short nor print anything.
-    from d2v2.engine import trainer
+    from d2v2.engine.training import trainer
 
     step, close, workers = trainer.Trainer.train_step, trainer.close_batches, []
 

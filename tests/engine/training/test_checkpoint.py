@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import (
+from d2v2.engine.training.checkpoint import (
     CheckpointWriteError,
     latest_checkpoint,
     load_checkpoint,

@@ -13,9 +13,9 @@ import warnings
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import SHARDED_DIR, load_checkpoint, newest_loadable, read_sharded
+from d2v2.engine.training.checkpoint import SHARDED_DIR, load_checkpoint, newest_loadable, read_sharded
 from d2v2.engine.cli import main
-from d2v2.engine.safe_load import UnsafePickleError
+from d2v2.engine.training.safe_load import UnsafePickleError
 from tests.helpers import one_line_error
 
 FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1"]

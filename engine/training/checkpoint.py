@@ -351,7 +351,7 @@ def method_from_state(state: dict, path) -> tuple:
     """``method_from_checkpoint`` of a checkpoint already read (``load_checkpoint``) from ``path``."""
     from d2v2.models import DEFAULT_METHOD, build_method, method_entry
 
-    from .config import from_dict
+    from ..config import from_dict
 
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path} is not a d2v2 pretraining checkpoint (it has no config/method entries)")
@@ -382,7 +382,7 @@ def upgrade_weights(state: dict) -> dict:
 def _is_fairseq(file: Path) -> bool:
     """Whether ``file`` reads as a fairseq checkpoint through import-fairseq's restricted unpickler
     (which runs no pickled code either): a ``model`` state dict and a ``cfg`` or ``args`` config."""
-    from .interop.safe_pickle import load_checkpoint_safely
+    from ..interop.safe_pickle import load_checkpoint_safely
 
     try:
         ckpt = load_checkpoint_safely(file)

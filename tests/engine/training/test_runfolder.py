@@ -14,7 +14,7 @@ import yaml
 
 from d2v2.engine.cli import main
 from tests.helpers import one_line_error
-from d2v2.engine.runfolder import RunFolder, RunFolderError, remove_temporaries, truncate_metrics
+from d2v2.engine.training.runfolder import RunFolder, RunFolderError, remove_temporaries, truncate_metrics
 
 FAST = ["--set", "data.num_workers=0", "--set", "train.log_every=1", "--set", "data.batch_size=8"]
 
@@ -112,7 +112,7 @@ def test_metrics_are_cut_back_atomically_and_temporaries_removed(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000008"]
 
 
-HOLD = "import sys, time; from d2v2.engine.runfolder import RunFolder; held = RunFolder.open(sys.argv[1], 'auto'); print('locked', flush=True); time.sleep(300)"
+HOLD = "import sys, time; from d2v2.engine.training.runfolder import RunFolder; held = RunFolder.open(sys.argv[1], 'auto'); print('locked', flush=True); time.sleep(300)"
 
 
 def test_a_locked_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):

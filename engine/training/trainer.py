@@ -44,8 +44,8 @@ from typing import Iterator, Literal
 import torch
 
 from .checkpoint import save_checkpoint, save_sharded, step_folder
-from .data.base import derive_seed
-from .data.loader import DataPosition, close_batches, position_after
+from ..data.base import derive_seed
+from ..data.loader import DataPosition, close_batches, position_after
 from .distributed import DistEnv, check_strategy, seed_all
 from .metrics_log import MetricsLog, check_tensorboard, closing_summary, log_row, progress_line
 from .runfolder import export_command

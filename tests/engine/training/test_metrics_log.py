@@ -8,7 +8,7 @@ import json
 import pytest
 
 from d2v2.engine.cli import main
-from d2v2.engine.metrics_log import closing_summary
+from d2v2.engine.training.metrics_log import closing_summary
 
 TINY = [
     "pretrain", "--recipe", "image-tiny", "--device", "cpu", "--set", "data.num_workers=0",

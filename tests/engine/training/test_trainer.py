@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from d2v2.engine.signals import StopRequest
-from d2v2.engine.schedule import OptimConfig
-from d2v2.engine.trainer import TrainConfig, Trainer
-from d2v2.engine.unreadable import DataUnreadable, TrainingStopped
+from d2v2.engine.training.signals import StopRequest
+from d2v2.engine.training.schedule import OptimConfig
+from d2v2.engine.training.trainer import TrainConfig, Trainer
+from d2v2.engine.training.unreadable import DataUnreadable, TrainingStopped
 
 
 class NanGrad(torch.autograd.Function):

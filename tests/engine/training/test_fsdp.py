@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from d2v2.engine.checkpoint import SHARDED_DIR, load_checkpoint, read_sharded
-from d2v2.engine.distributed import DistEnv, check_strategy
+from d2v2.engine.training.checkpoint import SHARDED_DIR, load_checkpoint, read_sharded
+from d2v2.engine.training.distributed import DistEnv, check_strategy
 
 from .test_distributed import NO_NOISE, TINY, _checkpoint, _metrics, _torchrun
 
@@ -76,7 +76,7 @@ def _record_start(monkeypatch) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from d2v2.engine import run as run_module
-    from d2v2.engine.trainer import Trainer
+    from d2v2.engine.training.trainer import Trainer
 
     start = {}
 
@@ -168,9 +168,9 @@ def test_a_failed_sharded_write_leaves_the_previous_checkpoint_intact(tmp_path, 
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from d2v2.engine import checkpoint
-    from d2v2.engine.checkpoint import CheckpointWriteError, save_sharded
-    from d2v2.engine.distributed import setup, teardown
+    from d2v2.engine.training import checkpoint
+    from d2v2.engine.training.checkpoint import CheckpointWriteError, save_sharded
+    from d2v2.engine.training.distributed import setup, teardown
 
     setup(DistEnv(), "cpu", strategy="fsdp")  # a one-process group
     try:

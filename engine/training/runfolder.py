@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import BEST_DIR, LATEST, STATE_FILE, checkpoint_folders
-from .config import apply_overrides, parse_override, to_dict
+from ..config import apply_overrides, parse_override, to_dict
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"

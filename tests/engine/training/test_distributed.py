@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from d2v2.engine.data.loader import DataPosition, EpochBatchSampler, position_after
-from d2v2.engine.distributed import DistEnv, detect, deterministic_on_cpu, restart_hazard
+from d2v2.engine.training.distributed import DistEnv, detect, deterministic_on_cpu, restart_hazard
 
 WORLD = 2
 TIMEOUT_S = 240  # a deadlocked collective fails the test instead of hanging it
@@ -298,7 +298,8 @@ def test_two_nodes_restart_a_killed_rank_from_the_newest_checkpoint(tmp_path, ca
 def _worker(record: str, argv: list[str]) -> int:
     """One rank: the CLI, recording this rank's weights and gradients at each checkpoint, and every
     file it writes, creates, renames or removes under the run folder."""
-    from d2v2.engine import run, trainer
+    from d2v2.engine import run
+    from d2v2.engine.training import trainer
     from d2v2.engine.cli import main
 
     rank, record_dir = int(os.environ["RANK"]), Path(record)
