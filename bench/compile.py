@@ -142,7 +142,7 @@ def trace_variants(recipes: Sequence[str], dtypes: Sequence[str], log: Callable[
             dtype = dtype_from_name(dtype_name)
             sources = list(_case_variants(spec, dtype, with_ema=recipe in CI_RECIPES))
             sources += list(_attention_variants(spec, dtype, every_mix))
-            if spec.modality == "audio":
+            if spec.pos_conv:
                 sources += list(_pos_conv_variant(spec, dtype))
             for op, dims, thunk in sources:
                 with trace_launches() as launches:

@@ -48,26 +48,15 @@ class ShapeSpec:
     dec_groups: int
     dec_residual: bool
     loss_scale: float | None  # None = 1/sqrt(D)
+    has_pos: bool  # gather adds a fixed position table (images); audio and text add their positions earlier
+    alibi: bool  # the student's attention has ALiBi on the original positions (data2vec 2.0 audio)
+    pos_conv: bool  # a conv positional encoder runs over every clone's frames (audio)
+    extra_tokens: int  # tokens the student prepends to the kept ones (the CLS token of images)
     grid: tuple[int, int] | None = None  # (H, W) patch grid for images; None for sequences
 
     @property
     def rows(self) -> int:
         return self.batch * self.clones
-
-    @property
-    def has_pos(self) -> bool:
-        """gather adds a fixed position table (images); audio and text add their positions earlier."""
-        return self.modality == "image"
-
-    @property
-    def alibi(self) -> bool:
-        """The student's attention has ALiBi on the original positions (audio)."""
-        return self.modality == "audio"
-
-    @property
-    def extra_tokens(self) -> int:
-        """Tokens the student prepends to the kept ones (the CLS token of images)."""
-        return 1 if self.modality == "image" else 0
 
 
 def spec_from_recipe(name: str, recipe: str) -> ShapeSpec:
@@ -81,14 +70,19 @@ def spec_from_recipe(name: str, recipe: str) -> ShapeSpec:
     data, modality, kind = run.data, run.model.modality, data_kind(run.model.modality)
     cfg = run.model.build_config(**kind.model_fields(data))
     source, batch = kind.source(data, 1, device="meta"), kind.batch_size(data)
-    masks = modality_for(cfg).make_masks(1, source, torch.Generator().manual_seed(0))  # [M, N], equal counts
+    seam = modality_for(cfg)
+    masks = seam.make_masks(1, source, torch.Generator().manual_seed(0))  # [M, N], equal counts
+    with torch.device("meta"):  # what the embedding holds, without building weights
+        embed = seam.build_embed(cfg)
     return ShapeSpec(
         name, modality, run.model.size, batch=batch, clones=masks.shape[0], length=masks.shape[1],
         kept=int((~masks[0]).sum()), dim=cfg.embed_dim, heads=cfg.num_heads,
         target_layers=cfg.average_top_k_layers, target_per_layer=cfg.target_layer_norm,
         target_final=cfg.target_final_norm, dec_dim=cfg.decoder_dim, dec_kernel=cfg.decoder_kernel,
         dec_groups=cfg.decoder_groups, dec_residual=cfg.decoder_residual, loss_scale=cfg.loss_scale,
-        grid=cfg.grid if modality == "image" else None,
+        has_pos=getattr(embed, "pos_embed", None) is not None, alibi=embed.alibi() is not None,
+        pos_conv=getattr(embed, "pos_conv", None) is not None, extra_tokens=seam.num_extra_tokens,
+        grid=getattr(seam, "grid", None),
     )  # fmt: skip
 
 
