@@ -13,33 +13,14 @@ from d2v2.models.layers.masking import beit_block_mask, mlm_span_mask
 from d2v2.models.sizes import count_parameters
 from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
-from tests.models.fixtures import student_parameters, train_losses
+from tests.models.fixtures import make_batch, student_parameters, train_losses
+from tests.models.fixtures import tiny_config as fixture_config
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, input_dropout=0.0,
                   embed_dropout=0.0, layerdrop=0.0, drop_path_rate=0.0)  # fmt: skip
-AUDIO_SAMPLES = 12_800  # 39 frames with the tiny CNN: room for spans of 10
-TEXT_TOKENS = 32
-
-
 def tiny_config(modality, **overrides):
-    values = dict(impl="torch")
-    if modality == "text":
-        values.update(vocab_size=64, max_positions=64)
-    values.update(overrides)
-    return data2vec1_config(modality, "tiny", **values)
-
-
-def make_batch(model, batch_size=2, seed=0):
-    cfg = model.cfg
-    if cfg.modality == "image":
-        source = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size)
-    elif cfg.modality == "audio":
-        source = torch.randn(batch_size, AUDIO_SAMPLES)
-    else:
-        source = torch.randint(2, cfg.vocab_size, (batch_size, TEXT_TOKENS))
-    mask = model.modality.make_masks(batch_size, source, generator=torch.Generator().manual_seed(seed))
-    return {"source": source, "mask": mask}
+    return fixture_config("data2vec", modality, **overrides)
 
 
 # -- the student -----------------------------------------------------------------------------------

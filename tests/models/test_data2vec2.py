@@ -13,6 +13,7 @@ from d2v2.models.sizes import count_parameters
 from d2v2.models.layers.teacher import ema_decay_schedule
 from tests.helpers import assert_close
 from tests.models.fixtures import student_parameters, train_losses
+from tests.models.fixtures import tiny_config as fixture_config
 
 MODALITIES = ("image", "audio", "text")
 NO_DROPOUT = dict(encoder_dropout=0.0, attention_dropout=0.0, post_mlp_dropout=0.0, prenet_dropout=0.0,
@@ -22,11 +23,7 @@ TEXT_TOKENS = 24
 
 
 def tiny_config(modality, **overrides):
-    values = dict(impl="torch")
-    if modality == "text":
-        values.update(vocab_size=64, max_positions=64)
-    values.update(overrides)
-    return data2vec2_config(modality, "tiny", **values)
+    return fixture_config("data2vec2", modality, **overrides)
 
 
 def make_source(cfg, batch_size=2):
