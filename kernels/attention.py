@@ -73,14 +73,15 @@ Limits
       more is copied to a contiguous tensor first.
     - Verified under TRITON_INTERPRET=1 (CPU) against the reference with Triton 3.6 and 3.9, and
       every config compiled ahead of time for sm_80, sm_90 and sm_100 (``d2v2 bench compile``).
-      bf16/fp16 at Dh 64: the configs that spill on an architecture are pruned there for the flag
-      mixes where they spill (``_FWD_SPILLS``, ``_BWD_DKDV_SPILLS``, ``_BWD_DQ_SPILLS``: on sm_80 the
-      backward's 64-row steps, on sm_90 the dk/dv 64-query steps with dropout and the forward's
-      64 x 64 with ALiBi, padding and dropout, on sm_100 some ALiBi mixes), so no config the
-      autotuner keeps spills. Configs are also filtered by the device's shared memory
-      (``_smem_estimate``). At Dh 80 / 128 most backward configs spill, so the autotuner's timing
-      decides. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is
-      correct but slow; train with bf16 autocast. Not yet run or timed on a GPU.
+      bf16/fp16 at Dh 64 and 80 (image-huge, BLOCK_D 128): the configs that spill on an
+      architecture are pruned there for the flag mixes where they spill (``_FWD_SPILLS``,
+      ``_BWD_DKDV_SPILLS``, ``_BWD_DQ_SPILLS``: on sm_80 the backward's 64-row steps, on sm_90 the
+      dk/dv 64-query steps with dropout and the forward's 64 x 64 with ALiBi, padding and dropout, on
+      sm_100 some ALiBi mixes; at Dh 80 more of the backward's), so no config the autotuner keeps
+      spills. Configs are also filtered by the device's shared memory (``_smem_estimate``). Where
+      every config of a pass spills for a mix no model uses (Dh 80 with ALiBi and dropout on sm_90),
+      one stays. fp32 inputs (no autocast) spill heavily in most configs: the fp32 path is correct
+      but slow; train with bf16 autocast. Not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -258,6 +259,8 @@ _FWD_SPILLS = (
     ((100, 110), {"HAS_ALIBI": True, "HAS_PADDING": True}, {(64, 64), (128, 64)}),
     # sm_100: 64 x 64 with ALiBi and dropout: 12 / 12 B.
     ((100, 110), {"HAS_ALIBI": True, "HAS_DROPOUT": True}, {(64, 64)}),
+    # Dh 80 (image-huge; BLOCK_D 128), sm_90, ALiBi and padding: 64 x 64 56 / 60 B, 32 x 32 4 / 4 B.
+    ((90, 100), {"BLOCK_D": 128, "HAS_ALIBI": True, "HAS_PADDING": True}, {(64, 64), (32, 32)}),
 )
 # dk/dv: the configs stepping over 64 queries (the score, probability and dp tiles on top of two
 # [BLOCK_N, Dh] fp32 accumulators; with dropout, the in-register Philox draws as well).
@@ -269,13 +272,28 @@ _BWD_DKDV_SPILLS = (
     ((90, 100), {"HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
     # sm_100: with ALiBi and dropout 36 / 36 B (64 x 64) and 36 / 40 B (64 x 128).
     ((100, 110), {"HAS_ALIBI": True, "HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
+    # Dh 80 (image-huge; BLOCK_D 128): on sm_80 32 x 64 spills in every mix (16 / 8 B to 240 / 188 B);
+    # on sm_90 64 x 64 and 64 x 128 in every mix (28 / 28 B and 36 / 36 B without any flag), 32 x 64
+    # with dropout or ALiBi (16-20 B). 32 x 128 stays: with ALiBi and dropout on sm_90 it spills 16 B,
+    # and no other config is left there (no model has ALiBi at Dh 80).
+    ((80, 90), {"BLOCK_D": 128}, {(32, 64)}),
+    ((90, 100), {"BLOCK_D": 128}, {(64, 64), (64, 128)}),
+    ((90, 100), {"BLOCK_D": 128, "HAS_DROPOUT": True}, {(32, 64)}),
+    ((90, 100), {"BLOCK_D": 128, "HAS_ALIBI": True}, {(32, 64)}),
 )
 _BWD_DQ_SPILLS = (
     # sm_80: the 64-key steps at 255 registers: 64 x 64 spills 8 / 4 B, 128 x 64 with padding 16 / 8 B.
     ((80, 90), {}, {(64, 64), (128, 64)}),
     # sm_100: 128 x 32 with ALiBi and padding, without dropout: 4 / 4 B at 80 registers.
     ((100, 110), {"HAS_ALIBI": True, "HAS_PADDING": True, "HAS_DROPOUT": False}, {(128, 32)}),
+    # Dh 80 (BLOCK_D 128), sm_90, ALiBi, padding and dropout: 64 x 64 4 / 4 B.
+    ((90, 100), {"BLOCK_D": 128, "HAS_ALIBI": True, "HAS_PADDING": True, "HAS_DROPOUT": True}, {(64, 64)}),
 )
+
+
+def _flag_matches(arg, value) -> bool:
+    """A spill table's flag: a bool matches the launch's truthiness, an int (``BLOCK_D``) its value."""
+    return bool(arg) == value if isinstance(value, bool) else arg == value
 
 
 def _prune_configs(spills):
@@ -290,7 +308,7 @@ def _prune_configs(spills):
         if arch is not None:
             dropped = set()
             for (lo, hi), flags, blocks in spills:
-                if lo <= arch < hi and all(bool(args[name]) == value for name, value in flags.items()):
+                if lo <= arch < hi and all(_flag_matches(args[name], value) for name, value in flags.items()):
                     dropped |= blocks
             configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) not in dropped] or configs
         bucket = args["L_BUCKET"]
