@@ -272,11 +272,12 @@ _BWD_DKDV_SPILLS = (
     ((90, 100), {"HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
     # sm_100: with ALiBi and dropout 36 / 36 B (64 x 64) and 36 / 40 B (64 x 128).
     ((100, 110), {"HAS_ALIBI": True, "HAS_DROPOUT": True}, {(64, 64), (64, 128)}),
-    # Dh 80 (image-huge; BLOCK_D 128): on sm_80 32 x 64 spills in every mix (16 / 8 B to 240 / 188 B);
-    # on sm_90 64 x 64 and 64 x 128 in every mix (28 / 28 B and 36 / 36 B without any flag), 32 x 64
-    # with dropout or ALiBi (16-20 B). 32 x 128 stays: with ALiBi and dropout on sm_90 it spills 16 B,
-    # and no other config is left there (no model has ALiBi at Dh 80).
-    ((80, 90), {"BLOCK_D": 128}, {(32, 64)}),
+    # Dh 80 (image-huge; BLOCK_D 128): on sm_80 32 x 128 spills in every mix (60 / 60 B without any
+    # flag, 5868 / 5540 B with dropout), 32 x 64 only with dropout, padding or ALiBi (16 / 8 B to
+    # 240 / 188 B), which image-huge does not use: 32 x 64 stays, the least spilling. On sm_90 64 x 64
+    # and 64 x 128 spill in every mix (28 / 28 B and 36 / 36 B without any flag), 32 x 64 with dropout
+    # or ALiBi (16-20 B); 32 x 128 stays (16 B with ALiBi and dropout, a mix no model has at Dh 80).
+    ((80, 90), {"BLOCK_D": 128}, {(32, 128)}),
     ((90, 100), {"BLOCK_D": 128}, {(64, 64), (64, 128)}),
     ((90, 100), {"BLOCK_D": 128, "HAS_DROPOUT": True}, {(32, 64)}),
     ((90, 100), {"BLOCK_D": 128, "HAS_ALIBI": True}, {(32, 64)}),
@@ -296,7 +297,7 @@ def _flag_matches(arg, value) -> bool:
     return bool(arg) == value if isinstance(value, bool) else arg == value
 
 
-def _prune_configs(spills):
+def _prune_configs(spills, smem_estimate=None):
     """``early_config_prune`` of one kernel: drop the configs ``spills`` lists for the device's
     architecture (``device_arch``) and the launch's flags, then the configs whose blocks are larger
     than the (bucketed) length (keep the smallest otherwise), then those whose shared memory exceeds
@@ -314,9 +315,17 @@ def _prune_configs(spills):
         bucket = args["L_BUCKET"]
         fitting = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= bucket]
         smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-        return fit_shared_memory(fitting or [smallest], _smem_estimate, named_args, kwargs)
+        return fit_shared_memory(fitting or [smallest], smem_estimate or _smem_estimate, named_args, kwargs)
 
     return {"early_config_prune": prune}
+
+
+def _smem_estimate_bwd(config, args) -> int:
+    """The backward passes' bound: ``_smem_estimate``, plus a second fp32 [BLOCK_M, BLOCK_N] scratch at
+    BLOCK_D 128, where the dk/dv pass converts both p and dp (131,648 B compiled for 64 x 64 in bf16 at
+    Dh 80 on sm_100, 115,712 B without it)."""
+    wide = args["BLOCK_D"] > 64
+    return _smem_estimate(config, args) + (config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] * 4 if wide else 0)
 
 
 def _smem_estimate(config, args) -> int:
@@ -533,7 +542,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DKDV_SPILLS))
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DKDV_SPILLS, _smem_estimate_bwd))
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     dk_ptr, stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # [B, H, L, Dh] out
@@ -658,7 +667,7 @@ def _attention_bwd_dkdv_kernel(
             tl.store(slope_base + (slot + r) * stride_sn, 0.0, mask=slot + r < slots)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DQ_SPILLS))
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_prune_configs(_BWD_DQ_SPILLS, _smem_estimate_bwd))
 @triton.jit
 def _attention_bwd_dq_kernel(
     dq_ptr, stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # [B, H, L, Dh] out
@@ -752,8 +761,8 @@ def _attention_bwd_dq_kernel(
 
 # The shared-memory bound the device filter uses, read by ``trace_launches`` for the compile bench.
 _attention_fwd_kernel.smem_estimate = _smem_estimate
-_attention_bwd_dkdv_kernel.smem_estimate = _smem_estimate
-_attention_bwd_dq_kernel.smem_estimate = _smem_estimate
+_attention_bwd_dkdv_kernel.smem_estimate = _smem_estimate_bwd
+_attention_bwd_dq_kernel.smem_estimate = _smem_estimate_bwd
 
 
 def _int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
