@@ -81,6 +81,13 @@ class Context:
 # ------------------------------------------------------------------------------------------ running
 
 
+def _interruptible() -> None:
+    """In the child before it starts: SIGINT back to its default, which a check started in the background
+    of a shell (``&``: SIGINT ignored, and inherited) would otherwise pass on, and the interrupt that
+    makes pytest write its junit would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_command(cmd: Sequence[str], limit_s: float, env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict:
     """Run ``cmd`` in its own process group; past ``limit_s`` it gets SIGINT, then SIGKILL.
 
@@ -88,7 +95,8 @@ def run_command(cmd: Sequence[str], limit_s: float, env: dict[str, str] | None =
     """
     start = time.monotonic()
     proc = subprocess.Popen(
-        list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_interruptible,
     )
     status = None
     try:
