@@ -179,8 +179,9 @@ def _smem_estimate(config, args) -> int:
 # Conv configs that spill in bf16 / fp16 on some architectures (``d2v2 bench compile``, Triton 3.9), dropped
 # there: (compute capabilities [from, to), {(BLOCK_M, BLOCK_C, num_warps)}). sm_100: the 128 x 64 tile at
 # 4 warps spills 8 / 8 B at 96 registers (the audio positional conv's input gradient, 48 channels per
-# group, k = 19); at 8 warps that launch takes 55 registers without spills.
-_CONV_SPILLS_16_BIT = (((100, 110), {(128, 64, 4)}),)
+# group, k = 19); at 8 warps that launch takes 55 registers without spills. sm_80: the 128 x 16 tile at
+# 4 warps spills 4 / 4 B (the audio-large decoder's conv: 48 channels per group, k = 7).
+_CONV_SPILLS_16_BIT = (((80, 90), {(128, 16, 4)}), ((100, 110), {(128, 64, 4)}))
 
 
 def _prune_in_channel_tiles(widest: int, eight_warps_in_16_bit: bool = False, spills_16_bit=()):
