@@ -114,8 +114,9 @@ def cmd_converge(args: argparse.Namespace) -> int:
         settings["calibration"] = (1, 2)
     if args.eval == "finetune":
         settings["finetune_steps"] = args.finetune_steps if args.finetune_steps is not None else (20 if args.quick else 200)
-    elif args.finetune_steps is not None:
-        raise ValueError("--finetune-steps applies to --eval finetune")
+        settings["speech_steps"] = args.speech_steps if args.speech_steps is not None else (20 if args.quick else None)
+    elif args.finetune_steps is not None or args.speech_steps is not None:
+        raise ValueError(f"{'--finetune-steps' if args.finetune_steps is not None else '--speech-steps'} applies to --eval finetune")
     results, paths = converge.run(
         device=_device(args.device),
         size=args.size,
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with finetune-<modality>-tiny (untimed), the paper's protocol")  # fmt: skip
     p.add_argument("--finetune-steps", type=int, help="updates of each fine-tuning with --eval finetune (default: 200; "
                    "--quick: 20)")  # fmt: skip
+    p.add_argument("--speech-steps", type=int, help="updates of each speech-recognition fine-tuning of the audio encoders "
+                   "with --eval finetune (default: finetune-speech-tiny's 2000; --quick: 20)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="defaults of 2 s per method, probed at the start and the end on 400 samples, one seed: the "
                    "plumbing, not a result (options given explicitly still count)")

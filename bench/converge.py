@@ -51,6 +51,11 @@ BASELINES = {"image": "mae", "audio": "wav2vec2", "text": "mlm"}
 TARGETS = {"mae": 1 / 3, "data2vec": 1 / 2}
 """data2vec 2.0's time to the other's best accuracy, as a fraction of the other's time, that d2v2 aims at."""
 CALIBRATION_STEPS = (2, 5)  # discarded, timed
+TRANSCRIPTION = {"audio": "finetune-speech-tiny"}
+"""With ``--eval finetune``, the modalities whose encoders also fine-tune for speech recognition (CTC, scored
+by character error rate on the synthetic speech's held-out sentences): from no pretraining (data2vec 2.0's
+fresh encoder) and from each method's encoder at the end of its budget (a few minutes each on a CPU, so
+not at every probe point)."""
 
 
 def recipe_for(method: str, modality: str, size: str) -> str:
@@ -160,6 +165,16 @@ class Runner:
             point["finetune_accuracy"] = best["score"]
         return point
 
+    def transcription(self, recipe: str, steps: int | None, scratch: Path | None = None) -> dict[str, float]:
+        """The validation WER and CER (at the best CER) of a copy of the encoder fine-tuned for speech
+        recognition with ``recipe`` for ``steps`` updates (default: the recipe's); untimed."""
+        from d2v2.engine.finetune.run import finetune_copy
+
+        folder = Path(tempfile.mkdtemp(prefix=f"transcribe-{self.method}-", dir=scratch))
+        best = finetune_copy(self.trainer.method, self.method, recipe, self.config_dict,
+                             device=self.device, scratch=folder, seed=self.seed, steps=steps)  # fmt: skip
+        return {"finetune_wer": best["metrics"]["wer"], "finetune_cer": best["metrics"]["cer"], "transcription_step": best["step"]}
+
     def labelled_set(self, limit: int | None = None):
         """The modality's probe set, or a fixed random ``limit`` of its samples."""
         from d2v2.engine.probe_sets import labelled_set
@@ -189,10 +204,10 @@ def calibrate(methods: Sequence[str], modality: str, size: str, seed: int, devic
 
 def race(methods: Sequence[str], modality: str, size: str, seed: int, device: torch.device, budget_s: float,
          probes: int, slice_s: float, calibration: tuple[int, int], probe_samples: int | None, scratch: Path,
-         log, finetune_steps: int | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+         log, finetune_steps: int | None = None, speech_steps: int | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """One seed of one modality: every method for ``budget_s`` of its own clock, probed ``probes``
-    times after t = 0 (and fine-tuned there with ``finetune_steps``). Returns (probe points, one
-    summary per method)."""
+    times after t = 0 (and fine-tuned there with ``finetune_steps``; speech recognition as
+    ``TRANSCRIPTION`` says, ``speech_steps`` updates). Returns (probe points, one summary per method)."""
     seconds, runners = {}, []
     for m, calibrated in calibrate(methods, modality, size, seed, device, scratch, calibration, log).items():
         seconds[m] = statistics.median(calibrated.step_ms) / 1e3
@@ -202,6 +217,16 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
     marks = [budget_s * (i + 1) / probes for i in range(probes)]
     measure = {"finetune_steps": finetune_steps, "scratch": scratch}
     points = [r.probe(labelled[r.method], **measure) for r in runners]
+    transcribe = TRANSCRIPTION.get(modality) if finetune_steps else None
+
+    def transcribed(runner: Runner, point: dict) -> None:
+        point.update(runner.transcription(transcribe, speech_steps, scratch))
+        log(f"{modality} {runner.method:<10} seed {seed} t {point['time_s']:7.1f} s  speech recognition: "
+            f"CER {100 * point['finetune_cer']:5.1f} %  WER {100 * point['finetune_wer']:5.1f} %")
+
+    if transcribe:  # no pretraining: data2vec 2.0's fresh encoder, as in the fine-tuned table
+        fresh = next(i for i, r in enumerate(runners) if r.method == "data2vec2")
+        transcribed(runners[fresh], points[fresh])
     next_mark = {r.method: 0 for r in runners}
     while any(not r.done and r.clock_s < budget_s for r in runners):
         for r in runners:
@@ -216,6 +241,9 @@ def race(methods: Sequence[str], modality: str, size: str, seed: int, device: to
                     f"epoch {p['epoch']:6.2f}  linear {100 * p['linear_accuracy']:5.1f} %  kNN {100 * p['knn_accuracy']:5.1f} %{tuned}")
                 while next_mark[r.method] < probes - 1 and r.clock_s >= marks[next_mark[r.method]]:
                     next_mark[r.method] += 1
+    if transcribe:
+        for r in runners:
+            transcribed(r, [p for p in points if p["method"] == r.method][-1])
     summaries = [
         {
             "modality": modality, "method": r.method, "seed": seed, "recipe": r.recipe, "status": r.status,
@@ -285,9 +313,11 @@ def run(
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     finetune_steps: int | None = None,
+    speech_steps: int | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, Path]]:
     """Race the methods of every modality for ``budget_s`` seconds each, per seed; write the report.
-    ``finetune_steps``: also fine-tune every probe point's encoder that many updates (``--eval finetune``)."""
+    ``finetune_steps``: also fine-tune every probe point's encoder that many updates (``--eval finetune``),
+    and speech encoders for recognition (``TRANSCRIPTION``) for ``speech_steps`` updates (default: the recipe's)."""
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"modalities: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(MODALITIES)}")
@@ -298,6 +328,7 @@ def run(
         (not seeds, "--seeds needs at least one seed"),
         (probe_samples is not None and probe_samples < 20, f"--probe-samples must be >= 20, got {probe_samples}"),
         (finetune_steps is not None and finetune_steps < 1, f"--finetune-steps must be >= 1, got {finetune_steps}"),
+        (speech_steps is not None and speech_steps < 1, f"--speech-steps must be >= 1, got {speech_steps}"),
     ):
         if bad:
             raise ValueError(message)
@@ -307,13 +338,14 @@ def run(
             recipe_for(method, modality, size)  # every name checked before anything trains
         if "data2vec2" not in chosen:
             raise ValueError("--methods must include data2vec2: the bench measures it against the others")
+    transcribed = [TRANSCRIPTION[m] for m in lineup if m in TRANSCRIPTION]
     stamp = report.environment_stamp(device)
     points, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="d2v2-bench-converge-") as scratch:
         for modality, chosen in lineup.items():
             for seed in seeds:
                 p, s = race(chosen, modality, size, seed, device, budget_s, probes, slice_s, calibration,
-                            probe_samples, Path(scratch) / f"{modality}-{seed}", log, finetune_steps)  # fmt: skip
+                            probe_samples, Path(scratch) / f"{modality}-{seed}", log, finetune_steps, speech_steps)  # fmt: skip
                 points += p
                 summaries += s
     results = {"points": points, "methods": summaries, "headline": headline(points)}
@@ -321,11 +353,21 @@ def run(
         results["headline_finetune"] = headline(points, "finetune_accuracy")
     meta = {
         **stamp, "benchmark": "converge", "size": size, "budget_s": budget_s, "probes": probes, "slice_s": slice_s,
-        "seeds": list(seeds), "probe_samples": probe_samples, "finetune_steps": finetune_steps, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "seeds": list(seeds), "probe_samples": probe_samples, "finetune_steps": finetune_steps,
+        "speech_steps": _recipe_steps(transcribed[0], speech_steps) if finetune_steps and transcribed else None, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "command": " ".join(argv) if argv is not None else None,
     }  # fmt: skip
     out_dir = Path(out_dir) if out_dir is not None else report.default_out_dir("converge", device)
     return results, write_report(out_dir, meta, results)
+
+
+def _recipe_steps(recipe: str, steps: int | None) -> int:
+    """The updates a fine-tuning with ``recipe`` takes: ``steps``, or the recipe's."""
+    from d2v2.engine.finetune.config import resolve_finetune_config
+
+    if steps is not None:
+        return steps
+    return resolve_finetune_config(recipe, ["pretrained.checkpoint=in-memory"]).optim.total_steps
 
 
 # ----------------------------------------------------------------------------- report
@@ -375,6 +417,34 @@ def _finetune_section(results: Mapping[str, list], meta: Mapping[str, Any]) -> s
         "and scored on the recipe's validation split (its best score).\n\n" + "\n".join(lines) + "\n\n"
         + ("\n".join(_headline_lines(rows, "fine-tuned")) or "Nothing to compare.") + "\n\n"
         + report.markdown_table(shown, _HEADLINE_COLUMNS)
+    )
+
+
+_TRANSCRIPTION_COLUMNS = (
+    ("modality", "modality", ""), ("seed", "seed", ""), ("encoder", "encoder", ""),
+    ("pretraining updates", "step", ""), ("pretraining s", "time_s", ".1f"),
+    ("valid CER %", "cer_pct", ".1f"), ("valid WER %", "wer_pct", ".1f"),
+)  # fmt: skip
+
+
+def _transcription_section(points: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """Speech recognition after pretraining: no pretraining and each method at the end of its budget."""
+    rows = [
+        {**p, "encoder": "no pretraining" if p["time_s"] == 0 else p["method"],
+         "cer_pct": _pct(p["finetune_cer"]), "wer_pct": _pct(p["finetune_wer"])}
+        for p in points if "finetune_cer" in p
+    ]  # fmt: skip
+    lines = []
+    for modality, seed in dict.fromkeys((r["modality"], r["seed"]) for r in rows):
+        here = sorted((r for r in rows if (r["modality"], r["seed"]) == (modality, seed)), key=lambda r: r["finetune_cer"])
+        lines.append(f"- {modality}, seed {seed}: valid CER by encoder, best first: "
+                     + ", ".join(f"{r['encoder']} {r['cer_pct']:.1f} %" for r in here))  # fmt: skip
+    return (
+        "## Speech recognition after pretraining\n\nThe encoder at t = 0 (data2vec 2.0's, random init) and each "
+        f"method's at the end of its budget are fine-tuned for CTC speech recognition with `{', '.join(dict.fromkeys(TRANSCRIPTION.values()))}` "
+        f"for {meta.get('speech_steps')} updates, untimed, and scored on the synthetic speech's held-out sentences "
+        "(greedy decoding; the best CER of the run).\n\n" + "\n".join(lines) + "\n\n"
+        + report.markdown_table(rows, _TRANSCRIPTION_COLUMNS)
     )
 
 
@@ -436,6 +506,8 @@ def write_report(out_dir: Path, meta: Mapping[str, Any], results: Mapping[str, l
     ]
     if tuned:
         sections.append(_finetune_section(results, meta))
+    if any("finetune_cer" in p for p in points):
+        sections.append(_transcription_section(points, meta))
     sections.append("## Methods\n\n" + report.markdown_table(methods, _METHOD_COLUMNS + (_FINETUNE_COLUMNS if tuned else ())))
     paths["md"] = report.write_markdown(out_dir / "results.md", "d2v2 convergence benchmark", header, sections)
     paths["png"] = write_plot(out_dir / "results.png", meta, points, headline_rows)

@@ -100,6 +100,22 @@ def test_eval_finetune_fine_tunes_every_probe_point_with_no_pretraining_at_t0(tm
     assert "| no pretraining: fine-tuned % |" in md
 
 
+def test_eval_finetune_on_audio_also_scores_speech_recognition_from_none_and_each_method(tmp_path):
+    out = tmp_path / "converge"
+    assert cli.main(["converge", "--quick", "--modalities", "audio", "--methods", "data2vec2,wav2vec2", "--eval", "finetune",
+                     "--finetune-steps", "2", "--speech-steps", "2", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "results.json").read_text())
+    assert report["meta"]["speech_steps"] == 2
+    scored = [p for p in report["points"] if "finetune_cer" in p]
+    # t = 0 of data2vec 2.0 (no pretraining), then the last point of each method
+    assert [(p["method"], p["time_s"] == 0) for p in scored] == [("data2vec2", True), ("data2vec2", False), ("wav2vec2", False)]
+    finals = {m: [p for p in report["points"] if p["method"] == m][-1] for m in ("data2vec2", "wav2vec2")}
+    assert all("finetune_cer" in p for p in finals.values())
+    assert all(0.0 <= p["finetune_cer"] and 0.0 <= p["finetune_wer"] for p in scored)
+    md = (out / "results.md").read_text()
+    assert "## Speech recognition after pretraining" in md and "| audio | 1 | no pretraining | 0 |" in md
+
+
 @pytest.mark.parametrize(
     "given, message",
     [
@@ -112,6 +128,8 @@ def test_eval_finetune_fine_tunes_every_probe_point_with_no_pretraining_at_t0(tm
         (["--seeds", "x"], "--seeds takes integers such as 1,2; got 'x'"),
         (["--eval", "finetune", "--finetune-steps", "0"], "--finetune-steps must be >= 1, got 0"),
         (["--finetune-steps", "5"], "--finetune-steps applies to --eval finetune"),
+        (["--speech-steps", "5"], "--speech-steps applies to --eval finetune"),
+        (["--eval", "finetune", "--speech-steps", "0"], "--speech-steps must be >= 1, got 0"),
     ],
 )
 def test_quick_changes_defaults_only_and_explicit_bad_settings_are_errors(tmp_path, capsys, given, message):
