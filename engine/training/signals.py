@@ -14,6 +14,8 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -52,6 +54,23 @@ class StopRequest:
         if self.signum is not None and not self.ending:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
         self.signum = self.signum or signum
+
+    def agreed(self, dist, device: torch.device, check: bool) -> bool:
+        """Whether to stop after this step; under torchrun (``dist``) every rank stops at the same step.
+
+        A single process reads its flag every step (no sync). Under torchrun the flags are all-reduced
+        only where ``check`` (the logging steps, which sync anyway), so the loop gains no per-step host
+        sync; a signal then stops the job at the next logging step.
+        """
+        if not dist.distributed:
+            return self.requested
+        if not check:
+            return False
+        flag = torch.tensor([self.signum or 0], device=device)
+        agreed = int(dist.all_reduce(flag, op="max").item())  # a sync: logging steps only
+        if agreed and not self.requested:
+            self.signum = agreed  # a rank that got no signal stops with the others, under their signal
+        return bool(agreed)
 
     def __enter__(self) -> StopRequest:
         # Python delivers signals to the main thread only; elsewhere (a test's thread) nothing is hooked.

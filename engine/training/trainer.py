@@ -426,7 +426,7 @@ class Trainer:
                     self._check_health(metrics)
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 self.after_update(metrics_file)
-                if self._stop_agreed(stop) and self.step < self.max_steps:
+                if stop.agreed(self.dist, self.device, check=self.step % self.cfg.log_every == 0) and self.step < self.max_steps:
                     self.save()
                     stop.ending = True
                     stopped_by = stop.name or "stop request"
@@ -467,23 +467,6 @@ class Trainer:
             command=self.command,
         ) + self.closing_lines():  # fmt: skip
             self.log(line)
-
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether to stop after this step on a signal; under torchrun every rank stops at the same step.
-
-        A single process reads its flag every step (no sync). Under torchrun the flags are all-reduced
-        only on logging steps, which sync anyway, so the loop gains no per-step host sync; a signal
-        then stops the job at the next logging step.
-        """
-        if not self.dist.distributed:
-            return stop.requested
-        if self.step % self.cfg.log_every != 0:
-            return False
-        flag = torch.tensor([stop.signum or 0], device=self.device)
-        agreed = int(self.dist.all_reduce(flag, op="max").item())  # a sync: logging steps only
-        if agreed and not stop.requested:
-            stop.signum = agreed  # a rank that got no signal stops with the others, under their signal
-        return bool(agreed)
 
     def _logged_values(self, result: dict, window_samples: int, window_tokens: int) -> dict:
         """A logging step's values: loss, target and prediction variance averaged over ranks, the

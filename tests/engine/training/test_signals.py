@@ -116,3 +116,24 @@ def test_two_ctrl_c_in_a_row_exit_130_without_noise(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+class OtherRankSignalled:
+    """A stand-in for a 2-rank job whose other rank received SIGTERM; counts the all-reduces."""
+
+    distributed, world_size, rank, is_main = True, 2, 0, True
+
+    def __init__(self):
+        self.reductions = 0
+
+    def all_reduce(self, tensor, op="sum"):
+        self.reductions += 1
+        return torch.maximum(tensor, torch.full_like(tensor, int(signal.SIGTERM)))
+
+
+def test_ranks_agree_on_the_stop_step_at_logging_steps_only():
+    dist, stop, cpu = OtherRankSignalled(), StopRequest(), torch.device("cpu")
+    for step in (1, 2, 3):  # no collective between logging steps (every 4th): no per-step host sync
+        assert not stop.agreed(dist, cpu, check=step % 4 == 0)
+    assert stop.agreed(dist, cpu, check=True) and stop.name == "SIGTERM" and stop.exit_code == 143
+    assert dist.reductions == 1

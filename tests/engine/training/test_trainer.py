@@ -4,13 +4,11 @@ accumulation, and no host sync outside logging and checkpoint steps."""
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
 from torch import nn
 
-from d2v2.engine.training.signals import StopRequest
 from d2v2.engine.training.schedule import OptimConfig
 from d2v2.engine.training.trainer import TrainConfig, Trainer
 from d2v2.engine.training.unreadable import DataUnreadable, TrainingStopped
@@ -153,32 +151,6 @@ def test_accumulation_averages_micro_batches(tmp_path):
     # AdamW's first step moves each weight by lr * sign(grad) (bias-corrected m / sqrt(v)).
     assert torch.allclose(method.w.detach(), 1 - 0.1 * torch.sign(w.grad), atol=1e-6)
     assert trainer.samples_seen == 4
-
-
-class OtherRankSignalled:
-    """A stand-in for a 2-rank job whose other rank received SIGTERM; counts the all-reduces."""
-
-    distributed, world_size, rank, is_main = True, 2, 0, True
-
-    def __init__(self):
-        self.reductions = 0
-
-    def all_reduce(self, tensor, op="sum"):
-        self.reductions += 1
-        return torch.maximum(tensor, torch.full_like(tensor, int(signal.SIGTERM)))
-
-
-def test_ranks_agree_on_the_stop_step_at_logging_steps_only(tmp_path):
-    trainer = make_trainer(tmp_path, Probe())
-    trainer.cfg.log_every = 4
-    trainer.dist = OtherRankSignalled()
-    stop = StopRequest()
-    for step in (1, 2, 3):  # no collective between logging steps: no per-step host sync
-        trainer.step = step
-        assert not trainer._stop_agreed(stop)
-    trainer.step = 4
-    assert trainer._stop_agreed(stop) and stop.name == "SIGTERM" and stop.exit_code == 143
-    assert trainer.dist.reductions == 1
 
 
 def test_unreadable_batches_are_bounded(tmp_path):
