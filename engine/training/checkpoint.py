@@ -201,6 +201,30 @@ def read_sharded(folder: Path, key: str, tensors: bool = True) -> dict:
     return load_sharded(folder, keys={key})[key]
 
 
+def sharded_renames(folder: Path, upgrade) -> dict[str, str]:
+    """{today's name: the name stored} for the method parameters a DCP folder holds under an earlier
+    d2v2's names, ``upgrade`` being the method's ``upgrade_state_dict`` (empty for a current folder).
+    A sharded checkpoint loads in place, by name, so a resumed run asks for the stored names."""
+    prefix = "method."
+    stored = [name[len(prefix):] for name in check_shards(folder).state_dict_metadata if name.startswith(prefix)]
+    return {new: old for new, old in upgrade({name: name for name in stored}).items() if new != old}
+
+
+def renamed_sharded(state: dict, names: dict[str, str]) -> dict:
+    """A sharded ``{"method", "optimizer"}`` state (``Trainer.sharded_state``) with its parameter names
+    mapped by ``names`` (others kept): the method's keys, the optimizer's per-parameter state and its
+    param groups' parameter lists. The tensors are the same objects (DCP loads into them in place)."""
+    name = lambda key: names.get(key, key)  # noqa: E731
+    optimizer = state["optimizer"]
+    return {
+        "method": {name(k): v for k, v in state["method"].items()},
+        "optimizer": {
+            **optimizer, "state": {name(k): v for k, v in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [name(p) for p in g["params"]]} for g in optimizer["param_groups"]],
+        },
+    }  # fmt: skip
+
+
 def check_shards(folder: Path):
     """The metadata of the DCP folder ``folder`` once every shard file it names is present and holds
     the bytes it names; else a ValueError naming the shard (a sharded checkpoint is complete only then)."""

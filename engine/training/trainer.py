@@ -43,7 +43,7 @@ from typing import Iterator, Literal
 
 import torch
 
-from .checkpoint import save_checkpoint, save_sharded, step_folder
+from .checkpoint import renamed_sharded, save_checkpoint, save_sharded, sharded_renames, step_folder
 from ..data.base import derive_seed
 from ..data.loader import DataPosition, close_batches, position_after
 from .distributed import DistEnv, check_strategy, seed_all
@@ -210,13 +210,16 @@ class Trainer:
         return {"method": method, "optimizer": optimizer}
 
     def _load_sharded(self, folder: Path) -> None:
-        """fsdp: the method and optimizer from a DCP folder written by any number of processes."""
+        """fsdp: the method and optimizer from a DCP folder written by any number of processes (an
+        earlier d2v2's parameter names asked for by those names, then renamed back)."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from .safe_dcp import load_sharded
 
-        state = self.sharded_state()
+        renames = sharded_renames(folder, type(self.method).upgrade_state_dict)
+        state = renamed_sharded(self.sharded_state(), renames)
         load_sharded(folder, state=state)  # resharded to this job's processes; no pickled code run
+        state = renamed_sharded(state, {old: new for new, old in renames.items()})
         set_state_dict(self.method, self.optimizer, model_state_dict=state["method"], optim_state_dict=state["optimizer"])
 
     def load_state_dict(self, state: dict, folder: Path | None = None) -> None:

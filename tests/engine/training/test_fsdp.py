@@ -194,3 +194,45 @@ def test_a_failed_sharded_write_leaves_the_previous_checkpoint_intact(tmp_path, 
     saved = load_checkpoint(tmp_path)
     assert saved["trainer"] == {"step": 1} and saved["sharded"] == SHARDED_DIR
     assert torch.equal(saved["method"]["0.weight"], weight)
+
+
+def _in_earlier_names(folder) -> set[str]:
+    """Rewrite DCP folder ``folder`` with the parameter names d2v2 wrote before the embeddings were
+    modules (``encoder.local_encoder.*``, not ``encoder.embed.local_encoder.*``); the names changed."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from d2v2.engine.training.safe_dcp import load_sharded
+
+    def earlier(name: str) -> str:
+        owner, _, rest = name.partition(".embed.")
+        return f"{owner}.{rest}" if rest and owner in ("encoder", "teacher") else name
+
+    whole = load_sharded(folder, keys={"method", "optimizer"})
+    optimizer = whole["optimizer"]
+    old = {
+        "method": {earlier(k): v for k, v in whole["method"].items()},
+        "optimizer": {"state": {earlier(k): v for k, v in optimizer["state"].items()},
+                      "param_groups": [{**g, "params": [earlier(p) for p in g["params"]]} for g in optimizer["param_groups"]]},
+    }  # fmt: skip
+    shutil.rmtree(folder)
+    save(old, storage_writer=FileSystemWriter(str(folder)), no_dist=True)
+    return {k for k in whole["method"] if earlier(k) != k}
+
+
+def test_a_sharded_checkpoint_in_earlier_parameter_names_resumes(sharded_run, tmp_path, cache, monkeypatch, capsys):
+    straight, resumed = sharded_run[0], tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000003")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002\n")
+    moved = _in_earlier_names(resumed / "checkpoints" / "step-00000002" / SHARDED_DIR)
+    assert {"encoder.embed.local_encoder.proj.weight", "teacher.embed.pos_embed"} <= moved
+    loaded = _record_start(monkeypatch)
+    assert _main([*TINY, *NO_NOISE, *EMA, *FSDP, "--max-steps", "4", "--out", str(resumed)], cache, monkeypatch) == 0
+    assert "at step 2 (epoch 0, batch 4)" in capsys.readouterr().out
+    saved = straight / "checkpoints" / "step-00000002"  # as written, in today's names
+    for name, tensor in load_checkpoint(saved)["method"].items():
+        assert torch.equal(loaded["method"][name], tensor), name
+    for name, state in read_sharded(saved / SHARDED_DIR, "optimizer")["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(loaded["optimizer"]["state"][name][key], state[key]), (name, key)
+    assert [m["step"] for m in _metrics(resumed)] == [1, 2, 3, 4]
