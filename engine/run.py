@@ -193,6 +193,7 @@ def run_job(recipe: str, strategy: str, device: str | None, out: str | None, res
     off rank 0). A dead peer ends it in one line, not a traceback per rank."""
     env = distributed.detect()
     dev = distributed.setup(env, device, strategy)
+    finished = False
     try:
         log = log if env.is_main else _silent
         run_dir = Path(out) if out else Path(env.broadcast_object(str(default_run_dir(recipe))))
@@ -203,7 +204,9 @@ def run_job(recipe: str, strategy: str, device: str | None, out: str | None, res
             if folder is not None and folder.removed_temporaries:
                 log(f"removed the leftovers of an interrupted checkpoint write: {', '.join(folder.removed_temporaries)}")
             with distributed.deterministic_on_cpu(dev):
-                return body(env, dev, run_dir, log)
+                result = body(env, dev, run_dir, log)
+                finished = True
+                return result
         finally:
             if folder is not None:
                 folder.close()
@@ -213,7 +216,7 @@ def run_job(recipe: str, strategy: str, device: str | None, out: str | None, res
             raise
         raise lost from e
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def _decided_by_rank0(env: distributed.DistEnv, decide):

@@ -74,6 +74,7 @@ Limits:
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 import random
@@ -388,7 +389,18 @@ def setup(env: DistEnv, device: str | None = None, strategy: str = "ddp") -> tor
     return dev
 
 
-def teardown() -> None:
-    """End the process group, if one was started."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool = True) -> None:
+    """End the process group, if one was started.
+
+    A job that ``finished`` first waits for every rank (a rank that closes its connections while a
+    peer's gloo threads still use them can abort that peer), then lets the collector free what still
+    holds the group (DDP's reducer, FSDP's state) while the interpreter is whole: a group that outlives
+    ``destroy_process_group`` is freed at interpreter exit, where gloo's threads abort the process
+    ("terminate called without an active exception"). A job ending on an error skips the wait, which a
+    dead peer would stretch to the group's timeout."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished and dist.get_world_size() > 1:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
