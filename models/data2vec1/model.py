@@ -47,7 +47,7 @@ from d2v2.kernels.layer_targets import layer_targets
 from d2v2.kernels.masked_regression_loss import masked_regression_loss
 
 from ..data2vec2.model import Data2Vec2
-from ..layers.blocks import PostNormBlock, PreNormBlock, forward_blocks, init_bert_params
+from ..layers.blocks import PostNormBlock, PreNormBlock, TwoStageEncoder, forward_blocks, init_bert_params
 from ..layers.embeddings import embed_paths
 from ..layers.mask_fill import MaskFill
 from ..layers.masking import beit_block_mask, mlm_span_mask, wav2vec_span_mask
@@ -75,7 +75,7 @@ def masker_for(cfg: Data2Vec1Config) -> MaskFunction:
     return _MASKERS[cfg.masking](cfg)
 
 
-class Data2Vec1Encoder(nn.Module):
+class Data2Vec1Encoder(TwoStageEncoder):
     """Local encoder -> positions (+ CLS) -> [input LayerNorm, dropout] -> blocks -> [final LayerNorm].
 
     Roles: ``embed`` (the modality's embedding module: ``local_encoder`` and the positional parts,
@@ -128,18 +128,6 @@ class Data2Vec1Encoder(nn.Module):
         x, layers = forward_blocks(self.blocks, x, **context, layerdrop=self.layerdrop, collect_from=collect_from,
                                    collect=self.collect)  # fmt: skip
         return self.norm(x), layers
-
-    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """The features the mask vector replaces (here and in fine-tuning): the local features [B, N, D], their padding."""
-        return self.local_features(source, padding_mask)
-
-    def encode_features(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(Masked) local features [B, N, D] -> the encoder's output [B, extra + N, D]."""
-        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
-
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The unmasked encoder: source -> [B, extra + N, D] (images: CLS first). For probes and export."""
-        return self.encode_features(*self.maskable_features(source, padding_mask))
 
 
 class Data2Vec1(Method):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.blocks import PostNormBlock, forward_blocks
+from ..layers.blocks import PostNormBlock, TwoStageEncoder, forward_blocks
 from ..modalities import Modality
 
 __all__ = ["Data2Vec2Encoder"]
 
 
-class Data2Vec2Encoder(nn.Module):
+class Data2Vec2Encoder(TwoStageEncoder):
     """Local encoder -> positions / masking / CLS -> prenet (LayerNorm, dropout, blocks) -> shared blocks.
 
     Roles (``ModalitySpecificEncoder`` + ``Data2VecMultiModel.blocks`` of the reference):
@@ -117,16 +117,4 @@ class Data2Vec2Encoder(nn.Module):
         """The shared blocks: (output [R, L, D], FFN outputs of the top ``collect_top`` blocks, bottom up)."""
         collect_from = len(self.blocks) - collect_top if collect_top > 0 else None
         return forward_blocks(self.blocks, x, **context, layerdrop=self.layerdrop, collect_from=collect_from)
-
-    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """The features fine-tuning masks (``MaskFill``): the local features [B, N, D] and their padding."""
-        return self.local_features(source, padding_mask)
-
-    def encode_features(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(Masked) local features [B, N, D] -> the encoder's output [B, extra + N, D], every token kept."""
-        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
-
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The unmasked encoder: source -> [B, extra + N, D] (images: CLS first). For probes and export."""
-        return self.encode_features(*self.maskable_features(source, padding_mask))
 

@@ -50,6 +50,7 @@ __all__ = [
     "PreNormBlock",
     "forward_blocks",
     "init_bert_params",
+    "TwoStageEncoder",
 ]
 
 
@@ -279,3 +280,21 @@ def init_bert_params(module: nn.Module) -> None:
         module.weight.normal_(0.0, 0.02)
         if module.padding_idx is not None:
             module.weight[module.padding_idx].zero_()
+
+
+class TwoStageEncoder(nn.Module):
+    """An encoder in the two stages fine-tuning runs apart: ``local_features`` (the embedding's local
+    encoder; what fine-tuning's mask vector, ``MaskFill``, replaces) and ``contextualize`` (positions,
+    CLS, input norm) + ``run_blocks``. Subclasses define those three; this joins them."""
+
+    def maskable_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """The features fine-tuning masks: the local features [B, N, D] and their padding."""
+        return self.local_features(source, padding_mask)
+
+    def encode_features(self, feats: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(Masked) local features [B, N, D] -> the encoder's output [B, extra + N, D], every token kept."""
+        return self.run_blocks(*self.contextualize(feats, padding_mask))[0]
+
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The unmasked encoder: source -> [B, extra + N, D] (images: CLS first). For probes and export."""
+        return self.encode_features(*self.maskable_features(source, padding_mask))
