@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,12 @@ def random_resized_crop_box(
 
 
 class PretrainTransform:
-    """RandomResizedCrop(size, scale, bicubic) + horizontal flip + normalisation, in torch ops."""
+    """RandomResizedCrop(size, scale, bicubic) + horizontal flip + normalisation, in torch ops.
+
+    Fine-tuning adds ``rand_augment`` (on the [0, 1] crop, before normalisation) and ``random_erasing``
+    (on the normalised tensor), each ``hook(img, generator) -> img`` (``augment.RandAugment``,
+    ``augment.RandomErasing``), in the reference's order; None, the default, draws nothing more.
+    """
 
     def __init__(
         self,
@@ -130,6 +135,8 @@ class PretrainTransform:
         hflip: float = 0.5,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        rand_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        random_erasing: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ):
         if size < 1:
             raise ValueError(f"crop size must be >= 1, got {size}")
@@ -138,6 +145,7 @@ class PretrainTransform:
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self.rand_augment, self.random_erasing = rand_augment, random_erasing
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         top, left, h, w = random_resized_crop_box(img.shape[1], img.shape[2], self.scale, self.ratio, generator)
@@ -146,7 +154,10 @@ class PretrainTransform:
         out = out.squeeze(0).clamp_(0.0, 1.0)
         if torch.rand(1, generator=generator).item() < self.hflip:
             out = out.flip(-1)
-        return (out - self.mean) / self.std
+        if self.rand_augment is not None:
+            out = self.rand_augment(out, generator)
+        out = (out - self.mean) / self.std
+        return out if self.random_erasing is None else self.random_erasing(out, generator)
 
 
 class EvalTransform:
