@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data import audio, images
+from ..data.augment import parse_rand_augment
 from ..data.base import CorruptSample, derive_seed
 from ..data.loader import DataPosition, EpochBatchSampler, SkipCorrupt
 from ..training.signals import ignore_in_worker
@@ -43,6 +44,12 @@ class FinetuneDataConfig:
     """Images: RandomResizedCrop's area range (0.08-1, the reference's ImageNet fine-tuning)."""
     hflip: float = 0.5
     """Images: probability of a horizontal flip."""
+    rand_augment: str = ""
+    """Images: RandAugment on each training crop, timm's spec ``rand-m<magnitude>[-n<ops>][-mstd<std>][-inc<0|1>]
+    [-p<prob>]`` (``rand-m9-mstd0.5-inc1`` in the reference's ImageNet fine-tuning; "" = off; ``augment``)."""
+    random_erasing: float = 0.0
+    """Images: probability of erasing one rectangle of each normalised training crop with noise (timm's
+    ``re_prob``, mode pixel, one box; 0.25 in the reference; 0 = off)."""
     mixup: float = 0.0
     """Images: mixup's Beta(alpha, alpha) (0.8 in the reference's ImageNet fine-tuning; 0 = off)."""
     cutmix: float = 0.0
@@ -78,7 +85,9 @@ class FinetuneDataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
-        for name in ("hflip", "mix_prob", "switch_prob"):
+        if self.rand_augment:
+            parse_rand_augment(self.rand_augment, "data.rand_augment")
+        for name in ("hflip", "random_erasing", "mix_prob", "switch_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("mixup", "cutmix"):

@@ -31,6 +31,7 @@ from torch import nn
 from d2v2.models import Classifier, PooledHead, SentenceHead
 
 from ..data import audio, embedded, images
+from ..data.augment import RandAugment, RandomErasing
 from ..probe_sets import text_set
 from .data import (
     FinetuneDataConfig,
@@ -173,7 +174,11 @@ def _split(make, num: int, cfg: FinetuneDataConfig):
 
 def read_images(cfg: FinetuneDataConfig, ctx: TaskContext) -> LabelledSplits:
     size = ctx.model_cfg.image_size
-    augment = images.PretrainTransform(size, scale=cfg.crop_scale, hflip=cfg.hflip)
+    augment = images.PretrainTransform(
+        size, scale=cfg.crop_scale, hflip=cfg.hflip,
+        rand_augment=RandAugment(cfg.rand_augment) if cfg.rand_augment else None,
+        random_erasing=RandomErasing(cfg.random_erasing) if cfg.random_erasing > 0 else None,
+    )  # fmt: skip
     if cfg.path is None:
         pixels, labels = embedded.digits(size=size)
         classes = [str(d) for d in range(10)]

@@ -1,13 +1,28 @@
-"""Fine-tuning batches: padding, mixup / cutmix targets, RoBERTa's sentence-pair input."""
+"""Fine-tuning data: padding, mixup / cutmix targets, RoBERTa's sentence-pair input, the image training
+split's RandAugment and random erasing."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from types import SimpleNamespace
 
-from d2v2.engine.finetune.data import LabelledCollater, Mixing, mix_batch, pad_batch, split_indices
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2v2.engine.data.augment import RandAugment
+from d2v2.engine.finetune.data import (
+    FinetuneDataConfig,
+    LabelledCollater,
+    Mixing,
+    Normalized,
+    Subset,
+    mix_batch,
+    pad_batch,
+    split_indices,
+)
 from d2v2.engine.finetune.labelled_text import TextExamples
-from d2v2.engine.finetune.tasks import encode_examples
+from d2v2.engine.finetune.tasks import TaskContext, encode_examples, read_images
 
 
 def test_pad_batch_marks_the_padding():
@@ -67,3 +82,49 @@ def test_sentence_pairs_as_roberta_reads_them_cut_to_fit():
     first, long = encode_examples(examples, _Tokenizer(), max_tokens=10)
     assert first == [0, 11, 12, 2, 2, 13, 2]  # <s> a </s></s> b </s>
     assert len(long) == 10 and long[:1] == [0] and long[-3:] == [2, 11, 2]  # the longer text was cut
+
+
+def _image_tree(root, splits=("train", "val")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("train",)])
+def test_image_training_split_takes_rand_augment_and_erasing_the_validation_split_does_not(tmp_path, splits):
+    root = str(_image_tree(tmp_path, splits))
+    ctx = TaskContext(model_cfg=SimpleNamespace(image_size=16))
+    off = read_images(FinetuneDataConfig(path=root, valid_fraction=0.5), ctx)
+    on = read_images(FinetuneDataConfig(path=root, valid_fraction=0.5, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=1.0), ctx)
+    train = on.train.dataset if isinstance(on.train, Subset) else on.train
+    assert isinstance(train.transform.rand_augment, RandAugment) and train.transform.random_erasing.prob == 1.0
+    assert train.transform.rand_augment.spec.increasing and train.transform.rand_augment.spec.magnitude_std == 0.5
+    for seed in (3, 4):
+        augmented, plain = on.train[(0, seed)]["source"], off.train[(0, seed)]["source"]
+        assert augmented.shape == plain.shape == (3, 16, 16) and not torch.equal(augmented, plain)
+        assert torch.equal(augmented, on.train[(0, seed)]["source"])  # a pure function of the sample's seed
+    for index in range(len(on.valid)):
+        assert torch.equal(on.valid[(index, 0)]["source"], off.valid[(index, 0)]["source"])
+
+
+def test_digits_validation_stays_unaugmented():
+    ctx = TaskContext(model_cfg=SimpleNamespace(image_size=16))
+    on = read_images(FinetuneDataConfig(rand_augment="rand-m9-mstd0.5-inc1", random_erasing=1.0), ctx)
+    assert isinstance(on.valid.dataset.transform, Normalized)
+    assert isinstance(on.train.dataset.transform.rand_augment, RandAugment)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"rand_augment": "rand-m9-x1"}, "data.rand_augment 'rand-m9-x1': 'x1' is not one of"),
+    ({"rand_augment": "m9"}, "data.rand_augment 'm9': 'm9' must be 'rand'; e.g. rand-m9-mstd0.5-inc1"),
+    ({"random_erasing": 1.5}, "data.random_erasing must lie in [0, 1], got 1.5"),
+    ({"random_erasing": -0.1}, "data.random_erasing must lie in [0, 1]"),
+])  # fmt: skip
+def test_bad_augmentation_fields_are_one_line_errors(fields, message):
+    with pytest.raises(ValueError) as info:
+        FinetuneDataConfig(**fields)
+    assert message in str(info.value) and "\n" not in str(info.value)
