@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from d2v2.engine.data.augment import RandAugment
+from d2v2.engine.finetune.config import resolve_finetune_config
 from d2v2.engine.finetune.data import (
     FinetuneDataConfig,
     LabelledCollater,
@@ -116,6 +117,15 @@ def test_digits_validation_stays_unaugmented():
     on = read_images(FinetuneDataConfig(rand_augment="rand-m9-mstd0.5-inc1", random_erasing=1.0), ctx)
     assert isinstance(on.valid.dataset.transform, Normalized)
     assert isinstance(on.train.dataset.transform.rand_augment, RandAugment)
+
+
+def test_image_recipes_carry_the_reference_augmentation():
+    base = resolve_finetune_config("finetune-image-base", ["pretrained.checkpoint=/pretrained"]).data
+    assert (base.rand_augment, base.random_erasing) == ("rand-m9-mstd0.5-inc1", 0.25)
+    tiny = resolve_finetune_config("finetune-image-tiny", ["pretrained.checkpoint=/pretrained"]).data
+    assert (tiny.rand_augment, tiny.random_erasing) == ("", 0.0)
+    off = resolve_finetune_config("finetune-image-base", ["pretrained.checkpoint=/pretrained", "data.rand_augment=''"]).data
+    assert off.rand_augment == ""
 
 
 @pytest.mark.parametrize("fields,message", [
