@@ -304,15 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-fairseq", help="a fairseq data2vec 2.0 checkpoint, or a wav2vec 2.0 / data2vec 1.0 CTC "
-                       "fine-tune, as a d2v2 run folder")  # fmt: skip
-    p.add_argument("checkpoint", help="the fairseq .pt file (data2vec 2.0 pretrained or fine-tuned; a CTC fine-tune of "
-                   "data2vec 2.0, data2vec 1.0 or wav2vec 2.0 becomes a speech-recognition run)")  # fmt: skip
+    p = sub.add_parser("import-fairseq", help="a fairseq data2vec 2.0, wav2vec 2.0 or data2vec 1.0 checkpoint "
+                       "(pretrained or fine-tuned) as a d2v2 run folder")  # fmt: skip
+    p.add_argument("checkpoint", help="the fairseq .pt file (data2vec 2.0 pretrained or fine-tuned, wav2vec 2.0 / data2vec "
+                   "1.0 audio pretrained; a CTC fine-tune of any of them becomes a speech-recognition run)")  # fmt: skip
     p.add_argument("--out", required=True, help="the new run folder (must not exist, or be empty)")
     p.add_argument("--dict", help="a CTC fine-tune's letter dictionary, the dict.ltr.txt it was fine-tuned with "
                    "(default: LibriSpeech's)")  # fmt: skip
-    p.add_argument("--encoder-only", action="store_true", help="a data2vec 2.0 CTC fine-tune as a pretraining run of "
-                   "its encoder, the head dropped (to fine-tune it again)")  # fmt: skip
+    p.add_argument("--encoder-only", action="store_true", help="a CTC fine-tune as a pretraining run of its encoder, "
+                   "the head dropped (to fine-tune it again)")  # fmt: skip
     p.set_defaults(func=cmd_import_fairseq)
 
     p = sub.add_parser("manifest", help="write a fairseq audio manifest (train.tsv) for a folder")

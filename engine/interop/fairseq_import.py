@@ -1,15 +1,16 @@
 """``d2v2 import-fairseq CKPT.pt --out RUN``: a released fairseq checkpoint as a d2v2 run folder.
 
 What is imported: data2vec 2.0 checkpoints (pretrained, or fine-tuned for classification or speech),
-and CTC fine-tunes (``wav2vec_ctc``) of wav2vec 2.0 and data2vec 1.0 audio. The checkpoint is read by
+and wav2vec 2.0 and data2vec 1.0 audio checkpoints (pretrained, or CTC fine-tunes: ``wav2vec_ctc``). The checkpoint is read by
 ``safe_pickle`` (no fairseq, no omegaconf, no pickled code run), its model config mapped by
 ``fairseq_config`` and its weights renamed by ``fairseq_keys``.
 
 A CTC fine-tune (the head ``w2v_encoder.proj``) becomes a speech-recognition run folder, as ``d2v2
 finetune`` writes one (``fairseq_ctc``): the encoder and the head over the letter dictionary (``--dict
 dict.ltr.txt``, else LibriSpeech's), which ``evaluate``, ``transcribe`` and ``export`` read. Anything
-else (and a data2vec 2.0 CTC fine-tune with ``--encoder-only``) becomes a pretraining run folder of its
-data2vec 2.0 model. Every weight of the d2v2 model must come from the checkpoint, except these
+else (and a CTC fine-tune with ``--encoder-only``) becomes a pretraining run folder of its method (a
+wav2vec 2.0 / data2vec 1.0 one holds the encoder and mask vector, its pretraining objective's parts
+fresh: for ``finetune``, ``probe`` and ``export``). Every weight of the d2v2 model must come from the checkpoint, except these
 documented cases, which are printed:
 
 - the teacher: fairseq's EMA (``_ema``) where it holds the part, else a copy of the imported student
@@ -85,7 +86,7 @@ class FairseqCheckpoint:
 
 
 def read_fairseq(path: str | Path) -> FairseqCheckpoint:
-    """Read a fairseq data2vec 2.0 checkpoint, or a CTC fine-tune of wav2vec 2.0 / data2vec 1.0, safely."""
+    """Read a fairseq data2vec 2.0, wav2vec 2.0 or data2vec 1.0 checkpoint (pretrained or fine-tuned), safely."""
     ckpt = load_checkpoint_safely(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
@@ -135,7 +136,7 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, dictionary: str | Pa
 
     A CTC fine-tune becomes a speech-recognition run with its head over ``dictionary`` (a
     ``dict.ltr.txt``; LibriSpeech's by default), or with ``encoder_only`` a pretraining run of its
-    encoder (data2vec 2.0 only). ``out`` must not exist or be an empty folder (nothing is ever
+    encoder, as a pretrained checkpoint becomes. ``out`` must not exist or be an empty folder (nothing is ever
     overwritten); it is created only once the checkpoint has been read and mapped completely.
     """
     out = Path(out)
@@ -147,15 +148,14 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, dictionary: str | Pa
         raise ValueError(f"--dict gives the letters of a CTC fine-tune's head; {checkpoint} {has}")
     source = str(Path(checkpoint).resolve())
     if ckpt.name in WAV2VEC_MODELS:
-        if head is None:
-            why = "--encoder-only keeps data2vec 2.0 encoders only" if encoder_only else "it has no CTC head"
-            raise ValueError(f"{checkpoint} is a {ckpt.name} checkpoint and {why}: d2v2 imports wav2vec 2.0 and "
-                             "data2vec 1.0 CTC fine-tunes (wav2vec_ctc) as recognisers, and any data2vec 2.0 "
-                             "checkpoint")  # fmt: skip
         imported = wav2vec_from_fairseq(ckpt.model_cfg)
         model, dropped = _wav2vec_model(ckpt, imported, checkpoint)
         cfg = imported.config
         what = f"{imported.description}, D={cfg.embed_dim}, {cfg.num_heads} heads, {cfg.depth} blocks"
+        if head is None:
+            imported.notes.append(
+                "the encoder (and mask vector) is imported, the pretraining objective's parts are not: fine-tune, "
+                "probe or export the run; pretraining on from it (--init-from) starts them afresh")  # fmt: skip
     else:
         imported = data2vec2_from_fairseq(ckpt.model_cfg, ckpt.student)
         cfg = imported.config
@@ -184,7 +184,7 @@ def import_fairseq(checkpoint: str | Path, out: str | Path, dictionary: str | Pa
         log(f"wrote {folder} and {out / 'config.yaml'}: a speech-recognition run (d2v2 evaluate / transcribe / export)")
         return folder
 
-    resolved = _run_config(imported.config, imported.size)
+    resolved = _run_config(imported.config, imported.size, imported.method)
     state = {"method": model.state_dict(), "config": resolved, "imported": {**provenance, "notes": notes}}
     created = not out.exists()
     try:
@@ -302,13 +302,18 @@ def _wav2vec_model(ckpt: FairseqCheckpoint, imported: ImportedConfig, checkpoint
     return method, dropped
 
 
-def _run_config(cfg, size: str) -> dict:
+RECIPE_PREFIX = {"data2vec2": "", "data2vec": "d2v1-", "wav2vec2": "wav2vec2-"}
+"""The pretraining recipes of each method fairseq checkpoints import to: ``<prefix><modality>-<size>``."""
+
+
+def _run_config(cfg, size: str, method: str) -> dict:
     """The run folder's config.yaml: the closest recipe's sections, the imported model config."""
     from ..run import resolve_config
 
-    recipe = f"{cfg.modality}-{size}"
-    run_cfg = resolve_config(recipe if recipe in recipe_names() else f"{cfg.modality}-base")
-    run_cfg.model.method = "data2vec2"  # fairseq's data2vec 2.0 checkpoints
+    prefix = RECIPE_PREFIX[method]
+    recipe = f"{prefix}{cfg.modality}-{size}"
+    run_cfg = resolve_config(recipe if recipe in recipe_names() else f"{prefix}{cfg.modality}-base")
+    run_cfg.model.method = method
     resolved = run_cfg.resolved(cfg)
     resolved["model"]["size"] = size
     # The data setting the model's shape fixes, so that config.yaml is a recipe this model runs with

@@ -19,7 +19,7 @@ import yaml
 omegaconf = pytest.importorskip("omegaconf")
 from omegaconf import OmegaConf  # noqa: E402
 
-from d2v2.engine.training.checkpoint import load_checkpoint  # noqa: E402
+from d2v2.engine.training.checkpoint import load_checkpoint, method_from_checkpoint  # noqa: E402
 from d2v2.engine.cli import main  # noqa: E402
 from d2v2.engine.data.audio import normalize_waveform  # noqa: E402
 from d2v2.engine.data.letters import STANDARD, Letters  # noqa: E402
@@ -222,17 +222,39 @@ def test_a_given_dictionary_names_the_rows(tmp_path, capsys):
     assert config["classes"] == list(Letters.of(letters).symbols)
 
 
-def test_dict_needs_a_ctc_head_and_wav2vec_needs_a_fine_tune(tmp_path, capsys):
+def test_dict_needs_a_ctc_head(tmp_path, capsys):
     _, encoder, model_cfg = fairseq_data2vec2()
     write_ctc_checkpoint(tmp_path / "ckpt.pt", encoder, model_cfg, random_head())
     (tmp_path / "dict.ltr.txt").write_text("A 1\n")
     argv = ["import-fairseq", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "run")]
     err = one_line_error(capsys, [*argv, "--encoder-only", "--dict", str(tmp_path / "dict.ltr.txt")])
     assert "--dict gives the letters of a CTC fine-tune's head" in err and "--encoder-only" in err
-    _, w2v2, w2v2_cfg = fairseq_wav2vec("wav2vec2")
-    torch.save({"model": w2v2, "cfg": OmegaConf.create({"model": w2v2_cfg})}, tmp_path / "w2v2.pt")
-    err = one_line_error(capsys, ["import-fairseq", str(tmp_path / "w2v2.pt"), "--out", str(tmp_path / "run")])
-    assert "a wav2vec2 checkpoint and it has no CTC head" in err
+
+
+@pytest.mark.parametrize("method", ["wav2vec2", "data2vec"])
+def test_a_pretrained_wav2vec_or_data2vec1_checkpoint_imports_its_encoder_for_fine_tuning(tmp_path, capsys, method):
+    original, encoder, model_cfg = fairseq_wav2vec(method)
+    objective = {"quantizer.vars": torch.zeros(1, 640, 8), "project_q.weight": torch.zeros(256, 8),
+                 "final_proj.weight": torch.zeros(256, 64)}  # the pretraining objective's parts, dropped
+    ckpt = {"model": {**encoder, **objective}, "optimizer_history": [{"num_updates": 400000}],
+            "cfg": OmegaConf.create({"model": model_cfg, "optimization": {"max_update": MAX_UPDATE}, "common": {"seed": 1}})}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    run = tmp_path / "run"
+    assert main(["import-fairseq", str(tmp_path / "ckpt.pt"), "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "the pretraining objective's parts are not" in printed and "fine-tuned" not in printed
+    state = load_checkpoint(run)
+    assert state["config"]["method"] == method and state["config"]["recipe"] == ("wav2vec2-" if method == "wav2vec2" else "d2v1-") + "audio-tiny"
+    assert sorted(state["imported"]["dropped"]) == sorted(objective)
+
+    model, _ = method_from_checkpoint(str(run))  # what probe, export and finetune --checkpoint RUN build
+    sources = torch.from_numpy(normalize_waveform(np.random.default_rng(0).normal(0, 0.3, 16000).astype(np.float32)))[None]
+    with torch.no_grad():
+        assert_close(model.encoder(sources), original.encoder(sources), atol=1e-5, rtol=1e-5, name="encoder output")
+    if method == "data2vec":
+        assert torch.equal(model.mask_emb, original.mask_emb)
+    assert main(["finetune", "--recipe", "finetune-speech-tiny", "--checkpoint", str(run), "--out", str(tmp_path / "ft"),
+                 "--set", "train.max_steps=1", "--set", "train.eval_every=1"]) == 0  # fmt: skip
 
 
 @pytest.mark.parametrize("field,value,says", [
