@@ -45,7 +45,6 @@ import torch
 from . import harness, report
 
 MODALITIES = ("image", "audio", "text")
-RECIPE_PREFIX = {"data2vec2": "", "data2vec": "d2v1-", "mae": "mae-", "wav2vec2": "wav2vec2-", "mlm": "mlm-"}
 BASELINES = {"image": "mae", "audio": "wav2vec2", "text": "mlm"}
 """The modality's baseline in the paper's comparison (data2vec 1.0 is compared for every modality)."""
 TARGETS = {"mae": 1 / 3, "data2vec": 1 / 2}
@@ -60,11 +59,11 @@ not at every probe point)."""
 
 def recipe_for(method: str, modality: str, size: str) -> str:
     """The recipe ``method`` pretrains ``modality`` with; ValueError when there is none."""
-    from d2v2.engine.config import recipe_names
+    from d2v2.engine.config import METHOD_RECIPE_PREFIX, method_recipe, recipe_names
 
-    if method not in RECIPE_PREFIX:
-        raise ValueError(f"unknown method {method!r}; expected some of {', '.join(RECIPE_PREFIX)}")
-    name = f"{RECIPE_PREFIX[method]}{modality}-{size}"
+    if method not in METHOD_RECIPE_PREFIX:
+        raise ValueError(f"unknown method {method!r}; expected some of {', '.join(METHOD_RECIPE_PREFIX)}")
+    name = method_recipe(method, modality, size)
     if name not in recipe_names():
         raise ValueError(f"{method} has no {modality} recipe of size {size} ({name}); choose other --methods or --size")
     return name
@@ -157,22 +156,22 @@ class Runner:
             "tasks": {k: {"linear": v["linear_accuracy"], "knn": v["knn_accuracy"]} for k, v in tasks.items()},
         }  # fmt: skip
         if finetune_steps:
-            from d2v2.engine.finetune.run import finetune_copy
-
-            folder = Path(tempfile.mkdtemp(prefix=f"finetune-{self.method}-", dir=scratch))
-            best = finetune_copy(self.trainer.method, self.method, f"finetune-{self.modality}-tiny", self.config_dict,
-                                 device=self.device, scratch=folder, seed=self.seed, steps=finetune_steps)  # fmt: skip
-            point["finetune_accuracy"] = best["score"]
+            point["finetune_accuracy"] = self.fine_tuned(f"finetune-{self.modality}-tiny", finetune_steps, scratch)["score"]
         return point
+
+    def fine_tuned(self, recipe: str, steps: int | None, scratch: Path | None) -> dict:
+        """The best validation result (``finetune_copy``) of a copy of the encoder fine-tuned with ``recipe``
+        for ``steps`` updates (default: the recipe's), in a fresh folder under ``scratch``; untimed."""
+        from d2v2.engine.finetune.run import finetune_copy
+
+        folder = Path(tempfile.mkdtemp(prefix=f"{recipe}-{self.method}-", dir=scratch))
+        return finetune_copy(self.trainer.method, self.method, recipe, self.config_dict,
+                             device=self.device, scratch=folder, seed=self.seed, steps=steps)  # fmt: skip
 
     def transcription(self, recipe: str, steps: int | None, scratch: Path | None = None) -> dict[str, float]:
         """The validation WER and CER (at the best CER) of a copy of the encoder fine-tuned for speech
         recognition with ``recipe`` for ``steps`` updates (default: the recipe's); untimed."""
-        from d2v2.engine.finetune.run import finetune_copy
-
-        folder = Path(tempfile.mkdtemp(prefix=f"transcribe-{self.method}-", dir=scratch))
-        best = finetune_copy(self.trainer.method, self.method, recipe, self.config_dict,
-                             device=self.device, scratch=folder, seed=self.seed, steps=steps)  # fmt: skip
+        best = self.fine_tuned(recipe, steps, scratch)
         return {"finetune_wer": best["metrics"]["wer"], "finetune_cer": best["metrics"]["cer"], "transcription_step": best["step"]}
 
     def labelled_set(self, limit: int | None = None):

@@ -46,6 +46,16 @@ FINETUNE_PREFIX = "finetune-"
 """Fine-tuning recipes (``d2v2 finetune``) are named so; the others are pretraining recipes."""
 
 
+METHOD_RECIPE_PREFIX = {"data2vec2": "", "data2vec": "d2v1-", "mae": "mae-", "wav2vec2": "wav2vec2-", "mlm": "mlm-"}
+"""What each method's pretraining recipes are named with: ``<prefix><modality>-<size>`` (``image-tiny``,
+``d2v1-audio-base``, ``mlm-text-tiny``, ...)."""
+
+
+def method_recipe(method: str, modality: str, size: str) -> str:
+    """The name of ``method``'s pretraining recipe for ``modality`` at ``size`` (which may not exist)."""
+    return f"{METHOD_RECIPE_PREFIX[method]}{modality}-{size}"
+
+
 def recipe_names() -> list[str]:
     """The pretraining recipes (``d2v2 pretrain --recipe``)."""
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith(FINETUNE_PREFIX))

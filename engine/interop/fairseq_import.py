@@ -39,7 +39,7 @@ from d2v2.models import build_method
 from d2v2.models.data2vec2 import Data2Vec2
 
 from ..training.checkpoint import CheckpointWriteError, save_checkpoint, step_folder
-from ..config import recipe_names
+from ..config import method_recipe, recipe_names
 from ..training.runfolder import require_new, write_config, write_failure
 from .fairseq_config import WAV2VEC_MODELS, ImportedConfig, data2vec2_from_fairseq, pretraining_config, wav2vec_from_fairseq
 from .fairseq_ctc import HEAD, ctc_head, recognizer_letters, write_recognizer
@@ -302,17 +302,12 @@ def _wav2vec_model(ckpt: FairseqCheckpoint, imported: ImportedConfig, checkpoint
     return method, dropped
 
 
-RECIPE_PREFIX = {"data2vec2": "", "data2vec": "d2v1-", "wav2vec2": "wav2vec2-"}
-"""The pretraining recipes of each method fairseq checkpoints import to: ``<prefix><modality>-<size>``."""
-
-
 def _run_config(cfg, size: str, method: str) -> dict:
     """The run folder's config.yaml: the closest recipe's sections, the imported model config."""
     from ..run import resolve_config
 
-    prefix = RECIPE_PREFIX[method]
-    recipe = f"{prefix}{cfg.modality}-{size}"
-    run_cfg = resolve_config(recipe if recipe in recipe_names() else f"{prefix}{cfg.modality}-base")
+    recipe = method_recipe(method, cfg.modality, size)
+    run_cfg = resolve_config(recipe if recipe in recipe_names() else method_recipe(method, cfg.modality, "base"))
     run_cfg.model.method = method
     resolved = run_cfg.resolved(cfg)
     resolved["model"]["size"] = size
